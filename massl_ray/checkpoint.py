@@ -1,0 +1,99 @@
+"""Checkpoint files: atomic writes, a completeness marker written last, strict loading.
+
+A checkpoint directory holds ``state.pt`` (the :meth:`Learner.state_dict`) and ``meta.json``
+(global step, sha256 of state.pt, the resolved config), written last: a directory without a
+valid ``meta.json`` or whose checksum fails is incomplete and is never loaded. Ray-free.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+STATE_FILE = "state.pt"
+META_FILE = "meta.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint directory that is missing, incomplete or corrupt."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _atomic_write_bytes(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_checkpoint(state: dict, directory: str | os.PathLike) -> Path:
+    """Write ``state`` into ``directory`` (created); meta.json goes last, atomically."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    state_path = d / STATE_FILE
+    _atomic_write_bytes(state_path, lambda f: torch.save(state, f))
+    meta = {
+        "format": state.get("format"),
+        "global_step": int(state["global_step"]),
+        "sha256": _sha256(state_path),
+        "bytes": state_path.stat().st_size,
+        "config": state.get("config"),
+    }
+    _atomic_write_bytes(d / META_FILE, lambda f: f.write(json.dumps(meta, indent=1).encode()))
+    return d
+
+
+def read_meta(directory: str | os.PathLike) -> dict:
+    d = Path(directory)
+    try:
+        return json.loads((d / META_FILE).read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {d} is incomplete: no {META_FILE} (written last)") from None
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {d} has an unreadable {META_FILE}: {e}") from None
+
+
+def verify_checkpoint(directory: str | os.PathLike) -> dict:
+    """Check completeness and checksum; returns the meta dict or raises CheckpointError."""
+    d = Path(directory)
+    meta = read_meta(d)
+    state_path = d / STATE_FILE
+    if not state_path.is_file():
+        raise CheckpointError(f"checkpoint {d} has no {STATE_FILE}")
+    if state_path.stat().st_size != meta.get("bytes"):
+        raise CheckpointError(f"checkpoint {d}: {STATE_FILE} is truncated "
+                              f"({state_path.stat().st_size} of {meta.get('bytes')} bytes)")
+    if _sha256(state_path) != meta.get("sha256"):
+        raise CheckpointError(f"checkpoint {d}: {STATE_FILE} fails its sha256 check (corrupt)")
+    return meta
+
+
+def load_checkpoint(directory: str | os.PathLike, map_location="cpu") -> dict:
+    """Verify, then load with ``weights_only=True`` (never unpickles arbitrary objects)."""
+    d = Path(directory)
+    if not d.is_dir():
+        raise CheckpointError(f"checkpoint {d} does not exist")
+    verify_checkpoint(d)
+    try:
+        return torch.load(d / STATE_FILE, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure is a corrupt checkpoint
+        raise CheckpointError(f"checkpoint {d}: {STATE_FILE} cannot be loaded: {e}") from e

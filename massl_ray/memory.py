@@ -1,0 +1,78 @@
+"""The non-parametric memory: a FIFO queue of K unit-norm teacher embeddings. Ray-free."""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .distributed import identity_gather
+
+
+class MemoryBank(nn.Module):
+    """K x D unit rows and a FIFO pointer, both buffers (so both are in ``state_dict``).
+
+    Every worker holds an identical replica: the rows start from the same seed and each step
+    writes the same all-gathered keys (``gather`` is injected: identity in one process,
+    ``distributed.all_gather_cat`` under a process group).
+    """
+
+    def __init__(self, size: int, dim: int, seed: int = 0,
+                 gather: Callable[[torch.Tensor], torch.Tensor] = identity_gather):
+        super().__init__()
+        if size <= 0 or dim <= 0:
+            raise ValueError(f"memory size ({size}) and dim ({dim}) must be positive")
+        g = torch.Generator().manual_seed(seed)
+        rows = F.normalize(torch.randn(size, dim, generator=g), dim=1)
+        self.register_buffer("rows", rows)
+        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
+        self.gather = gather
+
+    @property
+    def size(self) -> int:
+        return self.rows.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.rows.shape[1]
+
+    @torch.no_grad()
+    def update(self, keys: torch.Tensor) -> torch.Tensor:
+        """Gather ``keys`` [B, D] from all workers and write them FIFO; returns the gathered keys."""
+        keys = self.gather(keys.detach())
+        n = keys.shape[0]
+        if n > self.size:
+            raise ValueError(f"cannot write {n} keys into a memory of {self.size} rows")
+        p = int(self.ptr)
+        keys = keys.to(self.rows.dtype)
+        end = p + n
+        if end <= self.size:
+            self.rows[p:end] = keys
+        else:  # wrap around
+            first = self.size - p
+            self.rows[p:] = keys[:first]
+            self.rows[: n - first] = keys[first:]
+        self.ptr.fill_(end % self.size)
+        return keys
+
+    @torch.no_grad()
+    def checksum(self) -> torch.Tensor:
+        """A float64 fingerprint of rows + pointer, for comparing replicas across workers."""
+        w = torch.arange(1, self.rows.numel() + 1, device=self.rows.device, dtype=torch.float64)
+        return torch.stack([(self.rows.double().flatten() * w.remainder(9973)).sum(),
+                            self.ptr.double()])
+
+
+def block_permutation(size: int, block_size: int, generator: torch.Generator,
+                      device: Optional[torch.device] = None) -> torch.Tensor:
+    """A random partition of ``size`` slots into blocks: LongTensor [size // block_size, block_size].
+
+    Drawn on ``device`` from ``generator`` (which must live on that device), so no host
+    round-trip and a seed reproduces it.
+    """
+    if size % block_size != 0:
+        raise ValueError(f"memory size {size} is not divisible by block size {block_size}")
+    perm = torch.randperm(size, generator=generator, device=device or generator.device)
+    return perm.view(size // block_size, block_size)
