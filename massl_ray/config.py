@@ -105,7 +105,9 @@ class DataConfig:
     label_column: Optional[str] = "label"
     # Use at most this many training rows (null: all).
     limit: Optional[int] = None
-    shuffle: bool = True
+    # Per-epoch shuffle: full (a global shuffle of the encoded rows), blocks (block order and a
+    # local shuffle buffer: cheaper, weaker) or none.
+    shuffle: str = "full"
     # CPUs reserved by each decode + multi-crop task of Ray Data.
     decode_cpus: float = 1.0
     decode_batch_size: int = 64
@@ -136,6 +138,8 @@ class RunConfig:
     # k-NN on held-out data at the end of training (needs data.eval_train/eval_test).
     final_knn: bool = True
     knn_k: int = 20
+    # Fault injection for recovery tests: raise at this global step on the first attempt only.
+    fault_injection_step: Optional[int] = None
 
 
 @dataclass
@@ -315,6 +319,8 @@ class Config:
         # data
         need(d.format in ("auto", "parquet", "folder"),
              f"data.format ({d.format!r}) must be one of auto, parquet, folder")
+        need(d.shuffle in ("full", "blocks", "none"),
+             f"data.shuffle ({d.shuffle!r}) must be one of full, blocks, none")
         need(d.limit is None or d.limit > 0, "data.limit must be positive or null")
         need(d.decode_cpus > 0, f"data.decode_cpus ({d.decode_cpus}) must be positive")
         need(d.decode_batch_size > 0, "data.decode_batch_size must be positive")
@@ -332,6 +338,8 @@ class Config:
         need(r.max_failures >= -1, "run.max_failures must be >= -1 (-1 = retry forever)")
         need(r.max_steps is None or r.max_steps > 0, "run.max_steps must be positive or null")
         need(r.knn_k > 0, "run.knn_k must be positive")
+        need(r.fault_injection_step is None or r.fault_injection_step >= 0,
+             "run.fault_injection_step must be >= 0 or null")
         need(bool(r.name) and "/" not in r.name, f"run.name ({r.name!r}) must be a non-empty name without '/'")
 
         if errs:

@@ -1,0 +1,108 @@
+"""Ray Data pipeline: read encoded rows, decode + multi-crop on CPU tasks, uint8 columns out.
+
+Shell module (imports ray). The decode/crop work is :func:`massl_ray.views.make_views`, the
+same function the local mode runs in-process.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import numpy as np
+import ray
+
+from .config import Config, CropConfig
+from .multicrop import MultiCrop
+from .sources import Source
+from .views import DecodeReport, batch_generator, make_views
+
+log = logging.getLogger(__name__)
+
+REPORT_ACTOR_PREFIX = "massl_decode_report:"
+
+
+@ray.remote(num_cpus=0)
+class DecodeReportActor(DecodeReport):
+    """The decode report as a (CPU-free) Ray actor shared by every decode task."""
+
+
+def get_report_actor(run_name: str):
+    return DecodeReportActor.options(
+        name=REPORT_ACTOR_PREFIX + run_name, get_if_exists=True, lifetime="detached"
+    ).remote()
+
+
+class ViewsFn:
+    """``map_batches`` UDF: {image bytes, [label]} -> {global_crops, local_crops, [label]}."""
+
+    def __init__(self, crops: CropConfig, image_column: str, label_column: Optional[str],
+                 classes: Optional[list[str]], reporter=None, seed: Optional[int] = None):
+        self.crops = crops
+        self.image_column = image_column
+        self.label_column = label_column
+        self.classes = classes
+        self.reporter = reporter
+        self.seed = seed
+        self._mc: Optional[MultiCrop] = None
+        self._calls = 0
+
+    def __call__(self, batch: dict) -> dict:
+        if self._mc is None:
+            self._mc = MultiCrop(self.crops)
+        images = batch[self.image_column]
+        paths = batch.get("path")
+        ids = list(paths) if paths is not None else [None] * len(images)
+        labels = None
+        if self.label_column is not None:
+            labels = np.asarray(batch[self.label_column])
+        elif self.classes is not None and paths is not None:
+            labels = np.asarray([self.classes.index(p.rsplit("/", 2)[-2]) for p in paths])
+        self._calls += 1
+        out, bad = make_views(images, ids, self._mc, batch_generator(self.seed, self._calls), labels)
+        if bad and self.reporter is not None:
+            self.reporter.record.remote(bad)
+        return out
+
+
+def read_source(src: Source, limit: Optional[int] = None) -> "ray.data.Dataset":
+    """Encoded rows of a source as a Ray Dataset (image bytes column + optional label/path)."""
+    if src.kind == "parquet":
+        cols = [src.image_column] + ([src.label_column] if src.label_column else [])
+        ds = ray.data.read_parquet(src.files, columns=cols, filesystem=src.filesystem)
+    else:
+        ds = ray.data.read_binary_files(src.files, include_paths=True, filesystem=src.filesystem)
+        ds = ds.rename_columns({"bytes": src.image_column})
+    if limit is not None and limit < src.num_rows:
+        ds = ds.limit(limit)
+    return ds
+
+
+def build_train_dataset(cfg: Config, src: Source, reporter=None) -> "ray.data.Dataset":
+    """The training dataset: shuffled encoded rows -> decoded multi-crop uint8 columns.
+
+    Ray Data re-executes the plan on every pass, so ``random_shuffle`` gives a new order each
+    epoch. Decode tasks reserve ``data.decode_cpus`` each; together with the train workers'
+    ``run.cpus_per_worker`` this must fit the cluster (see :func:`check_resources`).
+    """
+    d = cfg.data
+    ds = read_source(src, d.limit)
+    if d.shuffle == "full":
+        ds = ds.random_shuffle()
+    elif d.shuffle == "blocks":
+        ds = ds.randomize_block_order()
+    fn = ViewsFn(cfg.crops, src.image_column, src.label_column, src.classes, reporter, seed=None)
+    return ds.map_batches(fn, batch_size=d.decode_batch_size, batch_format="numpy",
+                          num_cpus=d.decode_cpus, zero_copy_batch=True)
+
+
+def check_resources(cfg: Config, cluster_cpus: float) -> None:
+    """Refuse a CPU split that would leave Ray Data no CPU (a silent deadlock otherwise)."""
+    r = cfg.run
+    train_cpus = max(1, r.num_workers) * r.cpus_per_worker
+    if train_cpus + cfg.data.decode_cpus > cluster_cpus + 1e-9:
+        raise ValueError(
+            f"the train workers reserve {train_cpus:g} CPUs ({max(1, r.num_workers)} x "
+            f"run.cpus_per_worker={r.cpus_per_worker:g}) and each decode task needs "
+            f"data.decode_cpus={cfg.data.decode_cpus:g}, but the cluster has {cluster_cpus:g} CPUs: "
+            f"lower run.cpus_per_worker or data.decode_cpus so that at least one decode task fits")

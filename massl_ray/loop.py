@@ -1,0 +1,246 @@
+"""The training loop every worker runs, written against a small context interface.
+
+:func:`run_loop` is the same code under Ray Train (``trainer.RayLoopContext``) and in the local
+in-process mode (``LocalLoopContext`` below): batches from the context, the core
+:class:`~massl_ray.learner.Learner` step, metrics on rank 0 (progress line, TensorBoard, JSONL),
+periodic checkpoints, resume from the context's latest checkpoint. Ray-free.
+"""
+
+from __future__ import annotations
+
+import abc
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+
+from .checkpoint import CheckpointError, load_checkpoint, read_meta, save_checkpoint, verify_checkpoint
+from .config import Config
+from .learner import Learner, NonFiniteLoss
+from .sources import Source
+from .views import DecodeReport, local_view_batches
+
+log = logging.getLogger("massl_ray")
+
+CHECKPOINT_PREFIX = "checkpoint_"
+
+
+class InjectedFailure(RuntimeError):
+    """Raised by the fault-injection hook (run.fault_injection_step) to test recovery."""
+
+
+class LoopContext(abc.ABC):
+    """What the loop needs from its environment (Ray Train or in-process)."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+    run_dir: Optional[Path] = None  # where rank 0 writes logs (None: no logs)
+
+    @abc.abstractmethod
+    def batches(self, epoch: int, skip: int) -> Iterator[dict]:
+        """Batches of epoch ``epoch``; ``skip`` is the number already consumed before a resume."""
+
+    @abc.abstractmethod
+    def latest_state(self) -> Optional[dict]:
+        """The training state to resume from, or None for a fresh start."""
+
+    @abc.abstractmethod
+    def report(self, metrics: dict, state: Optional[dict]) -> None:
+        """Publish metrics (and, with ``state``, a checkpoint). Every rank calls it alike."""
+
+    def wrap_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model
+
+
+def format_eta(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    s = int(seconds)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+class MetricsSink:
+    """Rank 0's metric outputs: JSONL + TensorBoard in the run directory."""
+
+    def __init__(self, run_dir: Optional[Path]):
+        self.jsonl = None
+        self.tb = None
+        if run_dir is None:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(run_dir / "tb"))
+        except ImportError:  # tensorboard is a dependency; keep training if it is missing
+            log.warning("tensorboard is not installed: no event files")
+
+    def write(self, metrics: dict) -> None:
+        if self.jsonl:
+            self.jsonl.write(json.dumps(metrics) + "\n")
+        if self.tb:
+            step = metrics["step"]
+            for k, v in metrics.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(f"train/{k}", v, step)
+
+    def close(self) -> None:
+        if self.jsonl:
+            self.jsonl.close()
+        if self.tb:
+            self.tb.close()
+
+
+def run_loop(cfg: Config, ctx: LoopContext) -> dict:
+    """Train until the schedule (or run.max_steps) ends. Returns the last metrics."""
+    learner = Learner(cfg, ctx.device, wrap_student=ctx.wrap_model)
+    state = ctx.latest_state()
+    if state is not None:
+        learner.load_state_dict(state)
+        log.info("rank %d: resumed at global step %d (memory bank pointer %d)", ctx.rank,
+                 learner.global_step, int(learner.memory.ptr))
+    del state
+    total = learner.schedules.total_steps
+    stop = min(total, cfg.run.max_steps or total)
+    spe = learner.schedules.steps_per_epoch
+    sink = MetricsSink(ctx.run_dir if ctx.rank == 0 else None)
+    images_per_step = cfg.global_batch_size
+    last: dict = {"step": learner.global_step}
+    window_t0, window_wait, window_steps = time.perf_counter(), 0.0, 0
+    run_t0, start_step = time.perf_counter(), learner.global_step
+    fail_at = cfg.run.fault_injection_step
+    try:
+        while learner.global_step < stop:
+            epoch, pos = divmod(learner.global_step, spe)
+            ran = 0
+            it = ctx.batches(epoch, pos)
+            t_wait = time.perf_counter()
+            for batch in it:
+                window_wait += time.perf_counter() - t_wait
+                step = learner.global_step
+                if fail_at is not None and step == fail_at and ctx.run_dir is not None:
+                    marker = ctx.run_dir / f".fault_injected_{fail_at}"
+                    if not marker.exists():
+                        marker.parent.mkdir(parents=True, exist_ok=True)
+                        marker.touch()
+                        raise InjectedFailure(f"injected failure at global step {step}")
+                log_now = (step + 1) % cfg.run.log_every_steps == 0 or step + 1 == stop
+                res = learner.step(batch["global_crops"], batch.get("local_crops"),
+                                   check_finite=None if not log_now else True)
+                ran += 1
+                window_steps += 1
+                ckpt_now = (step + 1) % cfg.run.checkpoint_every_steps == 0 or step + 1 == stop
+                if log_now or ckpt_now:
+                    m = res.metrics()  # host sync only here
+                    if not math.isfinite(m["loss"]):
+                        raise NonFiniteLoss(step, m["loss"])
+                    elapsed = time.perf_counter() - window_t0
+                    m.update(
+                        epoch=epoch,
+                        images_per_s=images_per_step * window_steps / max(elapsed, 1e-9),
+                        data_wait_share=window_wait / max(elapsed, 1e-9),
+                        wall_s=time.perf_counter() - run_t0,
+                    )
+                    done = learner.global_step - start_step
+                    eta = (stop - learner.global_step) * (time.perf_counter() - run_t0) / max(done, 1)
+                    if ctx.rank == 0:
+                        log.info(
+                            "step %d/%d | epoch %d | loss %.4f | %.1f img/s | data-wait %.0f%% | "
+                            "teacher entropy %.2f/%.2f | argmax slots %d | ETA %s",
+                            m["step"], stop, epoch, m["loss"], m["images_per_s"],
+                            100 * m["data_wait_share"], m["teacher_entropy"],
+                            m["teacher_entropy_max"], m["distinct_argmax_slots"], format_eta(eta))
+                        sink.write(m)
+                    ctx.report(m, learner.state_dict() if ckpt_now else None)
+                    last = m
+                    window_t0, window_wait, window_steps = time.perf_counter(), 0.0, 0
+                if learner.global_step >= stop or ran >= spe - pos:
+                    break
+                t_wait = time.perf_counter()
+            if ran == 0:
+                raise RuntimeError(
+                    f"the training data produced no full batch of {cfg.optim.batch_size_per_worker} "
+                    f"images for epoch {epoch}: too few (decodable) rows for the batch size")
+    finally:
+        sink.close()
+    return last
+
+
+# ---- local (in-process) mode ---------------------------------------------------------------
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Checkpoint directories of a run, newest (highest global step) first."""
+    if not run_dir.is_dir():
+        return []
+    out = []
+    for d in run_dir.glob(f"{CHECKPOINT_PREFIX}*"):
+        if d.is_dir():
+            try:
+                step = int(read_meta(d)["global_step"])
+            except (CheckpointError, KeyError, ValueError, TypeError):
+                step = -1  # incomplete: sorted last, skipped by latest_valid_checkpoint
+            out.append((step, d.stat().st_mtime, d))
+    return [d for _, _, d in sorted(out, key=lambda t: (t[0], t[1]), reverse=True)]
+
+
+def latest_valid_checkpoint(run_dir: Path) -> Optional[Path]:
+    """The newest complete checkpoint (meta.json present, checksum good); warns on skipped ones."""
+    for d in list_checkpoints(run_dir):
+        try:
+            verify_checkpoint(d)
+            return d
+        except CheckpointError as e:
+            log.warning("skipping broken checkpoint: %s", e)
+    return None
+
+
+class LocalLoopContext(LoopContext):
+    """One process, no Ray: data decoded in-process, checkpoints written by this process."""
+
+    def __init__(self, cfg: Config, src: Source, run_dir: Path, resume_from: Optional[Path],
+                 report: DecodeReport, device: Optional[str] = None):
+        self.cfg = cfg
+        self.src = src
+        self.run_dir = run_dir
+        self.resume_from = resume_from
+        self.decode_report = report
+        self.device = torch.device(device or ("cuda" if cfg.run.use_gpu else "cpu"))
+        self.checkpoints: list[Path] = []
+
+    def batches(self, epoch: int, skip: int) -> Iterator[dict]:
+        d = self.cfg.data
+        it = local_view_batches(self.src, self.cfg.crops, self.cfg.optim.batch_size_per_worker,
+                                epoch, self.cfg.run.seed, d.shuffle, d.limit, self.decode_report,
+                                d.decode_batch_size)
+        for i, b in enumerate(it):
+            if i >= skip:  # same (seed, epoch) order: skipping resumes at the exact position
+                yield b
+
+    def latest_state(self) -> Optional[dict]:
+        if self.resume_from is None:
+            return None
+        return load_checkpoint(self.resume_from)
+
+    def report(self, metrics: dict, state: Optional[dict]) -> None:
+        if state is None:
+            return
+        step = int(state["global_step"])
+        final = self.run_dir / f"{CHECKPOINT_PREFIX}{step:09d}"
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp_ckpt_", dir=self.run_dir))
+        save_checkpoint(state, tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)  # atomic publish of a complete directory
+        self.resume_from = final
+        keep = self.cfg.run.num_checkpoints_to_keep
+        for old in list_checkpoints(self.run_dir)[keep:]:
+            shutil.rmtree(old, ignore_errors=True)

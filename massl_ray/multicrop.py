@@ -1,0 +1,492 @@
+"""DINO multi-crop augmentation on uint8 tensors, vectorised over the batch.
+
+:class:`MultiCrop` turns a list of decoded images (uint8 ``[3, H, W]`` of any sizes) into
+``global_crops`` uint8 ``[N, 2, 3, Gs, Gs]`` and ``local_crops`` uint8 ``[N, L, 3, Ls, Ls]``
+following the recipe of ``docs/method.md`` §3 (DINO's multi-crop):
+
+1. ``RandomResizedCrop`` (torchvision's sampling: 10 attempts, then the centre-crop fallback;
+   ratio (3/4, 4/3); bicubic with antialias) — done image by image with torch's uint8 resize
+   kernel, which is the only per-crop Python work;
+2. horizontal flip (p = ``flip_p``), folded into the per-crop copy;
+3. ``ColorJitter(brightness, contrast, saturation, hue)`` with p = ``jitter_p``, the four ops in a
+   random order per crop (as torchvision's ``ColorJitter`` does);
+4. ``RandomGrayscale`` (p = ``grayscale_p``, 3 channels kept);
+5. Gaussian blur, sigma ~ U[``blur_sigma``], p = ``blur_p[0]`` for global crop 1,
+   ``blur_p[1]`` for global crop 2, ``blur_p[2]`` for the local crops;
+6. solarisation (pixels ``>= solarize_threshold`` on the 0..255 scale are inverted), p =
+   ``solarize_p[0/1/2]`` per crop family like the blur.
+
+Steps 3–6 run on float32 ``[0, 1]`` batches with *per-sample* parameters (factor tensors and index
+subsets), so every image and every crop gets its own independent random draw — unlike
+``torchvision.transforms.v2`` applied to a batch, which shares one parameter set. Each op matches
+the float semantics of ``torchvision.transforms.v2.functional`` (``adjust_brightness``,
+``adjust_contrast``, ``adjust_saturation``, ``adjust_hue``, ``rgb_to_grayscale`` with weights
+0.2989/0.587/0.114, ``gaussian_blur`` with reflect padding, ``solarize``); the internal
+``_adjust_*`` functions are exposed for tests. Values are rounded back to uint8 once, at the end.
+
+Random order of the jitter ops: the crops of a family are *sorted by their permutation* (crops
+without jitter first), so each of the <= 24 orders is a contiguous slice of the batch on which the
+four ops run in place in that order; the sort is undone in the final uint8 gather. This costs no
+more than one pass per op per crop, unlike 4x4 masked gathers.
+
+Blur kernel size: torchvision's ``GaussianBlur`` takes an explicit odd kernel size; the
+SimCLR/BYOL/DINO-torchvision convention is about 10 % of the crop side (23 at 224 px). Here
+``blur_kernel_size(size) = int(0.1 * size)`` rounded *up* to odd, at least 3 and at most
+``2 * size - 1`` (reflect padding needs ``pad < size``): 224 -> 23, 96 -> 9, 32 -> 3, 16 -> 3.
+
+All random numbers are drawn from the ``torch.Generator`` passed to ``__call__`` (a fixed number
+of uniforms per crop, in a fixed order), so a seed reproduces the output exactly.
+
+Output is not normalised: :func:`normalize` converts uint8 crops to normalised floats on any
+device (typically on the training GPU).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from massl_ray.config import CropConfig
+
+__all__ = ["MultiCrop", "normalize", "eval_transform", "blur_kernel_size", "sample_crop_boxes"]
+
+_GRAY_W = (0.2989, 0.587, 0.114)
+# HSV -> RGB closed form: channel value = v - v*s*clamp(min(k, 4-k), 0, 1), k = (n + 6h) mod 6
+# with n = 5, 3, 1 for R, G, B.
+_HSV_OFFSETS = torch.tensor([5.0, 3.0, 1.0]).view(1, 3, 1, 1)
+_RATIO = (3.0 / 4.0, 4.0 / 3.0)
+_ATTEMPTS = 10
+
+# Layout of the per-crop uniforms (one row of ``_NUM_U`` numbers per crop).
+_U_CROP = 0  # 4 * _ATTEMPTS: (scale, log-ratio, top, left) per attempt
+_U_FLIP = 4 * _ATTEMPTS
+_U_JIT = _U_FLIP + 1
+_U_PERM = _U_JIT + 1  # 4 numbers -> argsort gives the op order
+_U_FACT = _U_PERM + 4  # brightness, contrast, saturation, hue
+_U_GRAY = _U_FACT + 4
+_U_BLUR = _U_GRAY + 1
+_U_SIGMA = _U_BLUR + 1
+_U_SOL = _U_SIGMA + 1
+_NUM_U = _U_SOL + 1
+
+_OP_BRIGHTNESS, _OP_CONTRAST, _OP_SATURATION, _OP_HUE = range(4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-sample vectorised ops on float32 [n, 3, H, W] in [0, 1] (``*_`` versions work in place)
+# ---------------------------------------------------------------------------------------------
+
+def _col(f: torch.Tensor) -> torch.Tensor:
+    return f.reshape(-1, 1, 1, 1)
+
+
+def _gray(x: torch.Tensor) -> torch.Tensor:
+    """torchvision's rgb_to_grayscale (float): [n, 3, H, W] -> [n, 1, H, W]."""
+    r, g, b = x.unbind(dim=-3)
+    return r.mul(_GRAY_W[0]).add_(g, alpha=_GRAY_W[1]).add_(b, alpha=_GRAY_W[2]).unsqueeze(-3)
+
+
+def _adjust_brightness_(x: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    return x.mul_(_col(factors)).clamp_(0.0, 1.0)
+
+
+def _adjust_contrast_(x: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    f = _col(factors)
+    w = torch.tensor(_GRAY_W, dtype=x.dtype, device=x.device)
+    # mean of the grayscale image == weighted sum of the channel means
+    mean = (x.mean(dim=(-2, -1)) * w).sum(dim=-1).reshape(-1, 1, 1, 1)
+    return torch.addcmul(mean * (1.0 - f), x, f, out=x).clamp_(0.0, 1.0)
+
+
+def _adjust_saturation_(x: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    f = _col(factors)
+    g = _gray(x).mul_(1.0 - f)
+    return torch.addcmul(g, x, f, out=x).clamp_(0.0, 1.0)
+
+
+def _adjust_hue_(x: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """Per-sample hue shift (``factors`` in [-0.5, 0.5]) with torchvision's HSV semantics.
+
+    RGB -> (hue, max, range) -> RGB with the closed-form HSV -> RGB; saturation and value are
+    unchanged by a hue shift, so only the hue is computed explicitly.
+    """
+    r, g, b = x.unbind(dim=-3)
+    maxc = torch.maximum(torch.maximum(r, g), b)  # (aminmax over dim -3 is slow on CPU)
+    minc = torch.minimum(torch.minimum(r, g), b)
+    rng = maxc - minc
+    h = torch.where(
+        maxc == r,
+        g - b,
+        torch.where(maxc == g, (b - r).add_(rng, alpha=2.0), (r - g).add_(rng, alpha=4.0)),
+    )
+    h.div_(torch.where(rng > 0, rng, torch.ones((), dtype=x.dtype, device=x.device)))
+    h.add_(factors.reshape(-1, 1, 1).to(x.dtype) * 6.0)  # hue in sixths, not yet wrapped
+    k = torch.add(h.unsqueeze(-3), _HSV_OFFSETS.to(device=x.device, dtype=x.dtype), out=x)
+    # k mod 6 via floor (much faster than remainder on CPU)
+    k.sub_(torch.floor(k * (1.0 / 6.0)).mul_(6.0))
+    torch.minimum(k, 4.0 - k, out=k).clamp_(0.0, 1.0)
+    return torch.addcmul(maxc.unsqueeze(-3), rng.unsqueeze(-3), k, value=-1.0, out=x)
+
+
+def _grayscale_(x: torch.Tensor) -> torch.Tensor:
+    return x.copy_(_gray(x).expand_as(x))
+
+
+def _solarize_(x: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Invert values ``>= threshold`` (threshold on the float [0, 1] scale)."""
+    return torch.where(x >= threshold, 1.0 - x, x, out=x)
+
+
+def _gaussian_kernels(sigmas: torch.Tensor, ksize: int) -> torch.Tensor:
+    """[n] sigmas -> [n, ksize] normalised 1-D Gaussian kernels (torchvision's formula)."""
+    half = (ksize - 1) / 2.0
+    t = torch.linspace(-half, half, ksize, dtype=torch.float32, device=sigmas.device)
+    k = torch.exp(-0.5 * (t.view(1, -1) / sigmas.view(-1, 1).float()) ** 2)
+    return k / k.sum(dim=1, keepdim=True)
+
+
+def _gaussian_blur(x: torch.Tensor, sigmas: torch.Tensor, ksize: int) -> torch.Tensor:
+    """Separable Gaussian blur with one sigma per sample, reflect padding: returns a new tensor."""
+    n, c, h, w = x.shape
+    if n == 0 or ksize <= 1:
+        return x.clone()
+    pad = ksize // 2
+    kern = _gaussian_kernels(sigmas, ksize).repeat_interleave(c, dim=0)  # [n*c, k]
+    y = F.pad(x, (pad, pad, pad, pad), mode="reflect").reshape(1, n * c, h + 2 * pad, w + 2 * pad)
+    y = F.conv2d(y, kern.view(n * c, 1, 1, ksize).to(x.dtype), groups=n * c)
+    y = F.conv2d(y, kern.view(n * c, 1, ksize, 1).to(x.dtype), groups=n * c)
+    return y.view(n, c, h, w)
+
+
+def _out_of_place(fn):
+    def wrapped(x: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+        return fn(x.clone(), torch.as_tensor(factors, dtype=x.dtype).reshape(-1))
+
+    wrapped.__name__ = fn.__name__.rstrip("_")
+    wrapped.__doc__ = f"Out-of-place version of ``{fn.__name__}`` (per-sample factors)."
+    return wrapped
+
+
+_adjust_brightness = _out_of_place(_adjust_brightness_)
+_adjust_contrast = _out_of_place(_adjust_contrast_)
+_adjust_saturation = _out_of_place(_adjust_saturation_)
+_adjust_hue = _out_of_place(_adjust_hue_)
+
+
+def _grayscale(x: torch.Tensor) -> torch.Tensor:
+    return _grayscale_(x.clone())
+
+
+def _solarize(x: torch.Tensor, threshold: float) -> torch.Tensor:
+    return _solarize_(x.clone(), threshold)
+
+
+_JITTER_OPS = {
+    _OP_BRIGHTNESS: _adjust_brightness_,
+    _OP_CONTRAST: _adjust_contrast_,
+    _OP_SATURATION: _adjust_saturation_,
+    _OP_HUE: _adjust_hue_,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Geometry
+# ---------------------------------------------------------------------------------------------
+
+def blur_kernel_size(size: int) -> int:
+    """Odd Gaussian kernel size for a crop side (~10 %, >= 3, <= 2*size-1): 224 -> 23."""
+    k = int(0.1 * size)
+    if k % 2 == 0:
+        k += 1
+    k = max(k, 3)
+    return max(1, min(k, 2 * size - 1))
+
+
+def sample_crop_boxes(
+    heights: torch.Tensor,
+    widths: torch.Tensor,
+    u: torch.Tensor,
+    scale: Sequence[float],
+    ratio: Sequence[float] = _RATIO,
+) -> torch.Tensor:
+    """torchvision ``RandomResizedCrop.get_params`` for many crops at once.
+
+    Args:
+        heights, widths: [M] source sizes (int64).
+        u: [M, 4 * 10] uniforms in [0, 1): per attempt (scale, log-ratio, top, left).
+    Returns:
+        [M, 4] int64 boxes (top, left, h, w).
+    """
+    m = heights.shape[0]
+    hh = heights.to(torch.float64).view(m, 1)
+    ww = widths.to(torch.float64).view(m, 1)
+    uu = u.to(torch.float64).view(m, _ATTEMPTS, 4)
+    area = hh * ww
+    lo, hi = math.log(ratio[0]), math.log(ratio[1])
+    target = area * (scale[0] + (scale[1] - scale[0]) * uu[..., 0])
+    ar = torch.exp(lo + (hi - lo) * uu[..., 1])
+    cw = torch.round(torch.sqrt(target * ar))
+    ch = torch.round(torch.sqrt(target / ar))
+    ok = (cw > 0) & (cw <= ww) & (ch > 0) & (ch <= hh)
+    any_ok = ok.any(dim=1)
+    first = ok.to(torch.int8).argmax(dim=1)
+    idx = first.view(m, 1)
+    ch_s = ch.gather(1, idx).squeeze(1)
+    cw_s = cw.gather(1, idx).squeeze(1)
+    u_top = uu[..., 2].gather(1, idx).squeeze(1)
+    u_left = uu[..., 3].gather(1, idx).squeeze(1)
+    hs, ws = hh.squeeze(1), ww.squeeze(1)
+    top = torch.minimum(torch.floor(u_top * (hs - ch_s + 1)), hs - ch_s)
+    left = torch.minimum(torch.floor(u_left * (ws - cw_s + 1)), ws - cw_s)
+    # centre-crop fallback (torchvision): clamp the aspect ratio into ``ratio``
+    in_ratio = ws / hs
+    fb_w = torch.where(in_ratio < ratio[0], ws,
+                       torch.where(in_ratio > ratio[1], torch.round(hs * ratio[1]), ws))
+    fb_h = torch.where(in_ratio < ratio[0], torch.round(ws / ratio[0]),
+                       torch.where(in_ratio > ratio[1], hs, hs))
+    fb_top = torch.div(hs - fb_h, 2, rounding_mode="floor")
+    fb_left = torch.div(ws - fb_w, 2, rounding_mode="floor")
+    box = torch.stack([
+        torch.where(any_ok, top, fb_top),
+        torch.where(any_ok, left, fb_left),
+        torch.where(any_ok, ch_s, fb_h),
+        torch.where(any_ok, cw_s, fb_w),
+    ], dim=1)
+    return box.to(torch.int64)
+
+
+def _as_batch_image(img: torch.Tensor) -> torch.Tensor:
+    """uint8 [3|1, H, W] -> [1, 3, H, W] in channels-last memory (fast uint8 resize path)."""
+    if not isinstance(img, torch.Tensor) or img.dtype != torch.uint8 or img.dim() != 3:
+        raise ValueError(
+            f"MultiCrop expects uint8 [3, H, W] tensors, got "
+            f"{getattr(img, 'dtype', type(img).__name__)} {tuple(getattr(img, 'shape', ()))}"
+        )
+    if img.shape[0] == 1:
+        img = img.expand(3, -1, -1)
+    elif img.shape[0] != 3:
+        raise ValueError(f"MultiCrop expects 3 (or 1) channels, got shape {tuple(img.shape)}")
+    if img.shape[1] == 0 or img.shape[2] == 0:
+        raise ValueError(f"empty image of shape {tuple(img.shape)}")
+    if img.device.type != "cpu":
+        img = img.cpu()
+    x = img.unsqueeze(0)
+    if not x.is_contiguous(memory_format=torch.channels_last):
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def _resize_into(dst: torch.Tensor, src: torch.Tensor, size: int, flip: bool) -> None:
+    """Resize [1, 3, h, w] uint8 to ``size`` x ``size`` (bicubic, antialias) into dst [3, S, S]."""
+    if src.shape[-2] != size or src.shape[-1] != size:
+        src = F.interpolate(src, size=(size, size), mode="bicubic", antialias=True,
+                            align_corners=False)
+    src = src[0]
+    if flip:
+        src = src.flip(-1)
+    dst.copy_(src)
+
+
+# ---------------------------------------------------------------------------------------------
+# The transform
+# ---------------------------------------------------------------------------------------------
+
+class MultiCrop:
+    """DINO multi-crop on uint8 images with independent per-image, per-crop randomness.
+
+    ``MultiCrop(cfg)(images, generator) -> (global_crops, local_crops)`` with
+    ``global_crops`` uint8 [N, 2, 3, Gs, Gs] and ``local_crops`` uint8 [N, L, 3, Ls, Ls].
+    """
+
+    #: Crops are processed in chunks of about this many bytes of float32 (cache-sized).
+    chunk_bytes = 1 << 21
+
+    def __init__(self, cfg: CropConfig):
+        self.cfg = cfg
+        self.global_size = int(cfg.global_size)
+        self.local_size = int(cfg.local_size)
+        self.num_local = int(cfg.num_local_crops)
+        c = cfg
+        self._ranges = []  # (op, lo, hi) for ops that are active
+        for op, v, center in ((_OP_BRIGHTNESS, c.brightness, 1.0), (_OP_CONTRAST, c.contrast, 1.0),
+                              (_OP_SATURATION, c.saturation, 1.0)):
+            if v > 0:
+                self._ranges.append((op, max(0.0, center - v), center + v))
+        if c.hue > 0:
+            self._ranges.append((_OP_HUE, -float(c.hue), float(c.hue)))
+
+    def __repr__(self) -> str:
+        c = self.cfg
+        return (f"MultiCrop(global={c.global_size}, local={c.local_size}x{c.num_local_crops}, "
+                f"global_scale={c.global_scale}, local_scale={c.local_scale})")
+
+    # -- public ---------------------------------------------------------------------------
+    def __call__(self, images: list[torch.Tensor], generator: torch.Generator
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self.cfg
+        n = len(images)
+        gs, ls, nl = self.global_size, self.local_size, self.num_local
+        srcs = [_as_batch_image(im) for im in images]
+        hs = torch.tensor([s.shape[-2] for s in srcs], dtype=torch.int64)
+        ws = torch.tensor([s.shape[-1] for s in srcs], dtype=torch.int64)
+
+        # draw all uniforms up front: globals (n*2 rows) then locals (n*nl rows)
+        ug = torch.rand(n * 2, _NUM_U, generator=generator, dtype=torch.float64)
+        ul = torch.rand(n * nl, _NUM_U, generator=generator, dtype=torch.float64)
+
+        crop_id = torch.arange(2).repeat(n)  # 0, 1, 0, 1, ... (global crop 1 / 2)
+        blur_p_g = torch.tensor(c.blur_p[:2], dtype=torch.float64)[crop_id]
+        sol_p_g = torch.tensor(c.solarize_p[:2], dtype=torch.float64)[crop_id]
+        g = self._family(srcs, hs.repeat_interleave(2), ws.repeat_interleave(2),
+                         torch.arange(n).repeat_interleave(2), ug, gs, c.global_scale,
+                         blur_p_g, sol_p_g)
+        g = g.view(n, 2, 3, gs, gs)
+
+        if nl > 0:
+            blur_p_l = torch.full((n * nl,), float(c.blur_p[2]), dtype=torch.float64)
+            sol_p_l = torch.full((n * nl,), float(c.solarize_p[2]), dtype=torch.float64)
+            loc = self._family(srcs, hs.repeat_interleave(nl), ws.repeat_interleave(nl),
+                               torch.arange(n).repeat_interleave(nl), ul, ls, c.local_scale,
+                               blur_p_l, sol_p_l)
+            loc = loc.view(n, nl, 3, ls, ls)
+        else:
+            loc = torch.empty((n, 0, 3, ls, ls), dtype=torch.uint8)
+        return g, loc
+
+    # -- one crop family (same output size) -----------------------------------------------
+    def _family(self, srcs, hs, ws, img_idx, u, size, scale, blur_p, sol_p) -> torch.Tensor:
+        c = self.cfg
+        m = u.shape[0]
+        if m == 0:
+            return torch.empty((0, 3, size, size), dtype=torch.uint8)
+
+        boxes = sample_crop_boxes(hs, ws, u[:, _U_CROP:_U_CROP + 4 * _ATTEMPTS], scale)
+        flip = u[:, _U_FLIP] < c.flip_p
+        jit = (u[:, _U_JIT] < c.jitter_p) if self._ranges else torch.zeros(m, dtype=torch.bool)
+        perm = torch.argsort(u[:, _U_PERM:_U_PERM + 4], dim=1)  # op order per crop
+        gray = u[:, _U_GRAY] < c.grayscale_p
+        blur = u[:, _U_BLUR] < blur_p
+        lo_s, hi_s = c.blur_sigma
+        sigma = (lo_s + (hi_s - lo_s) * u[:, _U_SIGMA]).to(torch.float32)
+        sol = u[:, _U_SOL] < sol_p
+        factors = torch.zeros(m, 4, dtype=torch.float64)
+        for op, lo, hi in self._ranges:
+            factors[:, op] = lo + (hi - lo) * u[:, _U_FACT + op]
+        factors = factors.to(torch.float32)
+
+        # Sort crops by (jitter?, op order): every order is a contiguous run of the sorted crops,
+        # processed in cache-sized chunks that never mix two orders.
+        code = (perm[:, 0] * 64 + perm[:, 1] * 16 + perm[:, 2] * 4 + perm[:, 3])
+        code = torch.where(jit, code, torch.full_like(code, -1))
+        order = torch.argsort(code, stable=True)
+        vals, counts = torch.unique_consecutive(code[order], return_counts=True)
+        factors, gray, blur, sigma, sol = (factors[order], gray[order], blur[order],
+                                           sigma[order], sol[order])
+        any_gray, any_blur, any_sol = (gray.tolist(), blur.tolist(), sol.tolist())
+
+        boxes_l, flip_l, img_l = boxes.tolist(), flip.tolist(), img_idx.tolist()
+        order_l = order.tolist()
+        out = torch.empty((m, 3, size, size), dtype=torch.uint8)
+        cs = max(1, min(m, self.chunk_bytes // (3 * size * size * 4)))
+        ubuf = torch.empty((cs, 3, size, size), dtype=torch.uint8).contiguous(
+            memory_format=torch.channels_last)
+        fbuf = torch.empty((cs, 3, size, size), dtype=torch.float32)
+        active = [op for op, _, _ in self._ranges]
+        ksize = blur_kernel_size(size)
+        thr = float(c.solarize_threshold) / 255.0
+
+        start = 0
+        for v, cnt in zip(vals.tolist(), counts.tolist()):
+            ops = [op for op in ((v >> 6) & 3, (v >> 4) & 3, (v >> 2) & 3, v & 3) if op in active] \
+                if v >= 0 else []
+            for s in range(start, start + cnt, cs):
+                e = min(s + cs, start + cnt)
+                n = e - s
+                ub = ubuf[:n]
+                # 1-2. crop + resize (+ flip), image by image
+                for j, cid in enumerate(order_l[s:e]):
+                    t, l, h, w = boxes_l[cid]
+                    _resize_into(ub[j], srcs[img_l[cid]][:, :, t:t + h, l:l + w], size,
+                                 flip_l[cid])
+                g_sel = [j for j in range(n) if any_gray[s + j]]
+                b_sel = [j for j in range(n) if any_blur[s + j]]
+                s_sel = [j for j in range(n) if any_sol[s + j]]
+                if ops or g_sel or b_sel or s_sel:
+                    x = fbuf[:n]
+                    x.copy_(ub).mul_(1.0 / 255.0)
+                    # 3. colour jitter in this run's op order
+                    for op in ops:
+                        _JITTER_OPS[op](x, factors[s:e, op])
+                    # 4. grayscale
+                    if g_sel:
+                        _apply_subset(x, g_sel, _grayscale_)
+                    # 5. gaussian blur
+                    if b_sel:
+                        sg = sigma[s:e]
+                        _apply_subset(x, b_sel, lambda y, idx: _gaussian_blur(
+                            y, sg[idx], ksize), pass_index=True)
+                    # 6. solarise
+                    if s_sel:
+                        _apply_subset(x, s_sel, lambda y: _solarize_(y, thr))
+                    x.mul_(255.0).add_(0.5).clamp_(0.0, 255.0)
+                    ub.copy_(x)  # float -> uint8 truncates: round half up
+                out.index_copy_(0, order[s:e], ub)
+            start += cnt
+        return out
+
+
+def _apply_subset(x: torch.Tensor, sel: list[int], fn, pass_index: bool = False) -> None:
+    """Apply ``fn`` to the samples ``sel`` of x (in place when all are selected)."""
+    n = x.shape[0]
+    if len(sel) == n:
+        idx = torch.arange(n)
+        y = fn(x, idx) if pass_index else fn(x)
+        if y is not x:
+            x.copy_(y)
+        return
+    idx = torch.tensor(sel, dtype=torch.int64)
+    sub = x.index_select(0, idx)
+    y = fn(sub, idx) if pass_index else fn(sub)
+    x.index_copy_(0, idx, y)
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------
+
+def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float],
+              dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 images [..., 3, H, W] (any device) -> ``(x / 255 - mean) / std`` as ``dtype``."""
+    if x.shape[-3] != len(mean) or len(mean) != len(std):
+        raise ValueError(f"normalize: {x.shape[-3]} channels vs mean {mean} / std {std}")
+    dev = x.device
+    m = torch.tensor(mean, dtype=torch.float32, device=dev).view(-1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32, device=dev).view(-1, 1, 1)
+    scale = 1.0 / (255.0 * s)
+    out = torch.addcmul(-m / s, x.to(torch.float32), scale)
+    return out if dtype == torch.float32 else out.to(dtype)
+
+
+def eval_transform(images: list[torch.Tensor], size: int) -> torch.Tensor:
+    """Standard evaluation view: resize the short side to ``round(size * 256 / 224)`` (bicubic,
+    antialias), centre-crop ``size`` x ``size``. Returns uint8 [N, 3, size, size]."""
+    resize_to = int(round(size * 256 / 224))
+    out = torch.empty((len(images), 3, size, size), dtype=torch.uint8)
+    for k, img in enumerate(images):
+        x = _as_batch_image(img)
+        h, w = x.shape[-2:]
+        # torchvision Resize(int): short side -> resize_to, long side -> int(resize_to*long/short)
+        if h <= w:
+            nh, nw = resize_to, int(resize_to * w / h)
+        else:
+            nh, nw = int(resize_to * h / w), resize_to
+        if (nh, nw) != (h, w):
+            x = F.interpolate(x, size=(nh, nw), mode="bicubic", antialias=True,
+                              align_corners=False)
+        top = int(round((nh - size) / 2.0))
+        left = int(round((nw - size) / 2.0))
+        out[k].copy_(x[0, :, top:top + size, left:left + size])
+    return out

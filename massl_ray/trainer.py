@@ -1,0 +1,297 @@
+"""Training on Ray: TorchTrainer set-up, the Ray worker context, and the local mode driver.
+
+Shell module (imports ray). The loop itself is :func:`massl_ray.loop.run_loop`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator, Optional
+
+import ray
+import torch
+
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint, verify_checkpoint
+from .config import Config, ConfigError, config_from_dict, dump_config
+from .distributed import all_gather_cat
+from .loop import LocalLoopContext, LoopContext, latest_valid_checkpoint, list_checkpoints, run_loop
+from .sources import DataSourceError, Source, open_source
+from .views import DecodeReport
+
+log = logging.getLogger("massl_ray")
+
+
+def setup_logging(rank: int = 0, level: int = logging.INFO) -> None:
+    fmt = f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s"
+    root = logging.getLogger("massl_ray")
+    root.setLevel(level)
+    if not any(getattr(h, "_massl", False) for h in root.handlers):
+        h = logging.StreamHandler()
+        h._massl = True  # type: ignore[attr-defined]
+        root.addHandler(h)
+    for h in root.handlers:
+        if getattr(h, "_massl", False):
+            h.setFormatter(logging.Formatter(fmt, "%H:%M:%S"))
+    root.propagate = False
+
+
+# ---- driver-side preparation (before any cluster resources are taken) ----------------------
+
+def run_dir_of(cfg: Config) -> Path:
+    """Where logs (TensorBoard, JSONL, config, summaries) go. For object-store storage the logs
+    stay on the driver's disk under ``~/massl_runs/<name>``; checkpoints go to the URI."""
+    if "://" in cfg.run.storage_path:
+        return Path.home() / "massl_runs" / cfg.run.name
+    return Path(cfg.run.storage_path).absolute() / cfg.run.name
+
+
+def prepare(cfg: Config) -> tuple[Config, Source]:
+    """Validate the config and the data source, derive steps per epoch. Takes no resources."""
+    cfg.validate()
+    d = cfg.data
+    src = open_source(d.train, d.format, d.image_column, d.label_column, what="data.train")
+    rows = src.num_rows if d.limit is None else min(d.limit, src.num_rows)
+    if cfg.optim.steps_per_epoch is None:
+        spe = rows // cfg.global_batch_size
+        if spe == 0:
+            raise ConfigError(
+                f"data.train has {rows} rows, fewer than one global batch "
+                f"({cfg.global_batch_size}): lower optim.batch_size_per_worker")
+        cfg.optim.steps_per_epoch = spe
+    if cfg.run.final_knn and (d.eval_train or d.eval_test):
+        for key in ("eval_train", "eval_test"):
+            open_source(getattr(d, key), "auto", d.image_column, d.label_column,
+                        require_labels=True, what=f"data.{key}")
+    check_storage(cfg)
+    return cfg, src
+
+
+def check_storage(cfg: Config) -> None:
+    """Refuse an unwritable local storage path at start-up, not after the first checkpoint."""
+    if "://" in cfg.run.storage_path:
+        return
+    d = run_dir_of(cfg)
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=d, prefix=".write_probe_", delete=True)
+        probe.write(b"x" * 4096)
+        probe.flush()
+        probe.close()
+    except OSError as e:
+        raise ConfigError(f"run.storage_path {cfg.run.storage_path!r} is not writable: {e}") from None
+
+
+def resume_checkpoint(cfg: Config, ckpt_root: Path) -> Optional[Path]:
+    """Resolve run.resume: auto (latest valid checkpoint of this run, if any) | never | path."""
+    r = cfg.run.resume
+    if r == "never":
+        if list_checkpoints(ckpt_root):
+            raise ConfigError(
+                f"run {cfg.run.name!r} already has checkpoints in {ckpt_root} and run.resume=never: "
+                f"choose another run.name or set run.resume=auto")
+        return None
+    if r == "auto":
+        found = latest_valid_checkpoint(ckpt_root)
+        if found is not None:
+            log.info("resuming run %r from %s", cfg.run.name, found)
+        return found
+    p = Path(r)
+    try:
+        verify_checkpoint(p)
+    except CheckpointError as e:
+        raise ConfigError(f"run.resume: {e}") from None
+    return p
+
+
+# ---- Ray Train worker ----------------------------------------------------------------------
+
+class RayLoopContext(LoopContext):
+    def __init__(self, cfg: Config, run_dir: Path):
+        import ray.train.torch as rtt
+
+        self.cfg = cfg
+        ctx = ray.train.get_context()
+        self.rank = ctx.get_world_rank()
+        self.world_size = ctx.get_world_size()
+        self.device = rtt.get_device()
+        self.run_dir = run_dir
+        self.shard = ray.train.get_dataset_shard("train")
+
+    def wrap_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        if self.world_size <= 1:
+            return model
+        import ray.train.torch as rtt
+
+        return rtt.prepare_model(model, move_to_device=False)
+
+    def batches(self, epoch: int, skip: int) -> Iterator[dict]:
+        # A new pass over the shard re-executes the pipeline (a fresh shuffle). After a
+        # mid-epoch resume the pass is cut at the epoch's end: the images of that epoch are a
+        # fresh sample, not the exact remainder (see README, "What resume restores").
+        d = self.cfg.data
+        kw = {}
+        if d.shuffle == "blocks":
+            kw["local_shuffle_buffer_size"] = 4 * self.cfg.optim.batch_size_per_worker
+        return self.shard.iter_torch_batches(
+            batch_size=self.cfg.optim.batch_size_per_worker, drop_last=True,
+            prefetch_batches=d.prefetch_batches, **kw)
+
+    def latest_state(self) -> Optional[dict]:
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None:
+            return None
+        with ckpt.as_directory() as d:
+            return load_checkpoint(d)
+
+    def report(self, metrics: dict, state: Optional[dict]) -> None:
+        if state is None:
+            ray.train.report(metrics)
+            return
+        # Replica check on every checkpoint: all ranks' memory banks must be identical.
+        sums = all_gather_cat(_memory_checksum(state).unsqueeze(0)).cpu()
+        metrics = dict(metrics, memory_checksums=sums[:, 0].tolist(),
+                       memory_replicas_identical=bool((sums == sums[0]).all()))
+        if self.rank == 0:
+            tmp = Path(tempfile.mkdtemp(prefix="massl_ckpt_"))
+            try:
+                save_checkpoint(state, tmp)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)))
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            ray.train.report(metrics)
+
+
+def _memory_checksum(state: dict) -> torch.Tensor:
+    rows = state["memory"]["rows"].double()
+    w = torch.arange(1, rows.numel() + 1, dtype=torch.float64, device=rows.device).remainder(9973)
+    return torch.stack([(rows.flatten() * w).sum(), state["memory"]["ptr"].double()])
+
+
+def _worker_loop(loop_config: dict) -> None:
+    cfg = config_from_dict(loop_config["config"], validate=True)
+    ctx = RayLoopContext(cfg, Path(loop_config["run_dir"]))
+    setup_logging(ctx.rank)
+    torch.set_num_threads(max(1, int(loop_config.get("torch_threads", 1))))
+    run_loop(cfg, ctx)
+
+
+# ---- driver --------------------------------------------------------------------------------
+
+def init_ray(num_cpus: Optional[float] = None) -> None:
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+
+
+def _write_summary(run_dir: Path, summary: dict) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+
+
+def _report_decode_errors(run_dir: Path, summary: dict) -> None:
+    n = summary.get("skipped", 0)
+    (run_dir / "decode_errors.json").write_text(json.dumps(summary, indent=1))
+    if n:
+        shown = list(summary["rows"].items())[:5]
+        log.warning("skipped %d undecodable image(s) (list in %s): %s", n,
+                    run_dir / "decode_errors.json", "; ".join(f"{k}: {v}" for k, v in shown))
+    else:
+        log.info("all images decoded (0 skipped)")
+
+
+def train(cfg: Config, local: bool = False) -> dict:
+    """Train one run. ``local``: everything in this process, no Ray at all (debuggable)."""
+    cfg, src = prepare(cfg)
+    run_dir = run_dir_of(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, run_dir / "config.yaml")
+    log.info("run %r: %d training rows, %d steps/epoch, %d total steps, global batch %d -> %s",
+             cfg.run.name, src.num_rows if cfg.data.limit is None else min(cfg.data.limit, src.num_rows),
+             cfg.optim.steps_per_epoch, cfg.total_steps(), cfg.global_batch_size, run_dir)
+    t0 = time.time()
+    if local:
+        result = _train_local(cfg, src, run_dir)
+    else:
+        result = _train_ray(cfg, src, run_dir)
+    result["wall_s"] = time.time() - t0
+    if cfg.run.final_knn and cfg.data.eval_train and cfg.data.eval_test and result.get("checkpoint"):
+        from .evaluation import knn_vs_random_init
+
+        result["knn"] = knn_vs_random_init(cfg, result["checkpoint"])
+    _write_summary(run_dir, result)
+    return result
+
+
+def _train_local(cfg: Config, src: Source, run_dir: Path) -> dict:
+    if cfg.run.num_workers > 1:
+        raise ConfigError("--local runs one process: set run.num_workers to 0 or 1")
+    resume = resume_checkpoint(cfg, run_dir)
+    report = DecodeReport()
+    ctx = LocalLoopContext(cfg, src, run_dir, resume, report)
+    last = run_loop(cfg, ctx)
+    _report_decode_errors(run_dir, report.summary())
+    ckpt = ctx.resume_from
+    return {"mode": "local", "metrics": last, "checkpoint": str(ckpt) if ckpt else None,
+            "skipped_images": report.count()}
+
+
+def _ray_checkpoint_root(cfg: Config) -> Optional[Path]:
+    if "://" in cfg.run.storage_path:
+        return None
+    return run_dir_of(cfg)
+
+
+def _train_ray(cfg: Config, src: Source, run_dir: Path) -> dict:
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from .data import build_train_dataset, check_resources, get_report_actor
+
+    init_ray()
+    check_resources(cfg, ray.cluster_resources().get("CPU", 0.0))
+    root = _ray_checkpoint_root(cfg)
+    resume = resume_checkpoint(cfg, root) if root is not None else None
+    reporter = get_report_actor(cfg.run.name)
+    ds = build_train_dataset(cfg, src, reporter)
+    r = cfg.run
+    res = {"CPU": r.cpus_per_worker}
+    if r.use_gpu:
+        res["GPU"] = r.gpus_per_worker
+    storage = r.storage_path if "://" in r.storage_path else str(Path(r.storage_path).absolute())
+    trainer = TorchTrainer(
+        _worker_loop,
+        train_loop_config={"config": cfg.to_dict(), "run_dir": str(run_dir),
+                           "torch_threads": max(1, int(r.cpus_per_worker))},
+        scaling_config=ScalingConfig(num_workers=max(1, r.num_workers), use_gpu=r.use_gpu,
+                                     resources_per_worker=res,
+                                     placement_strategy=r.placement_strategy),
+        run_config=RunConfig(
+            name=r.name, storage_path=storage,
+            checkpoint_config=CheckpointConfig(num_to_keep=r.num_checkpoints_to_keep),
+            failure_config=FailureConfig(max_failures=r.max_failures),
+        ),
+        datasets={"train": ds},
+        resume_from_checkpoint=ray.train.Checkpoint(str(resume)) if resume else None,
+    )
+    result = trainer.fit()
+    summary = ray.get(reporter.summary.remote())
+    ray.kill(reporter)
+    _report_decode_errors(run_dir, summary)
+    ckpt = None
+    if result.checkpoint is not None:
+        ckpt = result.checkpoint.path
+        if root is None:  # object storage: keep a local copy of the final checkpoint
+            ckpt = result.checkpoint.to_directory(str(run_dir / "final_checkpoint"))
+    return {"mode": "ray", "metrics": dict(result.metrics or {}), "checkpoint": ckpt,
+            "skipped_images": summary["skipped"]}
