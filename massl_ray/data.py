@@ -86,6 +86,8 @@ def build_train_dataset(cfg: Config, src: Source, reporter=None) -> "ray.data.Da
     ``run.cpus_per_worker`` this must fit the cluster (see :func:`check_resources`).
     """
     d = cfg.data
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # the training loop prints its own progress line
     ds = read_source(src, d.limit)
     if d.shuffle == "full":
         ds = ds.random_shuffle()

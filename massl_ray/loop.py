@@ -149,6 +149,7 @@ def run_loop(cfg: Config, ctx: LoopContext) -> dict:
                         images_per_s=images_per_step * window_steps / max(elapsed, 1e-9),
                         data_wait_share=window_wait / max(elapsed, 1e-9),
                         wall_s=time.perf_counter() - run_t0,
+                        start_step=start_step,
                     )
                     done = learner.global_step - start_step
                     eta = (stop - learner.global_step) * (time.perf_counter() - run_t0) / max(done, 1)

@@ -112,10 +112,11 @@ def resume_checkpoint(cfg: Config, ckpt_root: Path) -> Optional[Path]:
 # ---- Ray Train worker ----------------------------------------------------------------------
 
 class RayLoopContext(LoopContext):
-    def __init__(self, cfg: Config, run_dir: Path):
+    def __init__(self, cfg: Config, run_dir: Path, resume_from: Optional[str] = None):
         import ray.train.torch as rtt
 
         self.cfg = cfg
+        self.resume_from = resume_from
         ctx = ray.train.get_context()
         self.rank = ctx.get_world_rank()
         self.world_size = ctx.get_world_size()
@@ -143,11 +144,15 @@ class RayLoopContext(LoopContext):
             prefetch_batches=d.prefetch_batches, **kw)
 
     def latest_state(self) -> Optional[dict]:
+        # A checkpoint registered by this fit() (a restart after a failure) wins; otherwise the
+        # driver's choice from run.resume (a driver restart of the same run).
         ckpt = ray.train.get_checkpoint()
-        if ckpt is None:
-            return None
-        with ckpt.as_directory() as d:
-            return load_checkpoint(d)
+        if ckpt is not None:
+            with ckpt.as_directory() as d:
+                return load_checkpoint(d)
+        if self.resume_from:
+            return load_checkpoint(self.resume_from)
+        return None
 
     def report(self, metrics: dict, state: Optional[dict]) -> None:
         if state is None:
@@ -174,9 +179,17 @@ def _memory_checksum(state: dict) -> torch.Tensor:
     return torch.stack([(rows.flatten() * w).sum(), state["memory"]["ptr"].double()])
 
 
+def _quiet_ray_train_logs() -> None:
+    # Ray Train V2 logs every report at INFO (with the full metrics dict); keep ours only.
+    from ray.train.v2._internal.execution import context as _v2ctx
+
+    logging.getLogger(_v2ctx.__file__).setLevel(logging.WARNING)
+
+
 def _worker_loop(loop_config: dict) -> None:
     cfg = config_from_dict(loop_config["config"], validate=True)
-    ctx = RayLoopContext(cfg, Path(loop_config["run_dir"]))
+    _quiet_ray_train_logs()
+    ctx = RayLoopContext(cfg, Path(loop_config["run_dir"]), loop_config.get("resume_from"))
     setup_logging(ctx.rank)
     torch.set_num_threads(max(1, int(loop_config.get("torch_threads", 1))))
     run_loop(cfg, ctx)
@@ -272,7 +285,8 @@ def _train_ray(cfg: Config, src: Source, run_dir: Path) -> dict:
     trainer = TorchTrainer(
         _worker_loop,
         train_loop_config={"config": cfg.to_dict(), "run_dir": str(run_dir),
-                           "torch_threads": max(1, int(r.cpus_per_worker))},
+                           "torch_threads": max(1, int(r.cpus_per_worker)),
+                           "resume_from": str(resume) if resume else None},
         scaling_config=ScalingConfig(num_workers=max(1, r.num_workers), use_gpu=r.use_gpu,
                                      resources_per_worker=res,
                                      placement_strategy=r.placement_strategy),
@@ -282,7 +296,6 @@ def _train_ray(cfg: Config, src: Source, run_dir: Path) -> dict:
             failure_config=FailureConfig(max_failures=r.max_failures),
         ),
         datasets={"train": ds},
-        resume_from_checkpoint=ray.train.Checkpoint(str(resume)) if resume else None,
     )
     result = trainer.fit()
     summary = ray.get(reporter.summary.remote())
