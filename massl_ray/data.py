@@ -69,7 +69,7 @@ def read_source(src: Source, limit: Optional[int] = None) -> "ray.data.Dataset":
     """Encoded rows of a source as a Ray Dataset (image bytes column + optional label/path)."""
     if src.kind == "parquet":
         cols = [src.image_column] + ([src.label_column] if src.label_column else [])
-        ds = ray.data.read_parquet(src.files, columns=cols, filesystem=src.filesystem)
+        ds = ray.data.read_parquet(src.files, filesystem=src.filesystem).select_columns(cols)
     else:
         ds = ray.data.read_binary_files(src.files, include_paths=True, filesystem=src.filesystem)
         ds = ds.rename_columns({"bytes": src.image_column})

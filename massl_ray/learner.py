@@ -183,7 +183,7 @@ class Learner:
         if check_finite is None:
             check_finite = self.device.type == "cpu"
         if check_finite and not torch.isfinite(loss):
-            raise NonFiniteLoss(step, float(loss))
+            raise NonFiniteLoss(step, float(loss.detach()))
 
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
@@ -258,8 +258,6 @@ class Learner:
             self.optimizer.load_state_dict(state["optimizer"])
         except (RuntimeError, ValueError, KeyError) as e:
             raise CheckpointMismatch(f"checkpoint does not match the model: {e}") from e
-        if state["memory"]["rows"].shape != self.memory.rows.shape:
-            raise CheckpointMismatch("memory bank shape differs from the configuration")
         self.scaler.load_state_dict(state["scaler"])
         self.global_step = int(state["global_step"])
         rng = state["rng"]

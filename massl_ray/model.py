@@ -84,7 +84,10 @@ def load_backbone_weights(backbone: nn.Module, path: str) -> None:
             sd = {k[len("backbone."):]: v for k, v in sd["teacher"].items() if k.startswith("backbone.")}
         elif isinstance(sd, dict) and "state_dict" in sd:
             sd = sd["state_dict"]
-    missing, unexpected = backbone.load_state_dict(sd, strict=False)
+    try:
+        missing, unexpected = backbone.load_state_dict(sd, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        raise ValueError(f"model.init_from {path!r} does not match the backbone: {e}") from None
     if unexpected or missing:
         raise ValueError(
             f"model.init_from {path!r} does not match the backbone: "

@@ -16,8 +16,8 @@ following the recipe of ``docs/method.md`` §3 (DINO's multi-crop):
 6. solarisation (pixels ``>= solarize_threshold`` on the 0..255 scale are inverted), p =
    ``solarize_p[0/1/2]`` per crop family like the blur.
 
-Steps 3–6 run on float32 ``[0, 1]`` batches with *per-sample* parameters (factor tensors and index
-subsets), so every image and every crop gets its own independent random draw — unlike
+Steps 3–6 run on float32 ``[0, 1]`` chunks of crops with *per-sample* parameters (factor tensors
+and sample subsets), so every image and every crop gets its own independent random draw — unlike
 ``torchvision.transforms.v2`` applied to a batch, which shares one parameter set. Each op matches
 the float semantics of ``torchvision.transforms.v2.functional`` (``adjust_brightness``,
 ``adjust_contrast``, ``adjust_saturation``, ``adjust_hue``, ``rgb_to_grayscale`` with weights
@@ -25,9 +25,14 @@ the float semantics of ``torchvision.transforms.v2.functional`` (``adjust_bright
 ``_adjust_*`` functions are exposed for tests. Values are rounded back to uint8 once, at the end.
 
 Random order of the jitter ops: the crops of a family are *sorted by their permutation* (crops
-without jitter first), so each of the <= 24 orders is a contiguous slice of the batch on which the
-four ops run in place in that order; the sort is undone in the final uint8 gather. This costs no
-more than one pass per op per crop, unlike 4x4 masked gathers.
+without jitter first), so each of the <= 24 orders is a contiguous run of crops on which the four
+ops run in place in that order; each crop is written back to its own slot at the end. This costs
+one pass per op per crop, unlike 4x4 masked gathers. Runs are processed in chunks of about
+``MultiCrop.chunk_bytes`` (2 MiB) of float32 so that intermediate tensors stay in cache and no
+large temporary is allocated (fresh large allocations are expensive: page faults).
+
+Solarisation inverts a pixel when its value *rounded to uint8* is ``>= solarize_threshold``
+(float threshold ``(threshold - 0.5) / 255``): identical to PIL/torchvision on uint8 images.
 
 Blur kernel size: torchvision's ``GaussianBlur`` takes an explicit odd kernel size; the
 SimCLR/BYOL/DINO-torchvision convention is about 10 % of the crop side (23 at 224 px). Here
@@ -149,7 +154,7 @@ def _grayscale_(x: torch.Tensor) -> torch.Tensor:
 def _solarize_(x: torch.Tensor, threshold: float) -> torch.Tensor:
     """Invert values ``>= threshold`` (threshold on the float [0, 1] scale)."""
     # mask = 1 where x >= threshold: sign(threshold - x) is 1 below the threshold, else <= 0
-    mask = torch.sub(threshold, x).sign_().clamp_(0.0, 1.0).neg_().add_(1.0)
+    mask = torch.rsub(x, threshold).sign_().clamp_(0.0, 1.0).neg_().add_(1.0)
     # x + mask * (1 - 2x)
     return x.add_(mask.mul_(x.mul(-2.0).add_(1.0)))
 
@@ -324,8 +329,11 @@ class MultiCrop:
     #: Crops are processed in chunks of about this many bytes of float32 (cache-sized).
     chunk_bytes = 1 << 21
 
-    def __init__(self, cfg: CropConfig):
+    def __init__(self, cfg: CropConfig, ratio: tuple[float, float] = _RATIO):
         self.cfg = cfg
+        self.ratio = (float(ratio[0]), float(ratio[1]))
+        if not 0 < self.ratio[0] <= self.ratio[1]:
+            raise ValueError(f"ratio must satisfy 0 < low <= high, got {ratio}")
         self.global_size = int(cfg.global_size)
         self.local_size = int(cfg.local_size)
         self.num_local = int(cfg.num_local_crops)
@@ -383,7 +391,8 @@ class MultiCrop:
         if m == 0:
             return torch.empty((0, 3, size, size), dtype=torch.uint8)
 
-        boxes = sample_crop_boxes(hs, ws, u[:, _U_CROP:_U_CROP + 4 * _ATTEMPTS], scale)
+        boxes = sample_crop_boxes(hs, ws, u[:, _U_CROP:_U_CROP + 4 * _ATTEMPTS], scale,
+                                  self.ratio)
         flip = u[:, _U_FLIP] < c.flip_p
         jit = (u[:, _U_JIT] < c.jitter_p) if self._ranges else torch.zeros(m, dtype=torch.bool)
         perm = torch.argsort(u[:, _U_PERM:_U_PERM + 4], dim=1)  # op order per crop
@@ -416,7 +425,9 @@ class MultiCrop:
         ibuf = torch.empty((cs, 3, size, size), dtype=torch.int16)
         active = [op for op, _, _ in self._ranges]
         ksize = blur_kernel_size(size)
-        thr = float(c.solarize_threshold) / 255.0
+        # half a level below: a pixel is inverted when its uint8 value would be >= threshold
+        # (exactly PIL/torchvision on uint8 images; robust to float rounding of v / 255)
+        thr = (float(c.solarize_threshold) - 0.5) / 255.0
 
         start = 0
         for v, cnt in zip(vals.tolist(), counts.tolist()):
@@ -455,7 +466,9 @@ class MultiCrop:
                     # float -> int16 -> uint8 (truncation: round half up); the direct float ->
                     # uint8 conversion is ~10x slower on CPU
                     ub.copy_(ibuf[:n].copy_(x))
-                out.index_copy_(0, order[s:e], ub)
+                # (index_copy_/index_select are far slower than row copies on CPU)
+                for j, cid in enumerate(order_l[s:e]):
+                    out[cid].copy_(ub[j])
             start += cnt
         return out
 
@@ -464,15 +477,15 @@ def _apply_subset(x: torch.Tensor, sel: list[int], fn, pass_index: bool = False)
     """Apply ``fn`` to the samples ``sel`` of x (in place when all are selected)."""
     n = x.shape[0]
     if len(sel) == n:
-        idx = torch.arange(n)
-        y = fn(x, idx) if pass_index else fn(x)
+        y = fn(x, torch.arange(n)) if pass_index else fn(x)
         if y is not x:
             x.copy_(y)
         return
-    idx = torch.tensor(sel, dtype=torch.int64)
-    sub = x.index_select(0, idx)
-    y = fn(sub, idx) if pass_index else fn(sub)
-    x.index_copy_(0, idx, y)
+    # row copies: index_select / index_copy_ are far slower than torch.stack + copy_ on CPU
+    sub = torch.stack([x[j] for j in sel])
+    y = fn(sub, torch.tensor(sel, dtype=torch.int64)) if pass_index else fn(sub)
+    for i, j in enumerate(sel):
+        x[j].copy_(y[i])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,69 @@
+"""Shared fixtures: a tiny CPU-sized configuration and deterministic uint8 crop batches."""
+
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+# The test models are tiny: intra-op threads buy nothing, and on a small shared machine several
+# busy-waiting OpenMP threads per process make the suite ~10x slower. MASSL_TEST_THREADS overrides.
+_THREADS = os.environ.get("MASSL_TEST_THREADS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", _THREADS)  # effective only if torch is not imported yet
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from massl_ray.config import Config, apply_overrides  # noqa: E402
+
+torch.set_num_threads(int(_THREADS))
+
+# The tiny setting every core test builds on: ViT-micro (ViT-Tiny widths, 4 blocks) on 32 px
+# global / 16 px local crops with patch 4; K = 256 slots in 4 blocks of 64; batch 8.
+TINY_OVERRIDES = [
+    "model.arch=vit_micro",
+    "model.patch_size=4",
+    "model.drop_path_rate=0.1",
+    "model.head_hidden_dim=64",
+    "model.head_out_dim=32",
+    "crops.global_size=32",
+    "crops.local_size=16",
+    "crops.num_local_crops=2",
+    "massl.memory_size=256",
+    "massl.block_size=64",
+    "massl.num_blocks=null",
+    "optim.batch_size_per_worker=8",
+    "optim.steps_per_epoch=10",
+    "optim.epochs=2",
+    "optim.fused_adamw=false",
+    "run.num_workers=1",
+    "run.use_gpu=false",
+]
+
+
+def make_tiny_config(*overrides: str, validate: bool = True) -> Config:
+    """The tiny config, then ``section.key=value`` overrides (applied in order)."""
+    cfg = apply_overrides(Config(), TINY_OVERRIDES + list(overrides))
+    return cfg.validate() if validate else cfg
+
+
+@pytest.fixture
+def tiny_config() -> Callable[..., Config]:
+    """Factory: ``tiny_config("massl.memory_size=512", ...)`` returns a fresh validated Config."""
+    return make_tiny_config
+
+
+def make_crops(cfg: Config, seed: int = 0, batch: int | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Deterministic uint8 crops: global [B, 2, 3, Hg, Wg] and local [B, L, 3, Hl, Wl]."""
+    g = torch.Generator().manual_seed(seed)
+    b = batch or cfg.optim.batch_size_per_worker
+    gs, ls, nl = cfg.crops.global_size, cfg.crops.local_size, cfg.crops.num_local_crops
+    gc = torch.randint(0, 256, (b, 2, 3, gs, gs), generator=g, dtype=torch.uint8)
+    lc = torch.randint(0, 256, (b, nl, 3, ls, ls), generator=g, dtype=torch.uint8)
+    return gc, lc
+
+
+@pytest.fixture
+def crops() -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    """Factory: ``crops(cfg, seed=0)`` returns deterministic (global, local) uint8 crops."""
+    return make_crops

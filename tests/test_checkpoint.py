@@ -1,0 +1,144 @@
+"""Checkpoint directories: atomic, checksummed, strict; round trip of a Learner state."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import pytest
+import torch
+
+from conftest import make_crops
+from massl_ray.checkpoint import (META_FILE, STATE_FILE, CheckpointError, load_checkpoint,
+                                  read_meta, save_checkpoint, verify_checkpoint)
+from massl_ray.learner import Learner
+
+
+@pytest.fixture(scope="module")
+def trained_state():
+    """The state of a tiny Learner after two steps (optimizer state populated)."""
+    from conftest import make_tiny_config
+
+    cfg = make_tiny_config()
+    lr_ = Learner(cfg)
+    for k in range(2):
+        lr_.step(*make_crops(cfg, seed=k))
+    return cfg, lr_.state_dict()
+
+
+def _equal(a, b, path="state"):
+    """Deep equality of nested dict/list/tuple/tensor structures (tensors bitwise)."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), path
+        for k in a:
+            _equal(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            _equal(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, path
+
+
+def test_round_trip(tmp_path, trained_state):
+    cfg, state = trained_state
+    d = save_checkpoint(state, tmp_path / "ckpt_2")
+    assert d == tmp_path / "ckpt_2" and d.is_dir()
+    loaded = load_checkpoint(d)
+    _equal(state, loaded)
+    # plain torch.load with weights_only=True works too (no arbitrary unpickling needed)
+    raw = torch.load(d / STATE_FILE, map_location="cpu", weights_only=True)
+    assert raw["global_step"] == 2
+    # and a fresh Learner accepts it and resumes at the right step
+    other = Learner(cfg)
+    other.load_state_dict(loaded)
+    assert other.global_step == 2
+    assert torch.equal(other.memory.rows, state["memory"]["rows"])
+    assert int(other.memory.ptr) == 2 * cfg.optim.batch_size_per_worker
+
+
+def test_meta_json(tmp_path, trained_state):
+    cfg, state = trained_state
+    d = save_checkpoint(state, tmp_path / "c")
+    meta = json.loads((d / META_FILE).read_text())
+    assert meta["global_step"] == 2
+    assert meta["format"] == state["format"]
+    assert meta["sha256"] == hashlib.sha256((d / STATE_FILE).read_bytes()).hexdigest()
+    assert meta["bytes"] == (d / STATE_FILE).stat().st_size
+    assert meta["config"] == cfg.to_dict()
+    assert read_meta(d) == meta
+    assert verify_checkpoint(d) == meta
+
+
+def test_no_temp_files_left(tmp_path, trained_state):
+    _, state = trained_state
+    d = tmp_path / "c"
+    save_checkpoint(state, d)
+    save_checkpoint(state, d)  # overwriting an existing checkpoint is atomic too
+    assert sorted(os.listdir(d)) == sorted([STATE_FILE, META_FILE])
+    assert sorted(os.listdir(tmp_path)) == ["c"]
+
+
+def test_failed_save_leaves_no_temp_file(tmp_path):
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("boom")
+
+    d = tmp_path / "c"
+    with pytest.raises(RuntimeError, match="boom"):
+        save_checkpoint({"global_step": 1, "x": Unpicklable()}, d)
+    assert os.listdir(d) == []  # neither a temp file nor a meta.json
+
+
+def test_truncated_state(tmp_path, trained_state):
+    _, state = trained_state
+    d = save_checkpoint(state, tmp_path / "c")
+    data = (d / STATE_FILE).read_bytes()
+    (d / STATE_FILE).write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated") as ei:
+        load_checkpoint(d)
+    assert str(d) in str(ei.value) and str(len(data)) in str(ei.value)
+
+
+def test_flipped_byte(tmp_path, trained_state):
+    _, state = trained_state
+    d = save_checkpoint(state, tmp_path / "c")
+    data = bytearray((d / STATE_FILE).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (d / STATE_FILE).write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="sha256") as ei:
+        load_checkpoint(d)
+    assert str(d) in str(ei.value)
+
+
+def test_missing_meta(tmp_path, trained_state):
+    _, state = trained_state
+    d = save_checkpoint(state, tmp_path / "c")
+    (d / META_FILE).unlink()
+    with pytest.raises(CheckpointError, match=f"incomplete: no {META_FILE}"):
+        load_checkpoint(d)
+
+
+def test_unreadable_meta(tmp_path, trained_state):
+    _, state = trained_state
+    d = save_checkpoint(state, tmp_path / "c")
+    (d / META_FILE).write_text("{not json")
+    with pytest.raises(CheckpointError, match=f"unreadable {META_FILE}"):
+        load_checkpoint(d)
+
+
+def test_missing_state_file(tmp_path, trained_state):
+    _, state = trained_state
+    d = save_checkpoint(state, tmp_path / "c")
+    (d / STATE_FILE).unlink()
+    with pytest.raises(CheckpointError, match=f"no {STATE_FILE}"):
+        load_checkpoint(d)
+
+
+def test_missing_directory(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist") as ei:
+        load_checkpoint(tmp_path / "never_written")
+    assert "never_written" in str(ei.value)

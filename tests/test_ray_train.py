@@ -1,0 +1,162 @@
+"""Ray integration tests on CPU: 1 and 2 workers, resume, failure recovery, corrupt rows.
+
+One Ray instance for the module (4 logical CPUs on this 2-core machine, so two train workers
+and a decode task fit), tiny models, a few hundred images, a timeout on each test.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+ray = pytest.importorskip("ray")
+
+from massl_ray.checkpoint import load_checkpoint  # noqa: E402
+from massl_ray.config import load_config  # noqa: E402
+from massl_ray.memory import MemoryBank  # noqa: E402
+from massl_ray.trainer import train  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICK = ROOT / "jobs" / "data" / "cifar10-quick" / "train.parquet"
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_instance(tmp_path_factory):
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=4, object_store_memory=512 * 1024**2, include_dashboard=False,
+             _temp_dir=str(tmp_path_factory.mktemp("ray")), log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def tiny_overrides(tmp_path: Path, name: str, **extra) -> list[str]:
+    o = {
+        "model.arch": "vit_micro", "model.patch_size": 4, "model.depth": 2,
+        "model.head_hidden_dim": 128, "model.head_out_dim": 32,
+        "crops.global_size": 16, "crops.local_size": 8, "crops.num_local_crops": 2,
+        "massl.memory_size": 2048, "massl.block_size": 512,
+        "optim.batch_size_per_worker": 32, "optim.epochs": 2,
+        "data.train": str(QUICK), "data.limit": 512, "data.decode_batch_size": 64,
+        "run.name": name, "run.storage_path": str(tmp_path), "run.log_every_steps": 4,
+        "run.checkpoint_every_steps": 4, "run.final_knn": False,
+        "run.cpus_per_worker": 1, "data.decode_cpus": 1,
+    }
+    o.update(extra)
+    return [f"{k}={v}" for k, v in o.items()]
+
+
+def initial_rows(cfg) -> torch.Tensor:
+    return MemoryBank(cfg.massl.memory_size, cfg.model.head_out_dim, seed=cfg.run.seed).rows
+
+
+@pytest.mark.timeout(300)
+def test_one_worker_trains_and_checkpoints(tmp_path):
+    cfg = load_config(None, tiny_overrides(tmp_path, "w1", **{"run.max_steps": 8}))
+    res = train(cfg)
+    assert res["mode"] == "ray"
+    assert res["metrics"]["step"] == 8
+    assert np.isfinite(res["metrics"]["loss"])
+    state = load_checkpoint(res["checkpoint"])
+    assert state["global_step"] == 8
+    assert int(state["memory"]["ptr"]) == (8 * 32) % 2048
+    run_dir = tmp_path / "w1"
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [4, 8]
+    assert (run_dir / "config.yaml").is_file()
+    assert list((run_dir / "tb").glob("events.out.tfevents.*"))
+
+
+@pytest.mark.timeout(480)
+def test_two_workers_identical_memory_then_resume(tmp_path):
+    # 512 rows / (2 x 32) = 8 steps per epoch; stop at 8, then resume to 12 in a second fit().
+    over = tiny_overrides(tmp_path, "w2", **{"run.num_workers": 2, "run.max_steps": 8})
+    cfg = load_config(None, over)
+    res = train(cfg)
+    m = res["metrics"]
+    assert m["step"] == 8
+    assert m["memory_replicas_identical"] is True
+    assert len(m["memory_checksums"]) == 2 and m["memory_checksums"][0] == m["memory_checksums"][1]
+    first = load_checkpoint(res["checkpoint"])
+    assert int(first["memory"]["ptr"]) == 8 * 64 % 2048
+
+    cfg2 = load_config(None, tiny_overrides(tmp_path, "w2", **{"run.num_workers": 2,
+                                                               "run.max_steps": 12}))
+    res2 = train(cfg2)
+    m2 = res2["metrics"]
+    assert m2["start_step"] == 8, "the second fit() must resume at the saved global step"
+    assert m2["step"] == 12
+    assert m2["memory_replicas_identical"] is True
+    second = load_checkpoint(res2["checkpoint"])
+    # The saved bank was restored: rows written before the resume are still there ...
+    torch.testing.assert_close(second["memory"]["rows"][:512], first["memory"]["rows"][:512],
+                               rtol=0, atol=0)
+    # ... steps 8..11 wrote rows 512..767, and the untouched tail is still the initial noise.
+    assert not torch.equal(second["memory"]["rows"][512:768], first["memory"]["rows"][512:768])
+    torch.testing.assert_close(second["memory"]["rows"][768:], initial_rows(cfg2)[768:],
+                               rtol=0, atol=0)
+    assert int(second["memory"]["ptr"]) == 12 * 64
+
+
+@pytest.mark.timeout(480)
+def test_failure_is_recovered_from_checkpoint(tmp_path):
+    # Checkpoints at 4 and 8; the worker raises at step 10 on its first attempt only.
+    over = tiny_overrides(tmp_path, "fail", **{"run.max_steps": 12, "run.max_failures": 1,
+                                               "run.fault_injection_step": 10})
+    cfg = load_config(None, over)
+    res = train(cfg)
+    m = res["metrics"]
+    assert m["step"] == 12
+    assert m["start_step"] == 8, "the restarted worker group must resume from the step-8 checkpoint"
+    assert (tmp_path / "fail" / ".fault_injected_10").exists()
+    state = load_checkpoint(res["checkpoint"])
+    assert state["global_step"] == 12
+    rows = state["memory"]["rows"]
+    init = initial_rows(cfg)
+    # 12 steps x 32 keys = rows 0..383 written. Had the bank been re-initialised at the restart,
+    # rows 0..255 (written before step 8) would be initial noise again.
+    assert not torch.isclose(rows[:256], init[:256]).all(dim=1).any()
+    torch.testing.assert_close(rows[384:], init[384:], rtol=0, atol=0)
+    assert int(state["memory"]["ptr"]) == 12 * 32
+
+
+def _jpeg(rng: np.random.Generator) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+@pytest.mark.timeout(300)
+def test_corrupt_rows_are_skipped_and_counted(tmp_path):
+    good = pq.read_table(QUICK, columns=["image", "label"]).slice(0, 200)
+    rng = np.random.default_rng(0)
+    jpg = _jpeg(rng)
+    bad = [b"", jpg[: len(jpg) // 2], rng.integers(0, 255, 500, dtype=np.uint8).tobytes()]
+    images = good.column("image").to_pylist()
+    for i, b in enumerate(bad):
+        images.insert(50 * (i + 1), b)
+    labels = good.column("label").to_pylist() + [0] * len(bad)
+    path = tmp_path / "mixed.parquet"
+    pq.write_table(pa.table({"image": pa.array(images, pa.binary()),
+                             "label": pa.array(labels, pa.int16())}), path)
+    over = tiny_overrides(tmp_path, "corrupt", **{"data.train": str(path), "data.limit": "null",
+                                                  "run.max_steps": 6, "optim.epochs": 1})
+    res = train(load_config(None, over))
+    assert res["metrics"]["step"] == 6
+    assert res["skipped_images"] == 3
+    report = json.loads((tmp_path / "corrupt" / "decode_errors.json").read_text())
+    assert report["skipped"] == 3 and len(report["rows"]) == 3
