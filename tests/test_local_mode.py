@@ -1,0 +1,104 @@
+"""Local mode: the same config and loop in this process, no Ray; exact resume of data position."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from massl_ray.checkpoint import load_checkpoint
+from massl_ray.cli import main as cli_main
+from massl_ray.config import load_config
+from massl_ray.trainer import train
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICK = ROOT / "jobs" / "data" / "cifar10-quick" / "train.parquet"
+
+
+def overrides(tmp_path: Path, name: str, **extra) -> list[str]:
+    o = {
+        "model.arch": "vit_micro", "model.patch_size": 4, "model.depth": 2,
+        "model.head_hidden_dim": 64, "model.head_out_dim": 32,
+        "crops.global_size": 16, "crops.local_size": 8, "crops.num_local_crops": 2,
+        "massl.memory_size": 512, "massl.block_size": 128,
+        "optim.batch_size_per_worker": 16, "optim.epochs": 2,
+        "data.train": str(QUICK), "data.limit": 96,  # 6 steps per epoch
+        "run.name": name, "run.storage_path": str(tmp_path), "run.log_every_steps": 2,
+        "run.checkpoint_every_steps": 4, "run.final_knn": False, "run.num_workers": 0,
+    }
+    o.update(extra)
+    return [f"{k}={v}" for k, v in o.items()]
+
+
+def _children() -> set[int]:
+    me = str(os.getpid())
+    out = set()
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if (d / "stat").read_text().split(") ", 1)[1].split()[1] == me:
+                    out.add(int(d.name))
+            except (OSError, IndexError):
+                pass
+    return out
+
+
+@pytest.mark.timeout(300)
+def test_local_mode_runs_in_process_without_ray(tmp_path):
+    import ray
+
+    was_initialized = ray.is_initialized()
+    before = _children()
+    res = train(load_config(None, overrides(tmp_path, "loc", **{"run.max_steps": 6})), local=True)
+    assert res["mode"] == "local"
+    assert res["metrics"]["step"] == 6
+    assert ray.is_initialized() == was_initialized, "local mode must not start Ray"
+    assert not (_children() - before), "local mode must not start any worker process"
+    state = load_checkpoint(res["checkpoint"])
+    assert state["global_step"] == 6 and int(state["memory"]["ptr"]) == 6 * 16 % 512
+
+
+@pytest.mark.timeout(300)
+def test_local_resume_is_exact_including_data_position(tmp_path):
+    """8 steps in one go == 5 steps, stop, resume to 8 (mid-epoch: 6 steps per epoch)."""
+    full = train(load_config(None, overrides(tmp_path, "full", **{"run.max_steps": 8})),
+                 local=True)
+    # Stop at 5 (a checkpoint is written at the stop step), then a new driver resumes.
+    train(load_config(None, overrides(tmp_path, "split", **{"run.max_steps": 5})), local=True)
+    resumed = train(load_config(None, overrides(tmp_path, "split", **{"run.max_steps": 8})),
+                    local=True)
+    assert resumed["metrics"]["start_step"] == 5
+    a, b = load_checkpoint(full["checkpoint"]), load_checkpoint(resumed["checkpoint"])
+    assert a["global_step"] == b["global_step"] == 8
+    for part in ("student", "teacher"):
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), f"{part}.{k} differs after resume"
+    assert torch.equal(a["memory"]["rows"], b["memory"]["rows"])
+    assert torch.equal(a["memory"]["ptr"], b["memory"]["ptr"])
+    la = [json.loads(x)["loss"] for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    lb = [json.loads(x)["loss"] for x in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    assert la[-1] == lb[-1]
+
+
+@pytest.mark.timeout(120)
+def test_resume_never_refuses_existing_run(tmp_path, capsys):
+    train(load_config(None, overrides(tmp_path, "again", **{"run.max_steps": 2})), local=True)
+    rc = cli_main(["train", "--local", *overrides(tmp_path, "again", **{"run.resume": "never"})])
+    assert rc == 2
+    assert "run.resume=never" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(60)
+def test_cli_refuses_bad_config_and_bad_data_before_training(tmp_path, capsys):
+    rc = cli_main(["train", "--local", *overrides(tmp_path, "bad", **{"massl.memory_size": 500})])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "massl.memory_size (500)" in err
+    rc = cli_main(["train", "--local", *overrides(tmp_path, "bad2",
+                                                  **{"data.train": str(tmp_path / "nope")})])
+    assert rc == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
