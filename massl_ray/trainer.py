@@ -179,6 +179,18 @@ def _memory_checksum(state: dict) -> torch.Tensor:
     return torch.stack([(rows.flatten() * w).sum(), state["memory"]["ptr"].double()])
 
 
+def _record_worker(ctx: RayLoopContext) -> None:
+    """Each rank notes where it runs (``<run dir>/workers/rank_<r>.json``, on its node's disk)."""
+    import socket
+
+    info = {"rank": ctx.rank, "world_size": ctx.world_size, "pid": os.getpid(),
+            "hostname": socket.gethostname(), "device": str(ctx.device),
+            "node_id": ray.get_runtime_context().get_node_id()}
+    d = ctx.run_dir / "workers"
+    d.mkdir(parents=True, exist_ok=True)
+    (d / f"rank_{ctx.rank}.json").write_text(json.dumps(info))
+
+
 def _quiet_ray_train_logs() -> None:
     # Ray Train V2 logs every report at INFO (with the full metrics dict); keep ours only.
     from ray.train.v2._internal.execution import context as _v2ctx
@@ -191,6 +203,7 @@ def _worker_loop(loop_config: dict) -> None:
     _quiet_ray_train_logs()
     ctx = RayLoopContext(cfg, Path(loop_config["run_dir"]), loop_config.get("resume_from"))
     setup_logging(ctx.rank)
+    _record_worker(ctx)
     torch.set_num_threads(max(1, int(loop_config.get("torch_threads", 1))))
     run_loop(cfg, ctx)
 
