@@ -60,9 +60,18 @@ class MemoryBank(nn.Module):
     @torch.no_grad()
     def checksum(self) -> torch.Tensor:
         """A float64 fingerprint of rows + pointer, for comparing replicas across workers."""
-        w = torch.arange(1, self.rows.numel() + 1, device=self.rows.device, dtype=torch.float64)
-        return torch.stack([(self.rows.double().flatten() * w.remainder(9973)).sum(),
-                            self.ptr.double()])
+        return memory_checksum(self.rows, self.ptr)
+
+
+@torch.no_grad()
+def memory_checksum(rows: torch.Tensor, ptr: torch.Tensor) -> torch.Tensor:
+    """[3] float64: two position-weighted sums of the rows (weights never zero, with periods
+    9973 and 10007, so a change or a swap of elements is seen) and the pointer."""
+    flat = rows.double().flatten()
+    idx = torch.arange(flat.numel(), device=flat.device, dtype=torch.float64)
+    w1 = idx.remainder(9973) + 1
+    w2 = idx.remainder(10007) + 1
+    return torch.stack([(flat * w1).sum(), (flat * w2).sum(), ptr.double().to(flat.device)])
 
 
 def block_permutation(size: int, block_size: int, generator: torch.Generator,
@@ -72,7 +81,7 @@ def block_permutation(size: int, block_size: int, generator: torch.Generator,
     Drawn on ``device`` from ``generator`` (which must live on that device), so no host
     round-trip and a seed reproduces it.
     """
-    if size % block_size != 0:
+    if block_size <= 0 or size % block_size != 0:
         raise ValueError(f"memory size {size} is not divisible by block size {block_size}")
     perm = torch.randperm(size, generator=generator, device=device or generator.device)
     return perm.view(size // block_size, block_size)

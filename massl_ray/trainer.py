@@ -20,6 +20,7 @@ import torch
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint, verify_checkpoint
 from .config import Config, ConfigError, config_from_dict, dump_config
 from .distributed import all_gather_cat
+from .memory import memory_checksum
 from .loop import LocalLoopContext, LoopContext, latest_valid_checkpoint, list_checkpoints, run_loop
 from .sources import DataSourceError, Source, open_source
 from .views import DecodeReport
@@ -174,9 +175,7 @@ class RayLoopContext(LoopContext):
 
 
 def _memory_checksum(state: dict) -> torch.Tensor:
-    rows = state["memory"]["rows"].double()
-    w = torch.arange(1, rows.numel() + 1, dtype=torch.float64, device=rows.device).remainder(9973)
-    return torch.stack([(rows.flatten() * w).sum(), state["memory"]["ptr"].double()])
+    return memory_checksum(state["memory"]["rows"], state["memory"]["ptr"])
 
 
 def _record_worker(ctx: RayLoopContext) -> None:

@@ -327,3 +327,15 @@ def test_two_gloo_ranks_keep_identical_replicas(tmp_path):
 if __name__ == "__main__" and len(sys.argv) == 6 and sys.argv[1] == "WORKER":
     torch.set_num_threads(1)
     _worker(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5])
+
+
+def test_checksum_sees_every_position_and_swaps():
+    a = MemoryBank(1024, 16, seed=0)
+    for flat in (0, 9972, 9973, 16383):
+        b = MemoryBank(1024, 16, seed=0)
+        b.rows.view(-1)[flat] += 5.0
+        assert not torch.equal(a.checksum(), b.checksum()), flat
+    b = MemoryBank(1024, 16, seed=0)
+    v = b.rows.view(-1)
+    v[0], v[9973] = v[9973].clone(), v[0].clone()
+    assert not torch.equal(a.checksum(), b.checksum())

@@ -1,0 +1,305 @@
+"""Tests of massl_ray.images (Ray-free, in-memory images built with Pillow)."""
+
+from __future__ import annotations
+
+import io
+import struct
+import warnings
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from massl_ray.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image, try_decode
+
+
+def _enc(im: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def _rgb_array(h=12, w=10, seed=0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def _check(t: torch.Tensor, h: int, w: int) -> None:
+    assert isinstance(t, torch.Tensor)
+    assert t.dtype == torch.uint8
+    assert tuple(t.shape) == (3, h, w)
+
+
+# --------------------------------------------------------------------------------------------
+# formats and modes
+# --------------------------------------------------------------------------------------------
+
+def test_rgb_png_exact():
+    a = _rgb_array()
+    t = decode_image(_enc(Image.fromarray(a), "PNG"))
+    _check(t, 12, 10)
+    assert torch.equal(t, torch.from_numpy(a).permute(2, 0, 1))
+    # bytearray / memoryview inputs work too
+    assert torch.equal(decode_image(bytearray(_enc(Image.fromarray(a), "PNG"))), t)
+    assert torch.equal(decode_image(memoryview(_enc(Image.fromarray(a), "PNG"))), t)
+
+
+def test_rgb_jpeg_close():
+    a = np.zeros((16, 24, 3), np.uint8)
+    a[..., 0] = 200
+    a[..., 1] = 100
+    a[..., 2] = 50
+    t = decode_image(_enc(Image.fromarray(a), "JPEG", quality=95))
+    _check(t, 16, 24)
+    assert (t.int() - torch.tensor([200, 100, 50]).view(3, 1, 1)).abs().max() <= 3
+
+
+def test_grayscale_L():
+    g = np.arange(0, 240, 2, dtype=np.uint8).reshape(10, 12)
+    t = decode_image(_enc(Image.fromarray(g, mode="L"), "PNG"))
+    _check(t, 10, 12)
+    for c in range(3):
+        assert torch.equal(t[c], torch.from_numpy(g))
+
+
+def test_palette_P():
+    im = Image.new("P", (5, 4))
+    im.putpalette([10, 20, 30, 200, 100, 50] + [0] * (256 * 3 - 6))
+    im.putpixel((2, 1), 1)
+    t = decode_image(_enc(im, "PNG"))
+    _check(t, 4, 5)
+    assert t[:, 0, 0].tolist() == [10, 20, 30]
+    assert t[:, 1, 2].tolist() == [200, 100, 50]
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "GIF"])
+def test_palette_P_with_transparency_composited_on_white(fmt):
+    im = Image.new("P", (5, 4))
+    im.putpalette([10, 20, 30, 0, 255, 0] + [0] * (256 * 3 - 6))
+    im.putpixel((2, 1), 1)
+    t = decode_image(_enc(im, fmt, transparency=0))  # index 0 is transparent
+    _check(t, 4, 5)
+    assert t[:, 0, 0].tolist() == [255, 255, 255]
+    assert t[:, 1, 2].tolist() == [0, 255, 0]
+
+
+def test_rgba_composited_on_white():
+    a = np.zeros((2, 3, 4), np.uint8)
+    a[0, 0] = (255, 0, 0, 0)  # fully transparent red -> white
+    a[0, 1] = (255, 0, 0, 255)  # opaque red
+    a[0, 2] = (0, 0, 255, 128)  # half transparent blue
+    a[1, :] = (0, 0, 0, 0)  # transparent black -> white (not black: alpha is not dropped)
+    t = decode_image(_enc(Image.fromarray(a, mode="RGBA"), "PNG"))
+    _check(t, 2, 3)
+    assert t[:, 0, 0].tolist() == [255, 255, 255]
+    assert t[:, 0, 1].tolist() == [255, 0, 0]
+    # round(255 * (255 - 128) / 255) = 127 for r, g; blue stays 255
+    assert t[:, 0, 2].tolist() == [127, 127, 255]
+    assert t[:, 1, 1].tolist() == [255, 255, 255]
+
+
+def test_la_composited_on_white():
+    im = Image.new("LA", (3, 2), (40, 255))
+    im.putpixel((0, 0), (40, 0))
+    im.putpixel((1, 0), (0, 51))  # black at alpha 0.2 -> 0.8 * 255 = 204
+    t = decode_image(_enc(im, "PNG"))
+    _check(t, 2, 3)
+    assert t[:, 0, 0].tolist() == [255, 255, 255]
+    assert t[:, 0, 1].tolist() == [204, 204, 204]
+    assert t[:, 1, 2].tolist() == [40, 40, 40]
+
+
+def test_rgba_webp():
+    im = Image.new("RGBA", (4, 4), (0, 0, 255, 128))
+    t = decode_image(_enc(im, "WEBP", lossless=True))
+    _check(t, 4, 4)
+    assert t[:, 0, 0].tolist() == [127, 127, 255]
+
+
+def test_cmyk_jpeg():
+    # pure cyan / magenta / yellow / black quadrants
+    im = Image.new("CMYK", (32, 32), (0, 0, 0, 0))
+    im.paste((255, 0, 0, 0), (0, 0, 16, 16))
+    im.paste((0, 255, 0, 0), (16, 0, 32, 16))
+    im.paste((0, 0, 255, 0), (0, 16, 16, 32))
+    im.paste((0, 0, 0, 255), (16, 16, 32, 32))
+    data = _enc(im, "JPEG", quality=95)
+    assert Image.open(io.BytesIO(data)).mode == "CMYK"
+    t = decode_image(data)
+    _check(t, 32, 32)
+
+    def px(y, x):
+        return torch.tensor(t[:, y, x].tolist())
+
+    for (y, x), rgb in {(4, 4): (0, 255, 255), (4, 28): (255, 0, 255),
+                        (28, 4): (255, 255, 0), (28, 28): (0, 0, 0)}.items():
+        assert (px(y, x) - torch.tensor(rgb)).abs().max() <= 8, ((y, x), px(y, x))
+
+
+def test_16bit_png_scaled_not_clipped():
+    vals = np.array([[0, 1, 128, 129, 257, 1000], [32767, 32896, 40000, 65279, 65534, 65535]],
+                    dtype=np.uint16)
+    im = Image.fromarray(vals)
+    data = _enc(im, "PNG")
+    assert Image.open(io.BytesIO(data)).mode.startswith("I;16")
+    t = decode_image(data)
+    _check(t, 2, 6)
+    expected = np.rint(vals.astype(np.float64) * 255.0 / 65535.0).astype(np.uint8)
+    # 128 -> 0, 129 -> 1 (rounding), 257 -> 1, 1000 -> 4, 32896 -> 128, 65535 -> 255
+    assert expected.tolist() == [[0, 0, 0, 1, 1, 4], [127, 128, 156, 254, 255, 255]]
+    for c in range(3):
+        assert t[c].numpy().tolist() == expected.tolist()
+
+
+def test_32bit_int_and_float_tiff():
+    a = np.array([[0, 257, 1000, 65535]], dtype=np.int32)
+    t = decode_image(_enc(Image.fromarray(a), "TIFF"))
+    _check(t, 1, 4)
+    assert t[0].tolist() == [[0, 1, 4, 255]]  # read as 16-bit data
+    a = np.array([[0, 35000, 70000]], dtype=np.int32)  # beyond 16 bit: scaled by the max
+    assert decode_image(_enc(Image.fromarray(a), "TIFF"))[0].tolist() == [[0, 128, 255]]
+    f = np.array([[0.0, 0.5, 1.0]], dtype=np.float32)
+    assert decode_image(_enc(Image.fromarray(f), "TIFF"))[1].tolist() == [[0, 128, 255]]
+
+
+def test_1bit():
+    im = Image.new("1", (9, 5), 0)
+    im.putpixel((3, 2), 1)
+    im.putpixel((8, 4), 1)
+    t = decode_image(_enc(im, "PNG"))
+    _check(t, 5, 9)
+    assert set(t.unique().tolist()) == {0, 255}
+    assert t[:, 2, 3].tolist() == [255, 255, 255]
+    assert t[:, 4, 8].tolist() == [255, 255, 255]
+    assert int((t[0] == 255).sum()) == 2
+
+
+@pytest.mark.parametrize("orientation,shape", [(1, (20, 40)), (3, (20, 40)), (6, (40, 20)),
+                                               (8, (40, 20))])
+def test_exif_orientation_applied(orientation, shape):
+    # 40 wide x 20 high, left half red, right half blue
+    a = np.zeros((20, 40, 3), np.uint8)
+    a[:, :20, 0] = 255
+    a[:, 20:, 2] = 255
+    im = Image.fromarray(a)
+    exif = im.getexif()
+    exif[0x0112] = orientation
+    t = decode_image(_enc(im, "JPEG", exif=exif, quality=95))
+    _check(t, *shape)
+    if orientation == 6:  # rotated 90 degrees clockwise: left half (red) ends up on top
+        assert t[0, 5, 10] > 200 and t[2, 5, 10] < 50
+        assert t[2, 35, 10] > 200 and t[0, 35, 10] < 50
+    if orientation == 3:  # rotated 180: red on the right
+        assert t[0, 10, 35] > 200 and t[2, 10, 5] > 200
+
+
+def test_animated_gif_first_frame():
+    frames = [Image.new("RGB", (6, 4), c) for c in ((255, 0, 0), (0, 255, 0))]
+    buf = io.BytesIO()
+    frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:], duration=10)
+    t = decode_image(buf.getvalue())
+    _check(t, 4, 6)
+    assert t[:, 0, 0].tolist() == [255, 0, 0]
+
+
+def test_max_side_downscales_short_side():
+    a = _rgb_array(300, 200)
+    t = decode_image(_enc(Image.fromarray(a), "PNG"), max_side=100)
+    _check(t, 150, 100)
+    # JPEG takes the draft (DCT-scaling) path first; the result is still exact in size
+    big = Image.fromarray(_rgb_array(600, 800))
+    t = decode_image(_enc(big, "JPEG"), max_side=100)
+    _check(t, 100, 133)
+    # small images are left alone
+    t = decode_image(_enc(Image.fromarray(_rgb_array(50, 60)), "PNG"), max_side=100)
+    _check(t, 50, 60)
+    with pytest.raises(ValueError):
+        decode_image(_enc(Image.fromarray(_rgb_array(5, 5)), "PNG"), max_side=0)
+
+
+def test_max_side_on_16bit_and_palette():
+    vals = (np.arange(200 * 300, dtype=np.uint32).reshape(200, 300) % 65536).astype(np.uint16)
+    t = decode_image(_enc(Image.fromarray(vals), "PNG"), max_side=50)
+    _check(t, 50, 75)
+    im = Image.new("P", (300, 200))
+    im.putpalette([0, 0, 0, 255, 255, 255] + [0] * 762)
+    t = decode_image(_enc(im, "PNG", transparency=0), max_side=50)
+    _check(t, 50, 75)
+    assert int(t.min()) == 255  # all transparent -> white
+
+
+# --------------------------------------------------------------------------------------------
+# bad inputs and limits
+# --------------------------------------------------------------------------------------------
+
+def _noisy_jpeg() -> bytes:
+    return _enc(Image.fromarray(_rgb_array(128, 128, 3)), "JPEG", quality=90)
+
+
+BAD = {
+    "empty": b"",
+    "random": np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes(),
+    "text": b"this is a text file, not an image\n" * 20,
+    "truncated_header": _noisy_jpeg()[:40],
+    "truncated_jpeg": _noisy_jpeg()[: len(_noisy_jpeg()) // 2],
+    "truncated_png": _enc(Image.fromarray(_rgb_array(64, 64)), "PNG")[:-300],
+    "png_magic_only": b"\x89PNG\r\n\x1a\n",
+    "jpeg_magic_only": b"\xff\xd8\xff\xe0" + b"\x00" * 20,
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD))
+def test_bad_inputs_raise_decode_error(name):
+    with pytest.raises(ImageDecodeError) as ei:
+        decode_image(BAD[name])
+    assert isinstance(ei.value, ValueError)
+    assert isinstance(ei.value.reason, str) and ei.value.reason
+    t, reason = try_decode(BAD[name])
+    assert t is None and isinstance(reason, str) and reason
+
+
+def test_not_bytes():
+    with pytest.raises(ImageDecodeError):
+        decode_image("not bytes")  # type: ignore[arg-type]
+    assert try_decode(None)[0] is None  # type: ignore[arg-type]
+
+
+def test_try_decode_success():
+    t, reason = try_decode(_enc(Image.fromarray(_rgb_array()), "PNG"))
+    assert reason is None
+    _check(t, 12, 10)
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose IHDR declares ``width`` x ``height`` with (almost) no pixel data."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    idat = zlib.compress(b"\x00" * 64)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat)
+            + chunk(b"IEND", b""))
+
+
+def test_decompression_bomb_explicit_limit():
+    data = _enc(Image.fromarray(_rgb_array(20, 30)), "PNG")
+    with pytest.raises(ImageDecodeError, match="too large"):
+        decode_image(data, max_pixels=599)
+    _check(decode_image(data, max_pixels=600), 20, 30)
+    _check(decode_image(data, max_pixels=None), 20, 30)
+    # header-declared 10000 x 10000 (1e8 pixels) refused before decoding anything
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ImageDecodeError, match="too large"):
+            decode_image(_png_header_only(10000, 10000), max_pixels=50_000_000)
+        # bigger than Pillow's own hard limit: still an ImageDecodeError
+        with pytest.raises(ImageDecodeError):
+            decode_image(_png_header_only(60000, 60000))
+    assert DEFAULT_MAX_PIXELS >= 100_000_000
+
+
+def test_decode_error_reason_is_short():
+    _, reason = try_decode(BAD["truncated_jpeg"])
+    assert len(reason) < 300
