@@ -45,16 +45,10 @@ class MemoryBank(nn.Module):
         n = keys.shape[0]
         if n > self.size:
             raise ValueError(f"cannot write {n} keys into a memory of {self.size} rows")
-        p = int(self.ptr)
-        keys = keys.to(self.rows.dtype)
-        end = p + n
-        if end <= self.size:
-            self.rows[p:end] = keys
-        else:  # wrap around
-            first = self.size - p
-            self.rows[p:] = keys[:first]
-            self.rows[: n - first] = keys[first:]
-        self.ptr.fill_(end % self.size)
+        # Slot indices computed on the device: no host sync for the pointer (wraps modulo K).
+        idx = (self.ptr + torch.arange(n, device=self.rows.device)).remainder_(self.size)
+        self.rows.index_copy_(0, idx, keys.to(self.rows.dtype))
+        self.ptr.add_(n).remainder_(self.size)
         return keys
 
     @torch.no_grad()
