@@ -38,6 +38,9 @@ Blur kernel size: torchvision's ``GaussianBlur`` takes an explicit odd kernel si
 SimCLR/BYOL/DINO-torchvision convention is about 10 % of the crop side (23 at 224 px). Here
 ``blur_kernel_size(size) = int(0.1 * size)`` rounded *up* to odd, at least 3 and at most
 ``2 * size - 1`` (reflect padding needs ``pad < size``): 224 -> 23, 96 -> 9, 32 -> 3, 16 -> 3.
+Kernel taps follow torchvision (``exp(-x^2 / (2 sigma^2))`` on ``x = -(k-1)/2 .. (k-1)/2``,
+normalised). Kernels of 7+ taps run as batched products with small banded matrices, shorter ones
+as grouped convolutions; both agree with ``torchvision...gaussian_blur`` to ~1e-6.
 
 All random numbers are drawn from the ``torch.Generator`` passed to ``__call__`` (a fixed number
 of uniforms per crop, in a fixed order), so a seed reproduces the output exactly.
@@ -140,10 +143,11 @@ def _adjust_hue_(x: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
     # R == 0 (grey): numerator is 0 and the output is maxc whatever the hue
     h.div_(rng.clamp_min(1e-12))
     h.add_(factors.reshape(-1, 1, 1).to(x.dtype) * 6.0)
+    h.sub_(torch.floor(h * (1.0 / 6.0)), alpha=6.0)  # wrap into [0, 6) (remainder is slow)
     k = torch.add(h.unsqueeze(-3), _HSV_OFFSETS.to(device=x.device, dtype=x.dtype), out=x)
-    # k mod 6 via floor (remainder is slow on CPU)
-    k.sub_(torch.floor(k * (1.0 / 6.0)).mul_(6.0))
-    torch.minimum(k, 4.0 - k, out=k).clamp_(0.0, 1.0)
+    # k in [1, 11): k mod 6 = k - 6 * floor(k / 6)
+    k.sub_(torch.mul(k, 1.0 / 6.0).floor_(), alpha=6.0)
+    torch.minimum(k, torch.rsub(k, 4.0), out=k).clamp_(0.0, 1.0)
     return k.mul_(rng.unsqueeze(-3)).neg_().add_(maxc.unsqueeze(-3))
 
 
@@ -465,7 +469,7 @@ class MultiCrop:
         vals, counts = torch.unique_consecutive(code[order], return_counts=True)
         factors, gray, blur, sigma, sol = (factors[order], gray[order], blur[order],
                                            sigma[order], sol[order])
-        any_gray, any_blur, any_sol = (gray.tolist(), blur.tolist(), sol.tolist())
+        gray_l, blur_l, sol_l = gray.tolist(), blur.tolist(), sol.tolist()
 
         boxes_l, flip_l, img_l = boxes.tolist(), flip.tolist(), img_idx.tolist()
         order_l = order.tolist()
@@ -487,39 +491,43 @@ class MultiCrop:
             for s in range(start, start + cnt, cs):
                 e = min(s + cs, start + cnt)
                 n = e - s
+                ids = order_l[s:e]
+                g_sel = [j for j in range(n) if gray_l[s + j]]
+                b_sel = [j for j in range(n) if blur_l[s + j]]
+                s_sel = [j for j in range(n) if sol_l[s + j]]
+                if not (ops or g_sel or b_sel or s_sel):
+                    # 1-2. crop + resize (+ flip) straight into the output
+                    for cid in ids:
+                        t, l, h, w = boxes_l[cid]
+                        _resize_into(out[cid], srcs[img_l[cid]][:, :, t:t + h, l:l + w], size,
+                                     flip_l[cid])
+                    continue
                 ub = ubuf[:n]
-                # 1-2. crop + resize (+ flip), image by image
-                for j, cid in enumerate(order_l[s:e]):
+                for j, cid in enumerate(ids):
                     t, l, h, w = boxes_l[cid]
                     _resize_into(ub[j], srcs[img_l[cid]][:, :, t:t + h, l:l + w], size,
                                  flip_l[cid])
-                g_sel = [j for j in range(n) if any_gray[s + j]]
-                b_sel = [j for j in range(n) if any_blur[s + j]]
-                s_sel = [j for j in range(n) if any_sol[s + j]]
-                if ops or g_sel or b_sel or s_sel:
-                    x = fbuf[:n]
-                    x.copy_(ub).mul_(1.0 / 255.0)
-                    # 3. colour jitter in this run's op order
-                    for op in ops:
-                        _JITTER_OPS[op](x, factors[s:e, op])
-                    # 4. grayscale
-                    if g_sel:
-                        _apply_subset(x, g_sel, _grayscale_)
-                    # 5. gaussian blur
-                    if b_sel:
-                        sg = sigma[s:e]
-                        _apply_subset(x, b_sel, lambda y, idx: _gaussian_blur(
-                            y, sg[idx], ksize), pass_index=True)
-                    # 6. solarise
-                    if s_sel:
-                        _apply_subset(x, s_sel, lambda y: _solarize_(y, thr))
-                    x.mul_(255.0).add_(0.5).clamp_(0.0, 255.0)
-                    # float -> int16 -> uint8 (truncation: round half up); the direct float ->
-                    # uint8 conversion is ~10x slower on CPU
-                    ub.copy_(ibuf[:n].copy_(x))
-                # (index_copy_/index_select are far slower than row copies on CPU)
-                for j, cid in enumerate(order_l[s:e]):
-                    out[cid].copy_(ub[j])
+                x = fbuf[:n]
+                x.copy_(ub).mul_(1.0 / 255.0)
+                # 3. colour jitter in this run's op order
+                for op in ops:
+                    _JITTER_OPS[op](x, factors[s:e, op])
+                # 4. grayscale
+                if g_sel:
+                    _apply_subset(x, g_sel, _grayscale_)
+                # 5. gaussian blur
+                if b_sel:
+                    sg = sigma[s:e]
+                    _apply_subset(x, b_sel, lambda y, idx: _gaussian_blur(y, sg[idx], ksize),
+                                  pass_index=True)
+                # 6. solarise
+                if s_sel:
+                    _apply_subset(x, s_sel, lambda y: _solarize_(y, thr))
+                # float -> int16 -> uint8, truncating x * 255 + 0.5 (round half up); the direct
+                # float -> uint8 conversion is ~10x slower on CPU
+                ib = ibuf[:n].copy_(x.mul_(255.0).add_(0.5).clamp_(0.0, 255.0))
+                for j, cid in enumerate(ids):
+                    out[cid].copy_(ib[j])
             start += cnt
         return out
 
