@@ -61,7 +61,8 @@ class ViewsFn:
         self._calls += 1
         out, bad = make_views(images, ids, self._mc, batch_generator(self.seed, self._calls), labels)
         if bad and self.reporter is not None:
-            self.reporter.record.remote(bad)
+            # Wait for the actor (bad rows are rare): the count is complete when the data is.
+            ray.get(self.reporter.record.remote(bad))
         return out
 
 

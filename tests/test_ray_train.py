@@ -160,3 +160,32 @@ def test_corrupt_rows_are_skipped_and_counted(tmp_path):
     assert res["skipped_images"] == 3
     report = json.loads((tmp_path / "corrupt" / "decode_errors.json").read_text())
     assert report["skipped"] == 3 and len(report["rows"]) == 3
+
+
+@pytest.mark.timeout(240)
+def test_ray_data_pipeline_reads_class_folders(tmp_path):
+    from PIL import Image
+
+    from massl_ray.data import build_train_dataset, get_report_actor
+    from massl_ray.sources import open_source
+
+    root = tmp_path / "imgs"
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for i in range(6):
+            Image.new("RGB", (40, 30), (40 * i, 0, 200)).save(root / c / f"{i}.png")
+    (root / "b" / "bad.jpg").write_bytes(b"\xff\xd8\xff truncated")
+    cfg = load_config(None, tiny_overrides(tmp_path, "folder", **{"data.train": str(root),
+                                                                  "data.limit": "null"}))
+    src = open_source(str(root))
+    reporter = get_report_actor("folder-test")
+    try:
+        rows = list(build_train_dataset(cfg, src, reporter).iter_rows())
+        assert len(rows) == 12
+        assert rows[0]["global_crops"].shape == (2, 3, 16, 16)
+        assert rows[0]["local_crops"].shape == (2, 3, 8, 8)
+        assert sorted(r["label"] for r in rows) == [0] * 6 + [1] * 6
+        summary = ray.get(reporter.summary.remote())
+        assert summary["skipped"] == 1 and str(root / "b" / "bad.jpg") in summary["rows"]
+    finally:
+        ray.kill(reporter)
