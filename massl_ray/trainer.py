@@ -149,8 +149,16 @@ class RayLoopContext(LoopContext):
         # driver's choice from run.resume (a driver restart of the same run).
         ckpt = ray.train.get_checkpoint()
         if ckpt is not None:
-            with ckpt.as_directory() as d:
-                return load_checkpoint(d)
+            try:
+                with ckpt.as_directory() as d:
+                    return load_checkpoint(d)
+            except CheckpointError as e:
+                fallback = (latest_valid_checkpoint(self.run_dir)
+                            if "://" not in self.cfg.run.storage_path else None)
+                if fallback is None:
+                    raise
+                log.warning("latest checkpoint is broken (%s); falling back to %s", e, fallback)
+                return load_checkpoint(fallback)
         if self.resume_from:
             return load_checkpoint(self.resume_from)
         return None
