@@ -138,6 +138,14 @@ class RunConfig:
     # k-NN on held-out data at the end of training (needs data.eval_train/eval_test).
     final_knn: bool = True
     knn_k: int = 20
+    # Online k-NN monitor: every N steps (0 = off) rank 0 measures a k-NN top-1 (k = knn_k) of
+    # the teacher on held-out rows of data.eval_train (bank) and data.eval_test (queries),
+    # reported with the metrics as online_knn_top1 (a Tune/ASHA signal).
+    online_knn_every_steps: int = 0
+    online_knn_train_rows: int = 1000
+    online_knn_test_rows: int = 500
+    # torch.compile the student/teacher forwards (a run.* key: may change across a resume).
+    compile: bool = False
     # Fault injection for recovery tests: raise at this global step on the first attempt only.
     fault_injection_step: Optional[int] = None
 
@@ -338,6 +346,13 @@ class Config:
         need(r.max_failures >= -1, "run.max_failures must be >= -1 (-1 = retry forever)")
         need(r.max_steps is None or r.max_steps > 0, "run.max_steps must be positive or null")
         need(r.knn_k > 0, "run.knn_k must be positive")
+        need(r.online_knn_every_steps >= 0, "run.online_knn_every_steps must be >= 0 (0 = off)")
+        need(r.online_knn_train_rows > 0 and r.online_knn_test_rows > 0,
+             "run.online_knn_train_rows and run.online_knn_test_rows must be positive")
+        if r.online_knn_every_steps > 0:
+            need(bool(d.eval_train and d.eval_test),
+                 "run.online_knn_every_steps needs labeled held-out data: set data.eval_train "
+                 "and data.eval_test")
         need(r.fault_injection_step is None or r.fault_injection_step >= 0,
              "run.fault_injection_step must be >= 0 or null")
         need(bool(r.name) and "/" not in r.name, f"run.name ({r.name!r}) must be a non-empty name without '/'")
