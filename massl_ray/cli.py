@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 from typing import Optional
 
 from .config import ConfigError, load_config
@@ -43,6 +44,83 @@ def _show_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from .eval_jobs import EvalSettings, evaluate_checkpoint
+    from .trainer import init_ray, setup_logging
+
+    setup_logging(0)
+    given = {k: v for k, v in vars(args).items() if k in EVAL_FLAGS and v is not None}
+    settings = EvalSettings.from_dict(given, what="eval")
+    if not settings.local:
+        init_ray()
+    r = evaluate_checkpoint(args.checkpoint, settings, args.out)
+    print(f"k-NN top-1 (k={r['knn_k']}): {r['knn_top1']:.2f}% | linear top-1: "
+          f"{'-' if r['linear_top1'] is None else format(r['linear_top1'], '.2f') + '%'} | "
+          f"{r['timings']['total_s']:.0f}s -> {Path(r['checkpoint']).parent / 'eval' if not args.out else args.out}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .export import export_teacher, sidecar_path
+
+    meta = export_teacher(args.checkpoint, args.out)
+    print(f"wrote {args.out} and {sidecar_path(args.out)}: timm.create_model({meta['timm_name']!r}, "
+          f"**{meta['timm_kwargs']}) (step {meta['global_step']})")
+    return 0
+
+
+def _tune(args: argparse.Namespace) -> int:
+    from .sweep import run_sweep
+    from .trainer import setup_logging
+
+    setup_logging(0)
+    s = run_sweep(args.config, args.overrides, retry_errored=args.retry_errored)
+    print(f"sweep: {s['finished']}/{s['trials']} trials finished, {s['evaluated']} evaluated, "
+          f"{s['wall_s']:.0f}s -> {s['results_md']}"
+          + (" (interrupted: run the same command to resume)" if s["interrupted"] else ""))
+    return 0 if not s["interrupted"] and not s["errors"] else 1
+
+
+# ``eval`` flags -> EvalSettings keys (values parsed by EvalSettings.from_dict).
+EVAL_FLAGS = ("train_data", "test_data", "format", "image_column", "label_column", "limit_train",
+              "limit_test", "image_size", "ks", "linear_epochs", "linear_lrs", "linear_blocks",
+              "few_shot", "few_shot_draws", "seed", "batch_size", "concurrency", "cpus_per_actor",
+              "gpus_per_actor", "decode_cpus", "device", "threads", "cache_dir", "local", "linear")
+
+
+def _add_eval_parser(sub) -> None:
+    e = sub.add_parser("eval", help="k-NN, linear probe and few-shot of a checkpoint's teacher")
+    e.add_argument("--checkpoint", required=True,
+                   help="a checkpoint directory, or a run directory (its newest valid checkpoint)")
+    e.add_argument("--train-data", required=True, help="labeled bank / probe training set")
+    e.add_argument("--test-data", required=True, help="labeled test set")
+    e.add_argument("--out", default=None, help="output directory (default <run>/eval/<checkpoint>)")
+    e.add_argument("--local", action="store_true", default=None,
+                   help="features in this process (no Ray); default: Ray Data batch inference")
+    e.add_argument("--no-linear", dest="linear", action="store_false", default=None,
+                   help="skip the linear probe")
+    for flag, kind, hint in (
+            ("--limit-train", int, "use at most N train rows"), ("--limit-test", int, "at most N test rows"),
+            ("--image-size", int, "eval view size (default: the run's crops.global_size)"),
+            ("--ks", str, "k values, comma-separated (default 10,20,100,200)"),
+            ("--linear-epochs", int, "linear probe epochs (default 100)"),
+            ("--linear-lrs", str, "linear probe learning rates, comma-separated"),
+            ("--linear-blocks", int, "concatenate the [CLS] of the last N blocks (default 4)"),
+            ("--few-shot", str, "shots per class, comma-separated (default 1,5,10; '' disables)"),
+            ("--few-shot-draws", int, "random draws per shot count (default 5)"),
+            ("--seed", int, "seed of the few-shot draws and the probe"),
+            ("--batch-size", int, "images per inference batch"),
+            ("--concurrency", int, "feature actors (default: 1 per GPU, or from the CPUs)"),
+            ("--cpus-per-actor", float, None), ("--gpus-per-actor", float, "> 0: actors on GPU"),
+            ("--decode-cpus", float, None), ("--device", str, "in-process device: auto|cpu|cuda"),
+            ("--threads", int, "torch threads in this process"),
+            ("--cache-dir", str, "feature cache (default <out>/features)"),
+            ("--format", str, "auto|parquet|folder"), ("--image-column", str, None),
+            ("--label-column", str, None)):
+        e.add_argument(flag, type=kind, default=None, help=hint)
+    e.set_defaults(fn=_eval)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m massl_ray", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -57,6 +135,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     c.add_argument("--config")
     c.add_argument("overrides", nargs="*")
     c.set_defaults(fn=_show_config)
+    _add_eval_parser(sub)
+    x = sub.add_parser("export", help="write the teacher backbone as timm-loadable safetensors")
+    x.add_argument("--checkpoint", required=True, help="a checkpoint directory or a run directory")
+    x.add_argument("--out", required=True, help="output .safetensors file (+ .json next to it)")
+    x.set_defaults(fn=_export)
+    tu = sub.add_parser("tune", help="a Ray Tune sweep with dependent evaluations (resumable)")
+    tu.add_argument("--config", required=True, help="a training config with a sweep: section")
+    tu.add_argument("--retry-errored", action="store_true",
+                    help="on resume, restart trials that failed")
+    tu.add_argument("overrides", nargs="*", help="section.key=value or sweep.key=value overrides")
+    tu.set_defaults(fn=_tune)
     args = p.parse_args(argv)
     try:
         return args.fn(args)
@@ -68,5 +157,10 @@ def main(argv: Optional[list[str]] = None) -> int:
 
         if isinstance(e, DataSourceError):
             print(f"data error: {e}", file=sys.stderr)
+            return 2
+        from .checkpoint import CheckpointError
+
+        if isinstance(e, CheckpointError):
+            print(f"checkpoint error: {e}", file=sys.stderr)
             return 2
         raise

@@ -113,6 +113,11 @@ def run_loop(cfg: Config, ctx: LoopContext) -> dict:
     stop = min(total, cfg.run.max_steps or total)
     spe = learner.schedules.steps_per_epoch
     sink = MetricsSink(ctx.run_dir if ctx.rank == 0 else None)
+    monitor = None
+    if ctx.rank == 0 and cfg.run.online_knn_every_steps > 0:
+        from .evaluation import OnlineKnn
+
+        monitor = OnlineKnn.from_config(cfg)
     images_per_step = cfg.global_batch_size
     last: dict = {"step": learner.global_step}
     window_t0, window_wait, window_steps = time.perf_counter(), 0.0, 0
@@ -151,6 +156,8 @@ def run_loop(cfg: Config, ctx: LoopContext) -> dict:
                         wall_s=time.perf_counter() - run_t0,
                         start_step=start_step,
                     )
+                    if monitor is not None:
+                        m.update(monitor(learner))
                     done = learner.global_step - start_step
                     eta = (stop - learner.global_step) * (time.perf_counter() - run_t0) / max(done, 1)
                     if ctx.rank == 0:

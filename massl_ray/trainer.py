@@ -142,7 +142,7 @@ class RayLoopContext(LoopContext):
             kw["local_shuffle_buffer_size"] = 4 * self.cfg.optim.batch_size_per_worker
         return self.shard.iter_torch_batches(
             batch_size=self.cfg.optim.batch_size_per_worker, drop_last=True,
-            prefetch_batches=d.prefetch_batches, **kw)
+            prefetch_batches=d.prefetch_batches, pin_memory=self.device.type == "cuda", **kw)
 
     def latest_state(self) -> Optional[dict]:
         # A checkpoint registered by this fit() (a restart after a failure) wins; otherwise the
@@ -243,8 +243,10 @@ def _report_decode_errors(run_dir: Path, summary: dict) -> None:
         log.info("all images decoded (0 skipped)")
 
 
-def train(cfg: Config, local: bool = False) -> dict:
-    """Train one run. ``local``: everything in this process, no Ray at all (debuggable)."""
+def train(cfg: Config, local: bool = False, callbacks: Optional[list] = None) -> dict:
+    """Train one run. ``local``: everything in this process, no Ray at all (debuggable).
+    ``callbacks``: Ray Train callbacks for the TorchTrainer's RunConfig (e.g. Tune's
+    ``TuneReportCallback`` when a sweep trial calls this)."""
     cfg, src = prepare(cfg)
     run_dir = run_dir_of(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -256,7 +258,7 @@ def train(cfg: Config, local: bool = False) -> dict:
     if local:
         result = _train_local(cfg, src, run_dir)
     else:
-        result = _train_ray(cfg, src, run_dir)
+        result = _train_ray(cfg, src, run_dir, callbacks)
     result["wall_s"] = time.time() - t0
     if cfg.run.final_knn and cfg.data.eval_train and cfg.data.eval_test and result.get("checkpoint"):
         from .evaluation import knn_vs_random_init
@@ -285,7 +287,7 @@ def _ray_checkpoint_root(cfg: Config) -> Optional[Path]:
     return run_dir_of(cfg)
 
 
-def _train_ray(cfg: Config, src: Source, run_dir: Path) -> dict:
+def _train_ray(cfg: Config, src: Source, run_dir: Path, callbacks: Optional[list] = None) -> dict:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -314,6 +316,7 @@ def _train_ray(cfg: Config, src: Source, run_dir: Path) -> dict:
             name=r.name, storage_path=storage,
             checkpoint_config=CheckpointConfig(num_to_keep=r.num_checkpoints_to_keep),
             failure_config=FailureConfig(max_failures=r.max_failures),
+            callbacks=list(callbacks or []),
         ),
         datasets={"train": ds},
     )

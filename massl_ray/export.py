@@ -1,0 +1,89 @@
+"""Export a checkpoint's teacher backbone as safetensors that timm loads unchanged. Ray-free.
+
+``python -m massl_ray export --checkpoint <dir> --out teacher.safetensors`` writes the teacher
+backbone's state dict (timm's own key names, no head) and ``teacher.json`` next to it with the
+timm model name and keyword arguments that build the matching model::
+
+    meta = json.load(open("teacher.json"))
+    model = timm.create_model(meta["timm_name"], **meta["timm_kwargs"])
+    model.load_state_dict(safetensors.torch.load_file("teacher.safetensors"))
+
+The name and kwargs come from :func:`massl_ray.model.backbone_kwargs`, the function training
+builds the backbone with (drop-path 0, as the teacher). The same pair is stored in the
+safetensors header metadata.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Union
+
+import torch.nn as nn
+
+from .features import load_teacher
+from .model import backbone_kwargs
+
+EXPORT_FORMAT = "massl_ray/teacher-backbone/1"
+
+
+def sidecar_path(out: Union[str, os.PathLike]) -> Path:
+    return Path(out).with_suffix(".json")
+
+
+def export_teacher(checkpoint: Union[str, os.PathLike], out: Union[str, os.PathLike]) -> dict:
+    """Write ``out`` (.safetensors) and its ``.json`` sidecar; returns the sidecar's content."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise ValueError(f"--out {str(out)!r} must end in .safetensors")
+    teacher = load_teacher(checkpoint)
+    name, kwargs = backbone_kwargs(teacher.cfg.model, teacher.cfg.crops.global_size, 0.0)
+    # Check before writing: the state dict must load into a fresh timm model of that name.
+    import timm
+
+    probe = timm.create_model(name, **kwargs)
+    probe.load_state_dict(teacher.weights, strict=True)
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in teacher.weights.items()}
+    meta = {
+        "format": EXPORT_FORMAT,
+        "timm_name": name,
+        "timm_kwargs": kwargs,
+        "embed_dim": int(teacher.backbone.embed_dim),
+        "source_checkpoint": str(teacher.checkpoint),
+        "checkpoint_sha256": teacher.sha256,
+        "global_step": teacher.global_step,
+        "image_size": teacher.cfg.crops.global_size,
+        "mean": list(teacher.cfg.crops.mean),
+        "std": list(teacher.cfg.crops.std),
+        "arch": teacher.cfg.model.arch,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    save_file(tensors, str(tmp), metadata={"format": EXPORT_FORMAT, "timm_name": name,
+                                            "timm_kwargs": json.dumps(kwargs)})
+    os.replace(tmp, out)
+    sidecar_path(out).write_text(json.dumps(meta, indent=1))
+    return meta
+
+
+def load_exported(path: Union[str, os.PathLike]) -> nn.Module:
+    """Build the timm model named in the sidecar (or the header) and load the weights."""
+    import timm
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    p = Path(path)
+    side = sidecar_path(p)
+    if side.is_file():
+        meta = json.loads(side.read_text())
+        name, kwargs = meta["timm_name"], meta["timm_kwargs"]
+    else:
+        with safe_open(str(p), "pt") as f:
+            h = f.metadata() or {}
+        name, kwargs = h["timm_name"], json.loads(h["timm_kwargs"])
+    model = timm.create_model(name, **kwargs)
+    model.load_state_dict(load_file(str(p)))
+    return model.eval()

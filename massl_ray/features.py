@@ -1,0 +1,302 @@
+"""Teacher features of labeled images, for the evaluation jobs. Ray-free.
+
+- :func:`load_teacher`: the teacher backbone of a checkpoint (eval mode, no head) and the
+  run's configuration.
+- :class:`TeacherFeatures`: uint8 eval views -> the normalised [CLS] token of the last ``n``
+  blocks, ``[B, n, D]``. The last one is exactly ``backbone(x)`` (the k-NN feature); the
+  concatenation of the ``n`` is the linear-probe feature (DINO: n = 4 for ViT-S).
+- :class:`EvalViewsFn` / :class:`FeatureFn`: the two ``map_batches`` stages of the Ray Data
+  batch inference (decode + resize + centre crop on CPU tasks; the backbone in an actor pool).
+  Plain callables, so the in-process path (:func:`extract_in_process`) runs the same code.
+- :class:`FeatureCache`: features + labels on disk, keyed by checkpoint, source and view size,
+  so k-NN, linear probe and few-shot (and a second evaluation of the same checkpoint) reuse them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import posixpath
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .checkpoint import META_FILE, CheckpointError, load_checkpoint, read_meta
+from .config import Config, config_from_dict
+from .images import try_decode
+from .learner import config_of_state, normalize
+from .model import build_backbone
+from .multicrop import eval_transform
+from .sources import Source, iter_rows
+
+CACHE_FORMAT = "massl_ray/features/1"
+
+
+# ---- the teacher backbone ------------------------------------------------------------------
+
+def resolve_checkpoint(path: Union[str, os.PathLike]) -> Path:
+    """A checkpoint directory (with meta.json), or a run directory -> its newest valid checkpoint."""
+    p = Path(path)
+    if (p / META_FILE).is_file():
+        return p.absolute()
+    if p.is_dir():
+        from .loop import latest_valid_checkpoint  # local import: loop -> evaluation -> here
+
+        found = latest_valid_checkpoint(p)
+        if found is not None:
+            return found
+        raise CheckpointError(f"{p} holds no valid checkpoint (no checkpoint_*/ with a good meta.json)")
+    raise CheckpointError(f"checkpoint {p} does not exist")
+
+
+def teacher_backbone_state(state: dict) -> dict[str, torch.Tensor]:
+    """The teacher backbone's weights from a training state, with timm's own key names."""
+    pre = "backbone."
+    return {k[len(pre):]: v for k, v in state["teacher"].items() if k.startswith(pre)}
+
+
+def build_teacher_backbone(cfg: Config, weights: dict[str, torch.Tensor]) -> nn.Module:
+    bb = build_backbone(cfg.model, cfg.crops.global_size, 0.0)
+    bb.load_state_dict(weights, strict=True)
+    bb.eval()
+    bb.requires_grad_(False)
+    return bb
+
+
+@dataclass
+class Teacher:
+    backbone: nn.Module
+    cfg: Config
+    weights: dict[str, torch.Tensor]
+    checkpoint: Path
+    global_step: int
+    sha256: str  # of the checkpoint's state.pt: identifies the weights (cache key)
+
+
+def load_teacher(checkpoint: Union[str, os.PathLike]) -> Teacher:
+    """Verify and load a checkpoint; build its teacher backbone on CPU."""
+    d = resolve_checkpoint(checkpoint)
+    state = load_checkpoint(d)  # verifies the sha256 first
+    meta = read_meta(d)
+    cfg = config_of_state(state)
+    weights = teacher_backbone_state(state)
+    return Teacher(build_teacher_backbone(cfg, weights), cfg, weights, d,
+                   int(state["global_step"]), str(meta["sha256"]))
+
+
+class TeacherFeatures:
+    """uint8 images ``[B, 3, H, W]`` -> float32 ``[B, n, D]`` on CPU: the final-norm [CLS] token
+    of the last ``n`` blocks (``n`` capped at the depth); ``[:, -1]`` equals ``backbone(x)``."""
+
+    def __init__(self, backbone: nn.Module, mean: Sequence[float], std: Sequence[float],
+                 blocks: int = 1, device: Union[str, torch.device] = "cpu", batch_size: int = 256):
+        self.device = torch.device(device)
+        self.backbone = backbone.to(self.device).eval()
+        self.blocks = max(1, min(int(blocks), len(backbone.blocks)))
+        self.mean = torch.tensor(mean, device=self.device)
+        self.std = torch.tensor(std, device=self.device)
+        self.batch_size = batch_size
+
+    @torch.no_grad()
+    def __call__(self, images_u8: torch.Tensor) -> torch.Tensor:
+        out = []
+        for i in range(0, images_u8.shape[0], self.batch_size):
+            x = normalize(images_u8[i:i + self.batch_size].to(self.device), self.mean, self.std)
+            inter = self.backbone.forward_intermediates(
+                x, indices=self.blocks, return_prefix_tokens=True, norm=True, output_fmt="NLC",
+                intermediates_only=True)
+            out.append(torch.stack([prefix[:, 0] for _, prefix in inter], dim=1).float().cpu())
+        if not out:
+            return torch.empty(0, self.blocks, self.backbone.embed_dim)
+        return torch.cat(out)
+
+
+# ---- eval views and labels -----------------------------------------------------------------
+
+def batch_labels(batch: dict, label_column: Optional[str], classes: Optional[list[str]]) -> np.ndarray:
+    """Integer labels of a batch: a label column, or the class sub-folder of each path."""
+    if label_column is not None and label_column in batch:
+        return np.asarray(batch[label_column], dtype=np.int64)
+    paths = batch.get("path")
+    if classes is not None and paths is not None:
+        index = {c: i for i, c in enumerate(classes)}
+        return np.asarray([index[posixpath.basename(posixpath.dirname(str(p)))] for p in paths],
+                          dtype=np.int64)
+    raise ValueError("a labeled source is needed: no label column and no class sub-folders")
+
+
+def decode_views(images: Sequence[bytes], size: int) -> tuple[torch.Tensor, np.ndarray, list[str]]:
+    """Decode + eval transform. Returns uint8 views of the good rows, a mask of good rows, and
+    the failure reasons of the bad ones."""
+    imgs, ok, errors = [], np.zeros(len(images), dtype=bool), []
+    for i, data in enumerate(images):
+        img, why = try_decode(bytes(data))
+        if img is None:
+            errors.append(why or "undecodable")
+            continue
+        imgs.append(img)
+        ok[i] = True
+    views = eval_transform(imgs, size) if imgs else torch.empty(0, 3, size, size, dtype=torch.uint8)
+    return views, ok, errors
+
+
+class EvalViewsFn:
+    """``map_batches`` stage 1 (CPU tasks): ``{image, label | path}`` -> ``{view, label, ok}``.
+
+    Every input row gives one output row; an undecodable image gets a black view and
+    ``ok = False`` (counted and dropped by the driver), so a bad row never fails the job.
+    """
+
+    def __init__(self, size: int, image_column: str = "image", label_column: Optional[str] = "label",
+                 classes: Optional[list[str]] = None):
+        self.size = size
+        self.image_column = image_column
+        self.label_column = label_column
+        self.classes = classes
+
+    def __call__(self, batch: dict) -> dict:
+        images = batch[self.image_column]
+        views, ok, _ = decode_views(images, self.size)
+        full = np.zeros((len(images), 3, self.size, self.size), dtype=np.uint8)
+        full[ok] = views.numpy()
+        return {"view": full, "label": batch_labels(batch, self.label_column, self.classes), "ok": ok}
+
+
+class FeatureFn:
+    """``map_batches`` stage 2 (an actor pool): ``{view, label, ok}`` -> ``{features, label, ok}``.
+
+    ``weights`` is the teacher backbone state dict, or a zero-argument callable returning it
+    (the Ray shell passes one that fetches it from the object store once per actor).
+    """
+
+    def __init__(self, weights: Union[dict, Callable[[], dict]], config: dict, blocks: int = 1,
+                 device: str = "cpu", threads: Optional[int] = None, batch_size: int = 256):
+        if threads:
+            torch.set_num_threads(max(1, int(threads)))
+        if callable(weights):
+            weights = weights()
+        cfg = config_from_dict(config, validate=False)
+        if device == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("FeatureFn was given device='cuda' but this worker has no GPU")
+        self.embed = TeacherFeatures(build_teacher_backbone(cfg, weights), cfg.crops.mean,
+                                     cfg.crops.std, blocks, device, batch_size)
+
+    def __call__(self, batch: dict) -> dict:
+        feats = self.embed(torch.from_numpy(np.ascontiguousarray(batch["view"]))).numpy()
+        return {"features": feats, "label": np.asarray(batch["label"]), "ok": np.asarray(batch["ok"])}
+
+
+# ---- feature sets and the in-process path --------------------------------------------------
+
+@dataclass
+class FeatureSet:
+    features: torch.Tensor  # float32 [N, n_blocks, D]
+    labels: torch.Tensor  # int64 [N]
+    skipped: int = 0  # undecodable rows dropped
+
+    @property
+    def cls(self) -> torch.Tensor:
+        """The final [CLS] feature ``[N, D]`` (k-NN, few-shot)."""
+        return self.features[:, -1]
+
+    def concat(self, blocks: int) -> torch.Tensor:
+        """The [CLS] of the last ``blocks`` blocks concatenated ``[N, blocks * D]`` (linear probe)."""
+        b = max(1, min(blocks, self.features.shape[1]))
+        return self.features[:, -b:].reshape(self.features.shape[0], -1)
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+def iter_eval_batches(src: Source, size: int, limit: Optional[int] = None, batch_rows: int = 256
+                      ) -> Iterator[tuple[torch.Tensor, np.ndarray, int]]:
+    """In-process: ``(uint8 views, labels, skipped)`` per batch of a labeled source."""
+    for rows in iter_rows(src, limit=limit, batch_rows=batch_rows):
+        labels = rows["label"]
+        if labels is None:
+            raise ValueError(f"{src.uri!r} has no labels (a label column or class sub-folders)")
+        views, ok, errors = decode_views(rows["image"], size)
+        yield views, np.asarray(labels)[ok], len(errors)
+
+
+def extract_in_process(embed: Callable[[torch.Tensor], torch.Tensor], src: Source, size: int,
+                       limit: Optional[int] = None, batch_rows: int = 256) -> FeatureSet:
+    """Features of a labeled source in this process (``embed``: uint8 views -> features)."""
+    feats, labels, skipped = [], [], 0
+    for views, lab, bad in iter_eval_batches(src, size, limit, batch_rows):
+        skipped += bad
+        if views.shape[0]:
+            f = embed(views)
+            feats.append(f if f.dim() == 3 else f[:, None])
+            labels.append(torch.as_tensor(lab, dtype=torch.int64))
+    if not feats:
+        raise ValueError(f"no decodable labeled images in {src.uri!r}")
+    return FeatureSet(torch.cat(feats), torch.cat(labels), skipped)
+
+
+# ---- on-disk cache -------------------------------------------------------------------------
+
+def source_fingerprint(src: Source, limit: Optional[int]) -> dict:
+    """What identifies a source's rows: URI, kind, row count, columns, and the files' sizes
+    (Parquet) or the list of image paths (folders)."""
+    fp: dict[str, Any] = {"uri": src.uri if "://" in src.uri else os.path.abspath(src.uri),
+                          "kind": src.kind, "num_rows": src.num_rows, "limit": limit,
+                          "image_column": src.image_column, "label_column": src.label_column,
+                          "classes": src.classes}
+    if src.kind == "parquet":
+        fp["bytes"] = [i.size for i in src.filesystem.get_file_info(src.files)]
+    else:
+        fp["paths_sha1"] = hashlib.sha1("\n".join(src.files).encode()).hexdigest()
+    return fp
+
+
+def cache_key(checkpoint_sha256: str, src: Source, limit: Optional[int], size: int,
+              blocks: int) -> str:
+    blob = json.dumps({"format": CACHE_FORMAT, "checkpoint": checkpoint_sha256,
+                       "source": source_fingerprint(src, limit), "size": size, "blocks": blocks},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+class FeatureCache:
+    """``<dir>/<split>-<key>.npz`` (features, labels, skipped) + ``.json`` (what the key means)."""
+
+    def __init__(self, directory: Union[str, os.PathLike]):
+        self.dir = Path(directory)
+
+    def path(self, split: str, key: str) -> Path:
+        return self.dir / f"{split}-{key}.npz"
+
+    def load(self, split: str, key: str) -> Optional[FeatureSet]:
+        p = self.path(split, key)
+        if not p.is_file():
+            return None
+        try:
+            with np.load(p) as z:
+                return FeatureSet(torch.from_numpy(z["features"].copy()),
+                                  torch.from_numpy(z["labels"].copy()), int(z["skipped"]))
+        except (OSError, ValueError, KeyError):
+            return None  # a broken cache file is recomputed (and overwritten)
+
+    def save(self, split: str, key: str, fs: FeatureSet, info: dict) -> Path:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        p = self.path(split, key)
+        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=f".{p.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, features=fs.features.numpy(), labels=fs.labels.numpy(),
+                         skipped=np.int64(fs.skipped))
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, p)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        p.with_suffix(".json").write_text(json.dumps(info, indent=1, default=str))
+        return p
