@@ -111,6 +111,15 @@ class DataConfig:
     # CPUs reserved by each decode + multi-crop task of Ray Data.
     decode_cpus: float = 1.0
     decode_batch_size: int = 64
+    # Rows per block after the shuffle (a streaming repartition; null: data.decode_batch_size,
+    # 0: keep the reader's blocks). One block is decoded by one task: a Parquet file is often
+    # read as a single block, which would leave every decode CPU but one idle and deliver the
+    # epoch's first batch only after the whole block is decoded (benchmarks/pipeline.py).
+    rows_per_block: Optional[int] = None
+    # Keep the encoded rows in Ray's object store after the first read (materialised once,
+    # shuffled and decoded every epoch from there): saves re-listing and re-reading the files
+    # each epoch. Only for data that fits comfortably in the object store (CIFAR-sized).
+    cache_encoded: bool = False
     prefetch_batches: int = 2
     # Held-out labeled data for the end-of-run / online k-NN (optional).
     eval_train: Optional[str] = None
@@ -333,6 +342,10 @@ class Config:
         need(d.decode_cpus > 0, f"data.decode_cpus ({d.decode_cpus}) must be positive")
         need(d.decode_batch_size > 0, "data.decode_batch_size must be positive")
         need(d.prefetch_batches >= 0, "data.prefetch_batches must be >= 0")
+        need(d.rows_per_block is None or d.rows_per_block == 0
+             or d.rows_per_block >= d.decode_batch_size,
+             f"data.rows_per_block ({d.rows_per_block}) must be null (one decode batch), 0 (keep "
+             f"the reader's blocks) or >= data.decode_batch_size ({d.decode_batch_size})")
 
         # run
         need(r.num_workers >= 0, f"run.num_workers ({r.num_workers}) must be >= 0 (0 = local mode)")

@@ -28,9 +28,11 @@ class DecodeReportActor(DecodeReport):
 
 
 def get_report_actor(run_name: str):
-    return DecodeReportActor.options(
-        name=REPORT_ACTOR_PREFIX + run_name, get_if_exists=True, lifetime="detached"
-    ).remote()
+    """The run's decode report actor, owned by the calling process (the driver or the Tune
+    trial): it dies with its owner, so a killed driver or a trial stopped by a scheduler leaks
+    nothing. Named per run so that it shows up by name in the dashboard."""
+    return DecodeReportActor.options(name=REPORT_ACTOR_PREFIX + run_name,
+                                     get_if_exists=True).remote()
 
 
 class ViewsFn:
@@ -83,17 +85,26 @@ def build_train_dataset(cfg: Config, src: Source, reporter=None) -> "ray.data.Da
     """The training dataset: shuffled encoded rows -> decoded multi-crop uint8 columns.
 
     Ray Data re-executes the plan on every pass, so ``random_shuffle`` gives a new order each
-    epoch. Decode tasks reserve ``data.decode_cpus`` each; together with the train workers'
-    ``run.cpus_per_worker`` this must fit the cluster (see :func:`check_resources`).
+    epoch. The shuffled rows are cut into blocks of ``data.rows_per_block`` (default: one decode
+    batch) so that the decode work spreads over every decode CPU and batches stream to the
+    trainer from the first block. ``data.cache_encoded`` materialises the encoded rows once
+    (before the shuffle). Decode tasks reserve ``data.decode_cpus`` each; together with the
+    train workers' ``run.cpus_per_worker`` this must fit the cluster (see
+    :func:`check_resources`).
     """
     d = cfg.data
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # the training loop prints its own progress line
     ds = read_source(src, d.limit)
+    if d.cache_encoded:
+        ds = ds.materialize()
     if d.shuffle == "full":
         ds = ds.random_shuffle()
     elif d.shuffle == "blocks":
         ds = ds.randomize_block_order()
+    rows_per_block = d.decode_batch_size if d.rows_per_block is None else d.rows_per_block
+    if rows_per_block:
+        ds = ds.repartition(target_num_rows_per_block=rows_per_block)
     fn = ViewsFn(cfg.crops, src.image_column, src.label_column, src.classes, reporter, seed=None)
     return ds.map_batches(fn, batch_size=d.decode_batch_size, batch_format="numpy",
                           num_cpus=d.decode_cpus, zero_copy_batch=True)

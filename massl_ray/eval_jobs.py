@@ -188,6 +188,8 @@ def features_ray_data(teacher: Teacher, jobs: list[tuple[Source, Optional[int]]]
         weights_ref = ray.put(teacher.weights)
         parts = [read_source(src, limit) for src, limit in jobs]
         ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+        # A Parquet file is often read as one block, decoded by one task on one CPU: cut it.
+        ds = ds.repartition(target_num_rows_per_block=4 * s.batch_size)
         ds = ds.map_batches(
             EvalViewsFn(size, first.image_column, first.label_column, first.classes),
             batch_size=s.batch_size, batch_format="numpy", num_cpus=s.decode_cpus,

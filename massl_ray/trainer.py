@@ -320,9 +320,11 @@ def _train_ray(cfg: Config, src: Source, run_dir: Path, callbacks: Optional[list
         ),
         datasets={"train": ds},
     )
-    result = trainer.fit()
-    summary = ray.get(reporter.summary.remote())
-    ray.kill(reporter)
+    try:
+        result = trainer.fit()
+        summary = ray.get(reporter.summary.remote())
+    finally:
+        ray.kill(reporter)
     _report_decode_errors(run_dir, summary)
     ckpt = None
     if result.checkpoint is not None:

@@ -189,3 +189,29 @@ def test_ray_data_pipeline_reads_class_folders(tmp_path):
         assert summary["skipped"] == 1 and str(root / "b" / "bad.jpg") in summary["rows"]
     finally:
         ray.kill(reporter)
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("cache_encoded", [False, True])
+def test_train_dataset_is_cut_into_blocks_and_keeps_every_row(tmp_path, cache_encoded):
+    """A single Parquet file must not become one decode task: after the shuffle the rows are
+    cut into blocks of data.rows_per_block, every row still arrives once per pass."""
+    from collections import Counter
+
+    from massl_ray.data import build_train_dataset
+    from massl_ray.sources import open_source
+
+    cfg = load_config(None, tiny_overrides(tmp_path, "blocks", **{
+        "data.cache_encoded": cache_encoded}))  # default rows_per_block: one decode batch (64)
+    src = open_source(str(QUICK))
+    want = Counter(pq.read_table(QUICK, columns=["label"]).column("label")
+                   .to_numpy()[:512].tolist())
+    ds = build_train_dataset(cfg, src)
+    orders = []
+    for _ in range(2):  # two passes, as two epochs
+        mat = ds.materialize()
+        assert mat.num_blocks() >= 8
+        labels = [int(x) for b in mat.iter_batches(batch_size=None) for x in b["label"]]
+        assert Counter(labels) == want
+        orders.append(labels)
+    assert orders[0] != orders[1]  # a fresh shuffle each pass
