@@ -80,6 +80,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from benchmarks._results import finite  # noqa: E402
+
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
@@ -280,15 +282,6 @@ def summarise(name: str, passes: list[dict], cpus: int) -> dict:
     return out
 
 
-def _finite(x):
-    """NaN/inf -> None, recursively (strict JSON)."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_finite(v) for v in x]
-    return x
 
 
 def parse_args(argv=None):
@@ -479,7 +472,7 @@ def main(argv=None) -> int:
         }
         out = Path(a.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(_finite(result), indent=2))
+        out.write_text(json.dumps(finite(result), indent=2))
         print(f"wrote {out}")
     finally:
         try:

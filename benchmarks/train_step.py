@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import shutil
@@ -58,6 +57,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from benchmarks._results import finite  # noqa: E402
+
 QUICKSTART = REPO / "jobs" / "quickstart.yaml"
 CIFAR = REPO / "jobs" / "data" / "cifar10-quick" / "train.parquet"
 
@@ -71,14 +72,6 @@ QUICK_OVERRIDES = [
 ]
 
 
-def _finite(x):
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_finite(v) for v in x]
-    return x
 
 
 def build_config(a, run_name: str, storage: str):
@@ -353,10 +346,10 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     a = parse_args(argv)
     if a.worker == "plain":
-        print(json.dumps(_finite(run_plain(a))))
+        print(json.dumps(finite(run_plain(a))))
         return 0
     if a.worker == "ray":
-        print(json.dumps(_finite(run_ray(a))))
+        print(json.dumps(finite(run_ray(a))))
         return 0
 
     t_start = time.time()
@@ -440,7 +433,7 @@ def main(argv=None) -> int:
     }
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(_finite(result), indent=2))
+    out.write_text(json.dumps(finite(result), indent=2))
     print(f"wrote {out}")
     return 0
 

@@ -163,4 +163,17 @@ def main(argv: Optional[list[str]] = None) -> int:
         if isinstance(e, CheckpointError):
             print(f"checkpoint error: {e}", file=sys.stderr)
             return 2
+        from .learner import NonFiniteLoss
+
+        # In-process the exception itself; from Ray Train, a failure whose cause chain holds it.
+        msg, cause = None, e
+        while cause is not None and msg is None:
+            if isinstance(cause, NonFiniteLoss) or "NonFiniteLoss" in type(cause).__name__:
+                msg = str(cause)
+            cause = cause.__cause__ or cause.__context__
+        if msg is None and "non-finite loss" in str(e):
+            msg = next(ln.strip() for ln in str(e).splitlines() if "non-finite loss" in ln)
+        if msg is not None:
+            print(f"training stopped: {msg}", file=sys.stderr)
+            return 3
         raise

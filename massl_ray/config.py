@@ -155,8 +155,10 @@ class RunConfig:
     online_knn_test_rows: int = 500
     # torch.compile the student/teacher forwards (a run.* key: may change across a resume).
     compile: bool = False
-    # Fault injection for recovery tests: raise at this global step on the first attempt only.
+    # Fault injection for recovery tests: fail at this global step on the first attempt only,
+    # by raising an exception (raise) or by SIGKILL of the worker process (kill).
     fault_injection_step: Optional[int] = None
+    fault_injection_mode: str = "raise"
 
 
 @dataclass
@@ -368,6 +370,8 @@ class Config:
                  "and data.eval_test")
         need(r.fault_injection_step is None or r.fault_injection_step >= 0,
              "run.fault_injection_step must be >= 0 or null")
+        need(r.fault_injection_mode in ("raise", "kill"),
+             f"run.fault_injection_mode ({r.fault_injection_mode!r}) must be raise or kill")
         need(bool(r.name) and "/" not in r.name, f"run.name ({r.name!r}) must be a non-empty name without '/'")
 
         if errs:

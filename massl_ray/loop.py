@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import shutil
+import signal
 import tempfile
 import time
 from pathlib import Path
@@ -137,6 +138,10 @@ def run_loop(cfg: Config, ctx: LoopContext) -> dict:
                     if not marker.exists():
                         marker.parent.mkdir(parents=True, exist_ok=True)
                         marker.touch()
+                        if cfg.run.fault_injection_mode == "kill":
+                            log.warning("injected failure: SIGKILL of this worker at global "
+                                        "step %d", step)
+                            os.kill(os.getpid(), signal.SIGKILL)
                         raise InjectedFailure(f"injected failure at global step {step}")
                 log_now = (step + 1) % cfg.run.log_every_steps == 0 or step + 1 == stop
                 res = learner.step(batch["global_crops"], batch.get("local_crops"),

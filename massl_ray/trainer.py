@@ -17,7 +17,8 @@ from typing import Iterator, Optional
 import ray
 import torch
 
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint, verify_checkpoint
+from .checkpoint import (CheckpointError, load_checkpoint, read_meta, save_checkpoint,
+                         verify_checkpoint)
 from .config import Config, ConfigError, config_from_dict, dump_config
 from .distributed import all_gather_cat
 from .memory import memory_checksum
@@ -73,8 +74,27 @@ def prepare(cfg: Config) -> tuple[Config, Source]:
     return cfg, src
 
 
+def estimate_checkpoint_bytes(cfg: Config) -> int:
+    """Size of one checkpoint's state.pt: student + teacher + AdamW's two moments (4 x the
+    parameters in fp32) and the memory bank (K x D fp32); the model is built on the meta device
+    (no memory, no weights). Within 1 % of the real file (pickling overhead not counted)."""
+    import torch
+
+    from .model import ProjectionHead, build_backbone
+
+    with torch.device("meta"):
+        bb = build_backbone(cfg.model, cfg.crops.global_size, 0.0)
+        head = ProjectionHead(bb.embed_dim, cfg.model.head_hidden_dim, cfg.model.head_out_dim)
+    n = sum(p.numel() for p in bb.parameters()) + sum(p.numel() for p in head.parameters())
+    return 4 * 4 * n + 4 * cfg.massl.memory_size * cfg.model.head_out_dim
+
+
 def check_storage(cfg: Config) -> None:
-    """Refuse an unwritable local storage path at start-up, not after the first checkpoint."""
+    """Refuse an unwritable or too full local storage path at start-up, not after an hour.
+
+    Needs room for ``run.num_checkpoints_to_keep + 1`` checkpoints (a new one is written
+    before the oldest is deleted) plus 64 MiB for logs.
+    """
     if "://" in cfg.run.storage_path:
         return
     d = run_dir_of(cfg)
@@ -86,6 +106,16 @@ def check_storage(cfg: Config) -> None:
         probe.close()
     except OSError as e:
         raise ConfigError(f"run.storage_path {cfg.run.storage_path!r} is not writable: {e}") from None
+    one = estimate_checkpoint_bytes(cfg)
+    need = (cfg.run.num_checkpoints_to_keep + 1) * one + 64 * 2**20
+    free = shutil.disk_usage(d).free
+    if free < need:
+        mib = 2**20
+        raise ConfigError(
+            f"run.storage_path {cfg.run.storage_path!r} has {free / mib:,.0f} MiB free; this run "
+            f"needs about {need / mib:,.0f} MiB ({cfg.run.num_checkpoints_to_keep} + 1 "
+            f"checkpoints of {one / mib:,.0f} MiB + logs): free space, choose another "
+            f"run.storage_path or lower run.num_checkpoints_to_keep")
 
 
 def resume_checkpoint(cfg: Config, ckpt_root: Path) -> Optional[Path]:
@@ -145,21 +175,34 @@ class RayLoopContext(LoopContext):
             prefetch_batches=d.prefetch_batches, pin_memory=self.device.type == "cuda", **kw)
 
     def latest_state(self) -> Optional[dict]:
-        # A checkpoint registered by this fit() (a restart after a failure) wins; otherwise the
-        # driver's choice from run.resume (a driver restart of the same run).
+        # The newest of: the checkpoint registered by this fit() (a restart after a failure),
+        # the newest valid checkpoint on disk in the run directory, the driver's run.resume
+        # choice. The disk counts because a checkpoint is persisted by ray.train.report before
+        # the controller registers it: a worker killed in between would otherwise restart from
+        # an older checkpoint and lose the steps since.
+        on_disk = (latest_valid_checkpoint(self.run_dir)
+                   if "://" not in self.cfg.run.storage_path else None)
         ckpt = ray.train.get_checkpoint()
         if ckpt is not None:
             try:
                 with ckpt.as_directory() as d:
-                    return load_checkpoint(d)
+                    state = load_checkpoint(d)
             except CheckpointError as e:
-                fallback = (latest_valid_checkpoint(self.run_dir)
-                            if "://" not in self.cfg.run.storage_path else None)
-                if fallback is None:
+                if on_disk is None:
                     raise
-                log.warning("latest checkpoint is broken (%s); falling back to %s", e, fallback)
-                return load_checkpoint(fallback)
+                log.warning("latest checkpoint is broken (%s); falling back to %s", e, on_disk)
+                return load_checkpoint(on_disk)
+            if on_disk is not None and _step_of(on_disk) > int(state["global_step"]):
+                log.warning("checkpoint %s (step %d) is newer than the one Ray Train registered "
+                            "(step %d): resuming from it", on_disk, _step_of(on_disk),
+                            int(state["global_step"]))
+                return load_checkpoint(on_disk)
+            return state
         if self.resume_from:
+            if on_disk is not None and _step_of(on_disk) > _step_of(self.resume_from):
+                log.warning("resuming from %s (step %d), newer than %s", on_disk,
+                            _step_of(on_disk), self.resume_from)
+                return load_checkpoint(on_disk)
             return load_checkpoint(self.resume_from)
         return None
 
@@ -180,6 +223,10 @@ class RayLoopContext(LoopContext):
                 shutil.rmtree(tmp, ignore_errors=True)
         else:
             ray.train.report(metrics)
+
+
+def _step_of(checkpoint_dir: Path) -> int:
+    return int(read_meta(checkpoint_dir)["global_step"])
 
 
 def _memory_checksum(state: dict) -> torch.Tensor:

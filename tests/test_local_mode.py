@@ -102,3 +102,57 @@ def test_cli_refuses_bad_config_and_bad_data_before_training(tmp_path, capsys):
     assert rc == 2
     assert "does not exist" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.timeout(180)
+def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(
+        tmp_path, monkeypatch, capsys):
+    from massl_ray.checkpoint import verify_checkpoint
+    from massl_ray.learner import Learner
+    from massl_ray.loop import latest_valid_checkpoint
+
+    real_step = Learner.step
+
+    def poisoned(self, *a, **kw):  # the inputs of global step 6 become NaN
+        if self.global_step == 6:
+            self.mean = torch.full((3,), float("nan"))
+        return real_step(self, *a, **kw)
+
+    monkeypatch.setattr(Learner, "step", poisoned)
+    rc = cli_main(["train", "--local", *overrides(tmp_path, "nan")])
+    assert rc == 3
+    err = capsys.readouterr().err
+    assert "training stopped: non-finite loss (nan) at global step 6" in err
+    # The checkpoint of step 4 is the newest, intact and finite; nothing was written after it.
+    last = latest_valid_checkpoint(tmp_path / "nan")
+    verify_checkpoint(last)
+    state = load_checkpoint(last)
+    assert state["global_step"] == 4
+    assert all(torch.isfinite(v).all() for v in state["student"].values() if v.is_floating_point())
+    assert torch.isfinite(state["memory"]["rows"]).all()
+    # Fixed (the poison removed), the same command resumes from step 4 and finishes.
+    monkeypatch.setattr(Learner, "step", real_step)
+    res = train(load_config(None, overrides(tmp_path, "nan")), local=True)
+    assert res["metrics"]["start_step"] == 4 and res["metrics"]["step"] == 12
+
+
+@pytest.mark.timeout(60)
+def test_unwritable_or_full_storage_is_refused_before_training(tmp_path, monkeypatch, capsys):
+    import collections
+
+    import massl_ray.trainer as trainer_mod
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    rc = cli_main(["train", "--local", *overrides(tmp_path, "w", **{
+        "run.storage_path": str(blocker / "runs")})])
+    assert rc == 2
+    assert "is not writable" in capsys.readouterr().err
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(trainer_mod.shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 2**20, 2**20))
+    rc = cli_main(["train", "--local", *overrides(tmp_path, "full")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "has 1 MiB free" in err and "run.num_checkpoints_to_keep" in err
+    assert not list((tmp_path / "full").glob("checkpoint_*")) and not (tmp_path / "full" / "metrics.jsonl").exists()

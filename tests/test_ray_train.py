@@ -111,10 +111,13 @@ def test_two_workers_identical_memory_then_resume(tmp_path):
 
 
 @pytest.mark.timeout(480)
-def test_failure_is_recovered_from_checkpoint(tmp_path):
-    # Checkpoints at 4 and 8; the worker raises at step 10 on its first attempt only.
+@pytest.mark.parametrize("mode", ["raise", "kill"])
+def test_failure_is_recovered_from_checkpoint(tmp_path, mode):
+    # Checkpoints at 4 and 8; the worker fails at step 10 on its first attempt only: an
+    # exception, or SIGKILL of the worker process (no Python cleanup at all).
     over = tiny_overrides(tmp_path, "fail", **{"run.max_steps": 12, "run.max_failures": 1,
-                                               "run.fault_injection_step": 10})
+                                               "run.fault_injection_step": 10,
+                                               "run.fault_injection_mode": mode})
     cfg = load_config(None, over)
     res = train(cfg)
     m = res["metrics"]
@@ -130,6 +133,14 @@ def test_failure_is_recovered_from_checkpoint(tmp_path):
     assert not torch.isclose(rows[:256], init[:256]).all(dim=1).any()
     torch.testing.assert_close(rows[384:], init[384:], rtol=0, atol=0)
     assert int(state["memory"]["ptr"]) == 12 * 32
+    # Nothing written before the checkpoint was lost: rows 0..255 are exactly the step-8
+    # checkpoint's (steps 8..11 wrote rows 256..383 only).
+    step8 = [p for p in (tmp_path / "fail").glob("checkpoint_*") if (p / "meta.json").is_file()
+             and json.loads((p / "meta.json").read_text())["global_step"] == 8]
+    assert step8, "the step-8 checkpoint is kept (num_checkpoints_to_keep=2)"
+    at8 = load_checkpoint(step8[0])
+    torch.testing.assert_close(rows[:256], at8["memory"]["rows"][:256], rtol=0, atol=0)
+    assert int(at8["memory"]["ptr"]) == 8 * 32
 
 
 def _jpeg(rng: np.random.Generator) -> bytes:
