@@ -125,10 +125,14 @@ def run_loop(cfg: Config, ctx: LoopContext) -> dict:
     run_t0, start_step = time.perf_counter(), learner.global_step
     fail_at = cfg.run.fault_injection_step
     try:
+        # Data passes started early: the steps per epoch are counted from the rows, so an epoch
+        # with undecodable rows runs out of batches before its last steps; those steps then
+        # take the first batches of the next pass (a new shuffle) instead of failing.
+        extra_passes, fresh_pass = 0, False
         while learner.global_step < stop:
             epoch, pos = divmod(learner.global_step, spe)
             ran = 0
-            it = ctx.batches(epoch, pos)
+            it = ctx.batches(epoch + extra_passes, 0 if fresh_pass else pos)
             t_wait = time.perf_counter()
             for batch in it:
                 window_wait += time.perf_counter() - t_wait
@@ -179,6 +183,12 @@ def run_loop(cfg: Config, ctx: LoopContext) -> dict:
                 if learner.global_step >= stop or ran >= spe - pos:
                     break
                 t_wait = time.perf_counter()
+            if ran == 0 and pos > 0 and not fresh_pass:
+                log.warning("epoch %d ran out of decodable images after %d of its %d steps: "
+                            "continuing with a new pass over the data", epoch, pos, spe)
+                extra_passes, fresh_pass = extra_passes + 1, True
+                continue
+            fresh_pass = False
             if ran == 0:
                 raise RuntimeError(
                     f"the training data produced no full batch of {cfg.optim.batch_size_per_worker} "
