@@ -172,7 +172,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                 msg = str(cause)
             cause = cause.__cause__ or cause.__context__
         if msg is None and "non-finite loss" in str(e):
-            msg = next(ln.strip() for ln in str(e).splitlines() if "non-finite loss" in ln)
+            line = next(ln for ln in str(e).splitlines() if "non-finite loss" in ln)
+            msg = line[line.index("non-finite loss"):].strip()
         if msg is not None:
             print(f"training stopped: {msg}", file=sys.stderr)
             return 3

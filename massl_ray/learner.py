@@ -41,6 +41,10 @@ class NonFiniteLoss(FloatingPointError):
             f"checkpoint is kept. Lower optim.lr, raise massl.teacher_temp, or use fp32."
         )
         self.step = step
+        self.value = value
+
+    def __reduce__(self):  # picklable: Ray carries it from a train worker to the driver
+        return (type(self), (self.step, self.value))
 
 
 def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,

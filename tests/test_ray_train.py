@@ -226,3 +226,17 @@ def test_train_dataset_is_cut_into_blocks_and_keeps_every_row(tmp_path, cache_en
         assert Counter(labels) == want
         orders.append(labels)
     assert orders[0] != orders[1]  # a fresh shuffle each pass
+
+
+@pytest.mark.timeout(240)
+def test_non_finite_loss_on_a_ray_worker_stops_the_run_naming_the_step(tmp_path, capsys):
+    from massl_ray.cli import main as cli_main
+
+    # An absurd learning rate (no clipping) blows the weights up after the first step.
+    over = tiny_overrides(tmp_path, "nan", **{"optim.lr": 1e30, "optim.clip_grad": 0,
+                                              "optim.warmup_epochs": 0})
+    rc = cli_main(["train", *over])
+    assert rc == 3
+    err = capsys.readouterr().err
+    assert "training stopped: non-finite loss (nan) at global step 1" in err
+    assert not list((tmp_path / "nan").glob("checkpoint_*/meta.json"))  # nothing non-finite saved
