@@ -159,6 +159,12 @@ def load_sweep(path: str | os.PathLike, overrides: Optional[list[str]] = None
             cfg_over.append(item)
     cfg = merge_dict(Config(), data)
     apply_overrides(cfg, cfg_over)
+    # Relative paths are relative to where the command runs (the driver), resolved here: each
+    # Tune trial runs in its own working directory.
+    for sec, key in PATH_KEYS:
+        v = getattr(getattr(cfg, sec), key)
+        if v and "://" not in v:
+            setattr(getattr(cfg, sec), key, os.path.abspath(v))
     return cfg.to_dict(), parse_sweep(sweep_data)
 
 
@@ -184,6 +190,10 @@ def expand(spec: SweepSpec) -> list[dict]:
             v = dict(zip(keys, combo))
             for k, dist in spec.random.items():
                 v[k] = _sample(rng, dist)
+            for sec, key in PATH_KEYS:  # swept paths: relative to the driver, as in load_sweep
+                p = v.get(f"{sec}.{key}")
+                if isinstance(p, str) and p and "://" not in p:
+                    v[f"{sec}.{key}"] = os.path.abspath(p)
             out.append(v)
     return out
 
@@ -207,15 +217,14 @@ def trial_config(base: dict, variant: dict, spec: SweepSpec, index: int,
     if "block_size" in m and "num_blocks" not in m:
         cfg.massl.num_blocks = None
     merge_dict(cfg, nested)
-    # Tune runs each trial in its own working directory: relative paths must not depend on it.
-    for sec, key in PATH_KEYS:
-        v = getattr(getattr(cfg, sec), key)
-        if v and "://" not in v:
-            setattr(getattr(cfg, sec), key, os.path.abspath(v))
     cfg.run.name = f"{spec.name}-{trial_name(index)}"
     cfg.run.storage_path = str(spec.dir / "trials")
     cfg.run.resume = "auto"  # an interrupted trial continues from its latest checkpoint
     cfg.run.final_knn = False  # the dependent evaluation job does it
+    # Inside a Tune trial Ray Data may only use the trial's own resources (0.01 CPU here):
+    # materialising the encoded rows up front would wait forever for a read task. The lazy
+    # dataset handed to Ray Train does not have that problem.
+    cfg.data.cache_encoded = False
     return cfg.validate() if validate else cfg
 
 

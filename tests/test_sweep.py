@@ -68,6 +68,30 @@ def test_expand_grid_and_random_is_reproducible(tmp_path):
                                "random": spec.random})) != v
 
 
+def test_relative_paths_resolve_against_the_driver_not_the_trial_dir(tmp_path, monkeypatch):
+    """Tune runs each trial in its own working directory: a relative data path of the sweep file
+    (jobs/sweep_cpu.yaml has them) must be resolved where the command runs. (This broke the
+    documented `tune --config jobs/sweep_cpu.yaml`: every trial failed on a missing file.)"""
+    from massl_ray.sweep import trial_config
+
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump({
+        "data": {"train": "data/train.parquet", "eval_test": "data/test.parquet",
+                 "cache_encoded": True},
+        "sweep": {"name": "rel", "grid": {"data.eval_train": ["data/a.parquet"]}}}))
+    monkeypatch.chdir(tmp_path)
+    base, spec = load_sweep("sweep.yaml")
+    variant = expand(spec)[0]
+    elsewhere = tmp_path / "trial_dir"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # as inside a trial
+    cfg = trial_config(base, variant, spec, 0, validate=False)
+    assert cfg.data.train == str(tmp_path / "data" / "train.parquet")
+    assert cfg.data.eval_test == str(tmp_path / "data" / "test.parquet")
+    assert cfg.data.eval_train == str(tmp_path / "data" / "a.parquet")
+    # materialising inside a trial would wait forever for a CPU the trial does not hold
+    assert base["data"]["cache_encoded"] is True and cfg.data.cache_encoded is False
+
+
 @pytest.mark.timeout(60)
 def test_sweep_file_errors_are_named(tmp_path):
     p = tiny_sweep(tmp_path, "bad", {"massl.memory_sise": [256]})
