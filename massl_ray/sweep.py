@@ -157,6 +157,10 @@ def load_sweep(path: str | os.PathLike, overrides: Optional[list[str]] = None
             sweep_data[k] = yaml.safe_load(v)
         else:
             cfg_over.append(item)
+    if isinstance(sweep_data.get("storage_path"), str):  # the trials run in other directories
+        sweep_data["storage_path"] = os.path.abspath(sweep_data["storage_path"])
+    else:
+        sweep_data["storage_path"] = os.path.abspath(SweepSpec.storage_path)
     cfg = merge_dict(Config(), data)
     apply_overrides(cfg, cfg_over)
     # Relative paths are relative to where the command runs (the driver), resolved here: each

@@ -88,6 +88,7 @@ def test_relative_paths_resolve_against_the_driver_not_the_trial_dir(tmp_path, m
     assert cfg.data.train == str(tmp_path / "data" / "train.parquet")
     assert cfg.data.eval_test == str(tmp_path / "data" / "test.parquet")
     assert cfg.data.eval_train == str(tmp_path / "data" / "a.parquet")
+    assert cfg.run.storage_path == str(tmp_path / "runs" / "sweeps" / "rel" / "trials")
     # materialising inside a trial would wait forever for a CPU the trial does not hold
     assert base["data"]["cache_encoded"] is True and cfg.data.cache_encoded is False
 
