@@ -114,9 +114,12 @@ def check_resources(cfg: Config, cluster_cpus: float) -> None:
     """Refuse a CPU split that would leave Ray Data no CPU (a silent deadlock otherwise)."""
     r = cfg.run
     train_cpus = max(1, r.num_workers) * r.cpus_per_worker
-    if train_cpus + cfg.data.decode_cpus > cluster_cpus + 1e-9:
+    # Decode tasks need data.decode_cpus; Ray Data's read and shuffle tasks need a whole CPU.
+    data_cpus = max(1.0, cfg.data.decode_cpus)
+    if train_cpus + data_cpus > cluster_cpus + 1e-9:
         raise ValueError(
             f"the train workers reserve {train_cpus:g} CPUs ({max(1, r.num_workers)} x "
-            f"run.cpus_per_worker={r.cpus_per_worker:g}) and each decode task needs "
-            f"data.decode_cpus={cfg.data.decode_cpus:g}, but the cluster has {cluster_cpus:g} CPUs: "
-            f"lower run.cpus_per_worker or data.decode_cpus so that at least one decode task fits")
+            f"run.cpus_per_worker={r.cpus_per_worker:g}) and Ray Data needs {data_cpus:g} more "
+            f"(its read and shuffle tasks take 1 CPU each, a decode task "
+            f"data.decode_cpus={cfg.data.decode_cpus:g}), but the cluster has {cluster_cpus:g} "
+            f"CPUs: lower run.cpus_per_worker or data.decode_cpus, or add CPUs")

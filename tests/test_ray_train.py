@@ -240,3 +240,17 @@ def test_non_finite_loss_on_a_ray_worker_stops_the_run_naming_the_step(tmp_path,
     err = capsys.readouterr().err
     assert "training stopped: non-finite loss (nan) at global step 1" in err
     assert not list((tmp_path / "nan").glob("checkpoint_*/meta.json"))  # nothing non-finite saved
+
+
+def test_a_cpu_split_that_would_starve_ray_data_is_refused(tmp_path):
+    """Ray Data's read/shuffle tasks take a whole CPU: a split leaving less would hang silently."""
+    from massl_ray.data import check_resources
+
+    cfg = load_config(None, tiny_overrides(tmp_path, "cpus", **{"data.decode_cpus": 0.5}))
+    check_resources(cfg, 2.0)  # 1 train CPU + 1 for Ray Data
+    with pytest.raises(ValueError, match=r"Ray Data needs 1 more .* the cluster has 1\.5 CPUs"):
+        check_resources(cfg, 1.5)
+    two = load_config(None, tiny_overrides(tmp_path, "cpus2", **{"run.num_workers": 2}))
+    with pytest.raises(ValueError, match="2 x run.cpus_per_worker=1"):
+        check_resources(two, 2.0)
+    check_resources(two, 3.0)
