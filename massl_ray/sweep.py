@@ -157,19 +157,25 @@ def load_sweep(path: str | os.PathLike, overrides: Optional[list[str]] = None
             sweep_data[k] = yaml.safe_load(v)
         else:
             cfg_over.append(item)
-    if isinstance(sweep_data.get("storage_path"), str):  # the trials run in other directories
-        sweep_data["storage_path"] = os.path.abspath(sweep_data["storage_path"])
-    else:
-        sweep_data["storage_path"] = os.path.abspath(SweepSpec.storage_path)
-    cfg = merge_dict(Config(), data)
-    apply_overrides(cfg, cfg_over)
     # Relative paths are relative to where the command runs (the driver), resolved here: each
     # Tune trial runs in its own working directory.
+    if sweep_data.get("storage_path") is None:
+        sweep_data["storage_path"] = SweepSpec.storage_path
+    sweep_data["storage_path"] = _abs_local(sweep_data["storage_path"])
+    cfg = merge_dict(Config(), data)
+    apply_overrides(cfg, cfg_over)
     for sec, key in PATH_KEYS:
-        v = getattr(getattr(cfg, sec), key)
-        if v and "://" not in v:
-            setattr(getattr(cfg, sec), key, os.path.abspath(v))
+        section = getattr(cfg, sec)
+        setattr(section, key, _abs_local(getattr(section, key)))
     return cfg.to_dict(), parse_sweep(sweep_data)
+
+
+def _abs_local(v: Any) -> Any:
+    """A local path made absolute against this process's working directory; URIs, empty and
+    non-string values unchanged."""
+    if isinstance(v, str) and v and "://" not in v:
+        return os.path.abspath(v)
+    return v
 
 
 def _sample(rng: np.random.Generator, dist: dict) -> Any:
@@ -195,9 +201,8 @@ def expand(spec: SweepSpec) -> list[dict]:
             for k, dist in spec.random.items():
                 v[k] = _sample(rng, dist)
             for sec, key in PATH_KEYS:  # swept paths: relative to the driver, as in load_sweep
-                p = v.get(f"{sec}.{key}")
-                if isinstance(p, str) and p and "://" not in p:
-                    v[f"{sec}.{key}"] = os.path.abspath(p)
+                if f"{sec}.{key}" in v:
+                    v[f"{sec}.{key}"] = _abs_local(v[f"{sec}.{key}"])
             out.append(v)
     return out
 
@@ -269,8 +274,8 @@ def eval_settings(spec: SweepSpec, base_cfg: Config) -> tuple[EvalSettings, dict
     ev.setdefault("train_data", base_cfg.data.eval_train)
     ev.setdefault("test_data", base_cfg.data.eval_test)
     for k in ("train_data", "test_data", "cache_dir"):
-        if ev.get(k) and "://" not in str(ev[k]):
-            ev[k] = os.path.abspath(str(ev[k]))
+        if ev.get(k):
+            ev[k] = _abs_local(str(ev[k]))
     ev.setdefault("local", True)
     ev.setdefault("threads", max(1, int(res["num_cpus"])))
     if res["num_gpus"] > 0:

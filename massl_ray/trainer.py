@@ -175,36 +175,23 @@ class RayLoopContext(LoopContext):
             prefetch_batches=d.prefetch_batches, pin_memory=self.device.type == "cuda", **kw)
 
     def latest_state(self) -> Optional[dict]:
-        # The newest of: the checkpoint registered by this fit() (a restart after a failure),
-        # the newest valid checkpoint on disk in the run directory, the driver's run.resume
-        # choice. The disk counts because a checkpoint is persisted by ray.train.report before
-        # the controller registers it: a worker killed in between would otherwise restart from
-        # an older checkpoint and lose the steps since.
-        on_disk = (latest_valid_checkpoint(self.run_dir)
-                   if "://" not in self.cfg.run.storage_path else None)
+        if "://" not in self.cfg.run.storage_path:
+            # Local storage: every checkpoint of this run is in the run directory, registered
+            # by Ray Train or not yet (ray.train.report persists it before the controller
+            # registers it, and a worker can die in between). The newest valid one wins; a
+            # broken one is skipped with a warning. The driver's run.resume path wins if newer.
+            found = latest_valid_checkpoint(self.run_dir)
+            if self.resume_from and (found is None
+                                     or _step_of(self.resume_from) >= _step_of(found)):
+                found = self.resume_from
+            return load_checkpoint(found) if found else None
+        # Object storage: the checkpoint registered by this fit() (a restart after a failure),
+        # otherwise the driver's choice from run.resume (a driver restart of the same run).
         ckpt = ray.train.get_checkpoint()
         if ckpt is not None:
-            try:
-                with ckpt.as_directory() as d:
-                    state = load_checkpoint(d)
-            except CheckpointError as e:
-                if on_disk is None:
-                    raise
-                log.warning("latest checkpoint is broken (%s); falling back to %s", e, on_disk)
-                return load_checkpoint(on_disk)
-            if on_disk is not None and _step_of(on_disk) > int(state["global_step"]):
-                log.warning("checkpoint %s (step %d) is newer than the one Ray Train registered "
-                            "(step %d): resuming from it", on_disk, _step_of(on_disk),
-                            int(state["global_step"]))
-                return load_checkpoint(on_disk)
-            return state
-        if self.resume_from:
-            if on_disk is not None and _step_of(on_disk) > _step_of(self.resume_from):
-                log.warning("resuming from %s (step %d), newer than %s", on_disk,
-                            _step_of(on_disk), self.resume_from)
-                return load_checkpoint(on_disk)
-            return load_checkpoint(self.resume_from)
-        return None
+            with ckpt.as_directory() as d:
+                return load_checkpoint(d)
+        return load_checkpoint(self.resume_from) if self.resume_from else None
 
     def report(self, metrics: dict, state: Optional[dict]) -> None:
         if state is None:

@@ -67,3 +67,18 @@ def make_crops(cfg: Config, seed: int = 0, batch: int | None = None
 def crops() -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
     """Factory: ``crops(cfg, seed=0)`` returns deterministic (global, local) uint8 crops."""
     return make_crops
+
+
+@pytest.fixture(scope="module")
+def ray_instance(tmp_path_factory):
+    """One small local Ray per test module: 4 logical CPUs on this 2-core machine (two train
+    workers and a decode task fit), a 512 MiB object store, no dashboard, its own temp dir."""
+    ray = pytest.importorskip("ray")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=4, object_store_memory=512 * 1024**2, include_dashboard=False,
+             _temp_dir=str(tmp_path_factory.mktemp("ray")), log_to_driver=False)
+    yield ray
+    ray.shutdown()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -313,19 +312,6 @@ def test_online_knn_is_reported_during_training(tmp_path):
 
 
 # ---- Ray Data batch inference --------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def ray_instance(tmp_path_factory):
-    ray = pytest.importorskip("ray")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(num_cpus=4, object_store_memory=512 * 1024**2, include_dashboard=False,
-             _temp_dir=str(tmp_path_factory.mktemp("ray")), log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
 
 @pytest.mark.ray
 @pytest.mark.timeout(300)

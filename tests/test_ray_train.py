@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -31,15 +30,8 @@ pytestmark = pytest.mark.ray
 
 
 @pytest.fixture(scope="module", autouse=True)
-def ray_instance(tmp_path_factory):
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(num_cpus=4, object_store_memory=512 * 1024**2, include_dashboard=False,
-             _temp_dir=str(tmp_path_factory.mktemp("ray")), log_to_driver=False)
-    yield
-    ray.shutdown()
+def _ray(ray_instance):  # every test here runs on the module's Ray instance (conftest.py)
+    yield ray_instance
 
 
 def tiny_overrides(tmp_path: Path, name: str, **extra) -> list[str]:

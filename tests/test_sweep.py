@@ -152,18 +152,6 @@ def test_concurrency_from_resources():
 
 # ---- on Ray --------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def ray_instance(tmp_path_factory):
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(num_cpus=4, object_store_memory=512 * 1024**2, include_dashboard=False,
-             _temp_dir=str(tmp_path_factory.mktemp("ray")), log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
 def _records(sweep_dir: Path, kind: str) -> dict:
     return {p.stem: json.loads(p.read_text()) for p in sorted((sweep_dir / kind).glob("*.json"))}
 
@@ -263,3 +251,12 @@ def test_resume_does_not_rerun_finished_trials_or_evaluations(ray_instance, tmp_
     rows = list(csv.DictReader(open(sweep_dir / "results.csv")))
     assert [r["status"] for r in rows] == ["ok", "ok"]
     assert all(r["knn_top1"] and r["final_loss"] for r in rows)
+
+
+def test_object_store_sweep_storage_is_still_refused(tmp_path):
+    """Resolving local paths on the driver must leave URIs alone (and so refused)."""
+    p = tmp_path / "s.yaml"
+    p.write_text(yaml.safe_dump({"sweep": {"name": "x", "storage_path": "s3://b/x",
+                                           "grid": {"massl.num_blocks": [2]}}}))
+    with pytest.raises(ConfigError, match="sweep.storage_path must be a filesystem path"):
+        load_sweep(p)
