@@ -121,6 +121,15 @@ class DataConfig:
     # each epoch. Only for data that fits comfortably in the object store (CIFAR-sized).
     cache_encoded: bool = False
     prefetch_batches: int = 2
+    # Data order. exact: every (epoch, step, rank) has a fixed set of rows and crops (seeded
+    # per-epoch permutation, rows fetched by index, massl_ray/order.py), so a resumed run
+    # continues at the exact data position and repeats the uninterrupted run bitwise on CPU.
+    # stream: Ray Data's streaming shuffle of the whole dataset (data.rows_per_block,
+    # data.cache_encoded apply); unseeded, and a mid-epoch resume re-samples the epoch's rest.
+    # The local mode is always exact.
+    order: str = "exact"
+    # exact order: per decode process, an LRU cache of this many MiB of Parquet row groups.
+    row_cache_mb: int = 1024
     # Held-out labeled data for the end-of-run / online k-NN (optional).
     eval_train: Optional[str] = None
     eval_test: Optional[str] = None
@@ -343,6 +352,8 @@ class Config:
         need(d.limit is None or d.limit > 0, "data.limit must be positive or null")
         need(d.decode_cpus > 0, f"data.decode_cpus ({d.decode_cpus}) must be positive")
         need(d.decode_batch_size > 0, "data.decode_batch_size must be positive")
+        need(d.order in ("exact", "stream"), f"data.order ({d.order!r}) must be exact or stream")
+        need(d.row_cache_mb > 0, f"data.row_cache_mb ({d.row_cache_mb}) must be positive")
         need(d.prefetch_batches >= 0, "data.prefetch_batches must be >= 0")
         need(d.rows_per_block is None or d.rows_per_block == 0
              or d.rows_per_block >= d.decode_batch_size,

@@ -140,6 +140,8 @@ class Learner:
         self.std = torch.tensor(cfg.crops.std, device=self.device)
         self.partition_gen = torch.Generator(device=self.device)
         self.global_step = 0
+        dist = torch.distributed
+        self.rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
     # ---- the step -----------------------------------------------------------------------
     def _autocast(self):
@@ -184,6 +186,9 @@ class Learner:
             if not g.get("fixed_wd"):
                 g["weight_decay"] = wd
 
+        # The step's own randomness (drop path) from (seed, step, rank): a resumed run, on any
+        # rank, draws exactly what the uninterrupted run drew at this step.
+        torch.manual_seed(_step_seed(self.cfg.run.seed, step, self.rank))
         gc = normalize(global_crops.to(self.device, non_blocking=True), self.mean, self.std)
         lc = None
         if local_crops is not None and local_crops.shape[1] > 0:
@@ -283,6 +288,10 @@ class Learner:
         random.setstate(_to_tuple(rng["python"]))
         if "cuda" in rng and self.device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"], self.device)
+
+
+def _step_seed(seed: int, step: int, rank: int) -> int:
+    return (seed * 1_000_003 + step) * 1_009 + rank + 7919
 
 
 def _to_tuple(x):

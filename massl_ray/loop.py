@@ -26,7 +26,8 @@ from .checkpoint import CheckpointError, load_checkpoint, read_meta, save_checkp
 from .config import Config
 from .learner import Learner, NonFiniteLoss
 from .sources import Source
-from .views import DecodeReport, local_view_batches
+from .multicrop import MultiCrop
+from .views import DecodeReport
 
 log = logging.getLogger("massl_ray")
 
@@ -238,15 +239,24 @@ class LocalLoopContext(LoopContext):
         self.decode_report = report
         self.device = torch.device(device or ("cuda" if cfg.run.use_gpu else "cpu"))
         self.checkpoints: list[Path] = []
+        self._store = None
+        self._multicrop = None
 
     def batches(self, epoch: int, skip: int) -> Iterator[dict]:
+        # Index-keyed (massl_ray.order): step s of epoch e is the same batch in every run with
+        # this seed, so a resume at step s continues at the exact data position.
+        from .order import RowStore, epoch_order, step_batch
+
         d = self.cfg.data
-        it = local_view_batches(self.src, self.cfg.crops, self.cfg.optim.batch_size_per_worker,
-                                epoch, self.cfg.run.seed, d.shuffle, d.limit, self.decode_report,
-                                d.decode_batch_size)
-        for i, b in enumerate(it):
-            if i >= skip:  # same (seed, epoch) order: skipping resumes at the exact position
-                yield b
+        if self._store is None:
+            self._store = RowStore(self.src, d.limit, d.row_cache_mb << 20)
+            self._multicrop = MultiCrop(self.cfg.crops)
+        chunks = self._store.chunk_sizes() if d.shuffle == "blocks" else None
+        order = epoch_order(self._store.n, self.cfg.run.seed, epoch, d.shuffle, chunks)
+        for s in range(skip, self.cfg.optim.steps_per_epoch):
+            out, _ = step_batch(self._store, self._multicrop, order, self.cfg.run.seed, epoch, s,
+                                0, 1, self.cfg.optim.batch_size_per_worker, self.decode_report)
+            yield {k: torch.from_numpy(v) for k, v in out.items()}
 
     def latest_state(self) -> Optional[dict]:
         if self.resume_from is None:

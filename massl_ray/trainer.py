@@ -142,8 +142,14 @@ def resume_checkpoint(cfg: Config, ckpt_root: Path) -> Optional[Path]:
 
 # ---- Ray Train worker ----------------------------------------------------------------------
 
+# Exact data order on Ray: a worker streams its batches from one Ray Dataset per segment of at
+# most this many steps (one block and one decode task per step).
+SEGMENT_STEPS = 1024
+
+
 class RayLoopContext(LoopContext):
-    def __init__(self, cfg: Config, run_dir: Path, resume_from: Optional[str] = None):
+    def __init__(self, cfg: Config, run_dir: Path, resume_from: Optional[str] = None,
+                 src: Optional[Source] = None, reporter=None):
         import ray.train.torch as rtt
 
         self.cfg = cfg
@@ -153,7 +159,12 @@ class RayLoopContext(LoopContext):
         self.world_size = ctx.get_world_size()
         self.device = rtt.get_device()
         self.run_dir = run_dir
-        self.shard = ray.train.get_dataset_shard("train")
+        self.src = src
+        self.reporter = reporter
+        self.exact = cfg.data.order == "exact"
+        self.shard = None if self.exact else ray.train.get_dataset_shard("train")
+        self._stream: Optional[Iterator[dict]] = None
+        self._next_step = -1
 
     def wrap_model(self, model: torch.nn.Module) -> torch.nn.Module:
         if self.world_size <= 1:
@@ -163,7 +174,9 @@ class RayLoopContext(LoopContext):
         return rtt.prepare_model(model, move_to_device=False)
 
     def batches(self, epoch: int, skip: int) -> Iterator[dict]:
-        # A new pass over the shard re-executes the pipeline (a fresh shuffle). After a
+        if self.exact:
+            return self._exact_batches(epoch, skip)
+        # data.order=stream: a new pass over the shard re-executes the pipeline (a fresh shuffle). After a
         # mid-epoch resume the pass is cut at the epoch's end: the images of that epoch are a
         # fresh sample, not the exact remainder (see README, "What resume restores").
         d = self.cfg.data
@@ -173,6 +186,37 @@ class RayLoopContext(LoopContext):
         return self.shard.iter_torch_batches(
             batch_size=self.cfg.optim.batch_size_per_worker, drop_last=True,
             prefetch_batches=d.prefetch_batches, pin_memory=self.device.type == "cuda", **kw)
+
+    def _exact_batches(self, epoch: int, skip: int) -> Iterator[dict]:
+        # One stream over all remaining steps (datasets of SEGMENT_STEPS steps back to back), so
+        # that decoding runs ahead across epoch boundaries; each call yields one epoch's steps.
+        spe = self.cfg.optim.steps_per_epoch
+        g = epoch * spe + skip
+        if self._stream is None or self._next_step != g:
+            self._stream = self._exact_stream(g)
+            self._next_step = g
+        for _ in range(spe - skip):
+            batch = next(self._stream, None)
+            if batch is None:
+                return
+            self._next_step += 1
+            yield batch
+
+    def _exact_stream(self, first: int) -> Iterator[dict]:
+        from .data import build_step_dataset
+
+        c = self.cfg
+        stop = min(c.total_steps(), c.run.max_steps or c.total_steps())
+        b = c.optim.batch_size_per_worker
+        g = first
+        while g < stop:
+            n = min(SEGMENT_STEPS, stop - g)
+            ds = build_step_dataset(c, self.src, self.rank, g, n, self.reporter)
+            for batch in ds.iter_torch_batches(batch_size=b, drop_last=False,
+                                               prefetch_batches=c.data.prefetch_batches,
+                                               pin_memory=self.device.type == "cuda"):
+                yield batch
+            g += n
 
     def latest_state(self) -> Optional[dict]:
         if "://" not in self.cfg.run.storage_path:
@@ -242,7 +286,8 @@ def _quiet_ray_train_logs() -> None:
 def _worker_loop(loop_config: dict) -> None:
     cfg = config_from_dict(loop_config["config"], validate=True)
     _quiet_ray_train_logs()
-    ctx = RayLoopContext(cfg, Path(loop_config["run_dir"]), loop_config.get("resume_from"))
+    ctx = RayLoopContext(cfg, Path(loop_config["run_dir"]), loop_config.get("resume_from"),
+                         loop_config.get("source"), loop_config.get("reporter"))
     setup_logging(ctx.rank)
     _record_worker(ctx)
     torch.set_num_threads(max(1, int(loop_config.get("torch_threads", 1))))
@@ -332,7 +377,9 @@ def _train_ray(cfg: Config, src: Source, run_dir: Path, callbacks: Optional[list
     root = _ray_checkpoint_root(cfg)
     resume = resume_checkpoint(cfg, root) if root is not None else None
     reporter = get_report_actor(cfg.run.name)
-    ds = build_train_dataset(cfg, src, reporter)
+    exact = cfg.data.order == "exact"
+    # exact order: each worker builds its own per-step datasets (massl_ray.data.StepViewsFn)
+    datasets = {} if exact else {"train": build_train_dataset(cfg, src, reporter)}
     r = cfg.run
     res = {"CPU": r.cpus_per_worker}
     if r.use_gpu:
@@ -342,7 +389,9 @@ def _train_ray(cfg: Config, src: Source, run_dir: Path, callbacks: Optional[list
         _worker_loop,
         train_loop_config={"config": cfg.to_dict(), "run_dir": str(run_dir),
                            "torch_threads": max(1, int(r.cpus_per_worker)),
-                           "resume_from": str(resume) if resume else None},
+                           "resume_from": str(resume) if resume else None,
+                           "source": src if exact else None,
+                           "reporter": reporter if exact else None},
         scaling_config=ScalingConfig(num_workers=max(1, r.num_workers), use_gpu=r.use_gpu,
                                      resources_per_worker=res,
                                      placement_strategy=r.placement_strategy),
@@ -352,7 +401,7 @@ def _train_ray(cfg: Config, src: Source, run_dir: Path, callbacks: Optional[list
             failure_config=FailureConfig(max_failures=r.max_failures),
             callbacks=list(callbacks or []),
         ),
-        datasets={"train": ds},
+        datasets=datasets,
     )
     try:
         result = trainer.fit()

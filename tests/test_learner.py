@@ -245,12 +245,21 @@ def test_save_load_continue_is_bitwise(tiny_config):
     _assert_same_state(a, b)
     assert a.global_step == 6
 
-    # control: same state, but a different RNG stream (drop-path) -> the run diverges
+    # The step's randomness (drop path) is keyed by (seed, step, rank), not by whatever the
+    # process's global RNG went through: a disturbed global RNG continues identically ...
     c = Learner(tiny_config())
     c.load_state_dict(copy.deepcopy(state))
     torch.manual_seed(12345)
+    torch.rand(1000)
     losses_c = _run(c, cont)
-    assert any(not torch.equal(la, lc) for la, lc in zip(losses_a, losses_c))
+    for la, lc in zip(losses_a, losses_c):
+        assert torch.equal(la, lc)
+    # ... and control: another rank's key draws other drop-path masks -> the run diverges
+    d = Learner(tiny_config())
+    d.load_state_dict(copy.deepcopy(state))
+    d.rank = 1
+    losses_d = _run(d, cont)
+    assert any(not torch.equal(la, ld) for la, ld in zip(losses_a, losses_d))
 
 
 def test_state_dict_round_trips_config(tiny_config):
