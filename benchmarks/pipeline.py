@@ -6,7 +6,12 @@ crops: ``global_crops`` uint8 [B, 2, 3, G, G] and ``local_crops`` uint8 [B, L, 3
 DINO's recipe (RandomResizedCrop bicubic, flip, ColorJitter p=0.8, grayscale, Gaussian blur,
 solarisation; the probabilities and ranges of ``massl_ray.config.CropConfig``), batches of 64.
 
-* ``ray`` (massl_ray as packaged): ``ray.init(num_cpus=N)``, ``build_train_dataset`` (read the
+* ``ray_exact`` (massl_ray's default, ``data.order=exact``): what a train worker streams in the
+  exact data order: per epoch, ``build_step_dataset`` (one block and one decode task per step;
+  the task fetches the step's rows by index from the Parquet row groups through a per-process
+  cache, seeded permutation per epoch, ``massl_ray.order.step_batch``), order preserved. A new
+  dataset per pass, as a worker builds one per segment of steps.
+* ``ray`` (``data.order=stream``): ``ray.init(num_cpus=N)``, ``build_train_dataset`` (read the
   Parquet file, full random shuffle, a streaming repartition into blocks of
   ``data.rows_per_block`` rows, ``map_batches(ViewsFn)`` with ``data.decode_cpus=1`` per task,
   ``data.decode_batch_size=64``), consumed with ``iter_torch_batches(batch_size=64,
@@ -27,9 +32,8 @@ solarisation; the probabilities and ranges of ``massl_ray.config.CropConfig``), 
   spawned workers (the parent process runs Ray; forking it is unsafe).
 
 Everything runs in one process: Ray is started once, the DataLoader workers once, and the paths
-take turns pass by pass (reference, ray, ray_one_block, ray_cached, then the next round in reverse
-order), so
-that a change of load on the shared machine hits every path alike. The first pass of each path is
+take turns pass by pass (reference, ray, ray_one_block, ray_cached, ray_exact, then the next
+round in reverse order), so that a change of load on the shared machine hits every path alike. The first pass of each path is
 a warm-up: its time to the first batch is reported as the path's **start-up** (Ray: worker
 processes importing torch, the read and the shuffle; DataLoader: spawning the workers) and is
 excluded from the rates. Each later pass reports
@@ -98,7 +102,7 @@ SETTINGS = {
     "imagenet": dict(global_size=224, local_size=96, num_local_crops=10, images=1024),
 }
 QUICK_IMAGES = {"cifar": 384, "imagenet": 96}
-ALL_PATHS = ("reference", "ray", "ray_one_block", "ray_cached")
+ALL_PATHS = ("reference", "ray", "ray_one_block", "ray_cached", "ray_exact")
 
 
 # ---------------------------------------------------------------------------- data
@@ -208,9 +212,10 @@ class ReferenceDataset(torch.utils.data.Dataset):
 # ---------------------------------------------------------------------------- Ray paths
 # Each Ray path is massl_ray's own build_train_dataset under different data settings.
 RAY_VARIANTS = {
-    "ray": {},                                   # the packaged defaults
-    "ray_one_block": {"rows_per_block": 0},      # no repartition: the plan before this setting
-    "ray_cached": {"cache_encoded": True},       # encoded rows materialised once
+    "ray": {"order": "stream"},                  # streaming shuffle, default blocks
+    "ray_one_block": {"order": "stream", "rows_per_block": 0},  # no repartition (the old plan)
+    "ray_cached": {"order": "stream", "cache_encoded": True},   # encoded rows materialised once
+    "ray_exact": {"order": "exact"},             # index-keyed order: one decode task per step
 }
 
 
@@ -223,7 +228,17 @@ def ray_dataset(variant: str, cfg: Config, src):
     for k, v in RAY_VARIANTS[variant].items():
         setattr(c.data, k, v)
     c.validate()
+    if c.data.order == "exact":
+        return None, c  # built per pass (one epoch each) by exact_pass()
     return build_train_dataset(c, src, reporter=None), c
+
+
+def exact_pass(cfg: Config, src, epoch: int):
+    """One epoch of rank 0 of 1 in the exact data order, as a train worker streams it."""
+    from massl_ray.data import build_step_dataset
+
+    spe = cfg.optim.steps_per_epoch
+    return build_step_dataset(cfg, src, rank=0, start_step=epoch * spe, num_steps=spe)
 
 
 # ---------------------------------------------------------------------------- measurement
@@ -386,9 +401,16 @@ def main(argv=None) -> int:
                 built[v] = ray_dataset(v, cfg, src)  # once, as the trainer does; re-run per pass
                 built[v] = built[v] + (time.perf_counter() - t0,)
 
+            cfg.optim.steps_per_epoch = src.num_rows // BATCH
+            cfg.optim.batch_size_per_worker = BATCH
+            epochs = {"n": 0}
+
             def ray_maker(variant):
                 def make():
                     ds = built[variant][0]
+                    if ds is None:  # exact order: a new epoch's per-step dataset each pass
+                        ds = exact_pass(built[variant][1], src, epochs["n"])
+                        epochs["n"] += 1
                     return iter(ds.iter_torch_batches(batch_size=BATCH,
                                                       prefetch_batches=cfg.data.prefetch_batches))
                 return make

@@ -104,9 +104,10 @@ def test_bad_image_suite_is_skipped_named_and_counted_and_odd_formats_are_used(t
                        data)
     res = train(load_config(None, _overrides(tmp_path, layout, str(data))), local=True)
 
-    # 20 rows -> 5 steps per epoch; the 16 usable rows give 4 batches, so the epoch's last step
-    # takes its batch from a new pass: the run completes its schedule. Exactly the 4 unusable
-    # rows are skipped, so all 16 others (the odd formats among them) were decoded and used.
+    # 20 rows -> 5 steps of 4 per epoch (exact order: each step has its own 4 rows, and a step
+    # with unusable rows repeats its decodable ones): the run completes its schedule. Every row
+    # is visited once and exactly the 4 unusable ones are skipped, so all 16 others (the odd
+    # formats among them) were decoded and used.
     assert res["skipped_images"] == len(unusable)
     assert res["metrics"]["step"] == len(files) // 4
     report = json.loads((tmp_path / layout / "decode_errors.json").read_text())
