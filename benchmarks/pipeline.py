@@ -235,10 +235,14 @@ def ray_dataset(variant: str, cfg: Config, src):
 
 def exact_pass(cfg: Config, src, epoch: int):
     """One epoch of rank 0 of 1 in the exact data order, as a train worker streams it."""
+    import copy
+
     from massl_ray.data import build_step_dataset
 
-    spe = cfg.optim.steps_per_epoch
-    return build_step_dataset(cfg, src, rank=0, start_step=epoch * spe, num_steps=spe)
+    c = copy.deepcopy(cfg)
+    c.optim.batch_size_per_worker = BATCH
+    c.optim.steps_per_epoch = spe = src.num_rows // BATCH
+    return build_step_dataset(c, src, rank=0, start_step=epoch * spe, num_steps=spe)
 
 
 # ---------------------------------------------------------------------------- measurement
@@ -310,7 +314,7 @@ def parse_args(argv=None):
     p.add_argument("--rounds", type=int, default=None,
                    help="measured passes per path, interleaved (default 3; quick 1)")
     p.add_argument("--paths", default=None,
-                   help="comma-separated subset of %s (default all; quick: reference,ray)"
+                   help="comma-separated subset of %s (default all; quick: reference,ray_exact)"
                         % ",".join(ALL_PATHS))
     p.add_argument("--ref-blur", choices=["pil", "torchvision"], default="pil",
                    help="reference blur: PIL ImageFilter.GaussianBlur(radius=sigma) as DINO's code "
@@ -334,7 +338,7 @@ def parse_args(argv=None):
     if a.object_store_mib is None:
         a.object_store_mib = 1024 if a.setting == "imagenet" else 512
     if a.paths is None:
-        a.paths = "reference,ray" if a.quick else ",".join(ALL_PATHS)
+        a.paths = "reference,ray_exact" if a.quick else ",".join(ALL_PATHS)
     a.paths = [x.strip() for x in a.paths.split(",") if x.strip()]
     bad = set(a.paths) - set(ALL_PATHS)
     if bad or not a.paths:
@@ -401,8 +405,6 @@ def main(argv=None) -> int:
                 built[v] = ray_dataset(v, cfg, src)  # once, as the trainer does; re-run per pass
                 built[v] = built[v] + (time.perf_counter() - t0,)
 
-            cfg.optim.steps_per_epoch = src.num_rows // BATCH
-            cfg.optim.batch_size_per_worker = BATCH
             epochs = {"n": 0}
 
             def ray_maker(variant):
@@ -472,7 +474,7 @@ def main(argv=None) -> int:
               f"first batch is 'start-up'); steady: rows after the first batch / time after it. "
               f"Per core: / N = {a.cpus}. Load average {load_start[0]:.2f} at start, "
               f"{load_end[0]:.2f} at end ({os.cpu_count()} cores, shared).")
-        target = ratios.get("ray/reference", {}).get("pass")
+        target = ratios.get("ray_exact/reference", {}).get("pass")  # the packaged default
         if target is not None:
             print(f"target ours >= 1.5x reference: {target >= 1.5} (as packaged, {target:.2f}x)")
 
@@ -489,7 +491,7 @@ def main(argv=None) -> int:
                         "wall_s": time.time() - t_start},
             "paths": res,
             "ratios_ours_over_reference": ratios,
-            "target": {"ratio": 1.5, "metric": "ray/reference pass img/s",
+            "target": {"ratio": 1.5, "metric": "ray_exact/reference pass img/s",
                        "met": None if target is None else bool(target >= 1.5)},
         }
         out = Path(a.out)

@@ -145,13 +145,13 @@ def build_step_dataset(cfg: Config, src: Source, rank: int, start_step: int, num
                        reporter=None) -> "ray.data.Dataset":
     """Rank ``rank``'s batches of global steps ``start_step .. start_step + num_steps - 1`` in
     step order (exact data order): one block, one decode task per step, order preserved."""
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.execution_options.preserve_order = True
+    ray.data.DataContext.get_current().enable_progress_bars = False
     ds = ray.data.range(num_steps, override_num_blocks=num_steps)
     fn = StepViewsFn(cfg, src, rank, start_step, reporter)
-    return ds.map_batches(fn, batch_size=None, batch_format="numpy",
-                          num_cpus=cfg.data.decode_cpus, zero_copy_batch=True)
+    ds = ds.map_batches(fn, batch_size=None, batch_format="numpy",
+                        num_cpus=cfg.data.decode_cpus, zero_copy_batch=True)
+    ds.context.execution_options.preserve_order = True  # this dataset's own context only
+    return ds
 
 
 def check_resources(cfg: Config, cluster_cpus: float) -> None:

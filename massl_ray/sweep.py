@@ -295,10 +295,13 @@ def eval_settings(spec: SweepSpec, base_cfg: Config) -> tuple[EvalSettings, dict
 # ---- resources -----------------------------------------------------------------------------
 
 def trial_resources(cfg: Config) -> dict:
-    """What one trial holds while it trains: its workers, one decode task, the trainable."""
+    """What one trial holds: ``CPU``/``GPU`` for as long as it trains (its workers and the
+    trainable), and ``data_CPU``, what Ray Data needs beside them to make progress (a decode
+    task of data.decode_cpus; Ray Data's read/shuffle tasks take a whole CPU)."""
     r = cfg.run
     workers = max(1, r.num_workers)
-    out = {"CPU": workers * r.cpus_per_worker + cfg.data.decode_cpus + TRIAL_CPU}
+    out = {"CPU": workers * r.cpus_per_worker + TRIAL_CPU,
+           "data_CPU": max(1.0, cfg.data.decode_cpus)}
     if r.use_gpu:
         out["GPU"] = workers * r.gpus_per_worker
     return out
@@ -306,23 +309,31 @@ def trial_resources(cfg: Config) -> dict:
 
 def derive_concurrency(cluster: dict, trials: list[dict], eval_res: dict,
                        max_concurrent: Optional[int], n_trials: int) -> int:
-    """How many trials may train at once so that every one of them (and one evaluation task)
-    can be placed: ``floor((cluster - evaluation) / trial)`` per resource, at least 1; a trial
-    that does not fit the cluster at all is refused."""
+    """How many trials may train at once. ``c`` concurrent trials hold ``c x CPU`` for as long
+    as they train, and their data pipelines need ``data_CPU`` more to make progress, so ``c``
+    is the largest with ``c x CPU + data_CPU + evaluation <= cluster`` (and likewise for GPUs),
+    at least 1 (an evaluation then waits for a trial to end). A trial whose own CPU plus its data
+    CPU exceeds the cluster would hang, not fail: it is refused before launch."""
     need = {k: max(t.get(k, 0.0) for t in trials) for k in ("CPU", "GPU")}
+    data = max(t.get("data_CPU", 0.0) for t in trials)
     ev = {"CPU": eval_res["num_cpus"], "GPU": eval_res["num_gpus"]}
     have = {k: float(cluster.get(k, 0.0)) for k in ("CPU", "GPU")}
+    extra = {"CPU": data, "GPU": 0.0}
     for k in ("CPU", "GPU"):
-        if need[k] > have[k] + 1e-9:
+        if need[k] + extra[k] > have[k] + 1e-9:
+            what = (f"{need[k]:g} CPU while it trains (workers x run.cpus_per_worker + the "
+                    f"trainable) and Ray Data {data:g} more (data.decode_cpus, at least one "
+                    f"whole CPU for its read and shuffle tasks)" if k == "CPU"
+                    else f"{need[k]:g} GPU (workers x run.gpus_per_worker)")
             raise ConfigError(
-                f"a trial needs {need[k]:g} {k} (workers x per-worker + one decode task) but the "
-                f"cluster has {have[k]:g}: it could never be placed")
+                f"a trial needs {what}, but the cluster has {have[k]:g} {k}: it could never "
+                f"run (lower run.cpus_per_worker / run.num_workers, or add {k}s)")
         if ev[k] > have[k] + 1e-9:
             raise ConfigError(f"sweep.evaluation needs {ev[k]:g} {k}, the cluster has {have[k]:g}")
     n = n_trials
     for k in ("CPU", "GPU"):
         if need[k] > 0:
-            n = min(n, max(1, int((have[k] - ev[k] + 1e-9) // need[k])))
+            n = min(n, max(1, int((have[k] - ev[k] - extra[k] + 1e-9) // need[k])))
     if max_concurrent is not None:
         n = min(n, max_concurrent)
     return max(1, n)

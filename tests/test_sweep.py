@@ -134,20 +134,38 @@ def test_invalid_combinations_refused_before_anything_launches(tmp_path, capsys)
 
 @pytest.mark.timeout(30)
 def test_concurrency_from_resources():
-    trial = {"CPU": 1.01}
+    # One worker of 1 CPU + the trainable's 0.01, and Ray Data's 1 CPU beside the trials.
+    trial = {"CPU": 1.01, "data_CPU": 1.0}
     ev = {"num_cpus": 1.0, "num_gpus": 0.0}
-    assert derive_concurrency({"CPU": 4}, [trial], ev, None, 10) == 2
-    assert derive_concurrency({"CPU": 4}, [trial], ev, 1, 10) == 1
+    assert derive_concurrency({"CPU": 4}, [trial], ev, None, 10) == 1  # 2 x 1.01 + 1 + 1 > 4
+    assert derive_concurrency({"CPU": 5.03}, [trial], ev, None, 10) == 3
+    assert derive_concurrency({"CPU": 5.03}, [trial], ev, 1, 10) == 1
     assert derive_concurrency({"CPU": 64}, [trial], ev, None, 4) == 4  # no more than trials
-    assert derive_concurrency({"CPU": 1.5}, [trial], ev, None, 4) == 1  # evals wait for a trial
-    gpu_trial = {"CPU": 5.01, "GPU": 2}
+    assert derive_concurrency({"CPU": 2.5}, [trial], ev, None, 4) == 1  # evals wait for a trial
+    gpu_trial = {"CPU": 5.01, "GPU": 2, "data_CPU": 1.0}
     assert derive_concurrency({"CPU": 64, "GPU": 8}, [gpu_trial], ev, None, 9) == 4
     assert derive_concurrency({"CPU": 64, "GPU": 8}, [gpu_trial],
                               {"num_cpus": 4, "num_gpus": 1}, None, 9) == 3
     with pytest.raises(ConfigError, match="a trial needs 2 GPU .* the cluster has 1"):
         derive_concurrency({"CPU": 64, "GPU": 1}, [{"CPU": 2, "GPU": 2}], ev, None, 2)
-    with pytest.raises(ConfigError, match="could never be placed"):
-        derive_concurrency({"CPU": 2}, [{"CPU": 3.01}], ev, None, 2)
+    # A trial whose workers leave Ray Data less than its CPU would hang: refused.
+    with pytest.raises(ConfigError, match=r"2\.01 CPU while it trains .* Ray Data 1 more .* "
+                                          r"the cluster has 2 CPU: it could never run"):
+        derive_concurrency({"CPU": 2}, [{"CPU": 2.01, "data_CPU": 1.0}], ev, None, 2)
+    with pytest.raises(ConfigError, match="could never run"):
+        derive_concurrency({"CPU": 2}, [{"CPU": 1.01, "data_CPU": 1.0}], ev, None, 2)
+    assert derive_concurrency({"CPU": 2}, [{"CPU": 0.91, "data_CPU": 1.0}], ev, None, 4) == 1
+
+
+def test_trial_resources_count_the_data_cpu_apart(tmp_path):
+    from massl_ray.config import load_config
+    from massl_ray.sweep import trial_resources
+
+    cfg = load_config(None, ["run.num_workers=2", "run.cpus_per_worker=1.5",
+                             "data.decode_cpus=0.5"])
+    assert trial_resources(cfg) == {"CPU": 3.01, "data_CPU": 1.0}
+    cfg = load_config(None, ["data.decode_cpus=2", "run.use_gpu=true", "run.num_workers=2"])
+    assert trial_resources(cfg) == {"CPU": 2.01, "data_CPU": 2.0, "GPU": 2.0}
 
 
 # ---- on Ray --------------------------------------------------------------------------------
