@@ -296,6 +296,15 @@ def _worker_loop(loop_config: dict) -> None:
 
 # ---- driver --------------------------------------------------------------------------------
 
+def quiet_worker_logs() -> None:
+    """Worker-process setup hook of a local (dashboard-less) Ray: without the dashboard's State
+    API, Ray Train's placement-group cleaner warns "Failed to query Ray Train Controller actor
+    state" every second or two for the whole run; it is harmless (ray-notes) and drowned the
+    progress lines."""
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner"
+                      ).setLevel(logging.ERROR)
+
+
 def init_ray(num_cpus: Optional[float] = None) -> None:
     if ray.is_initialized():
         return
@@ -303,7 +312,8 @@ def init_ray(num_cpus: Optional[float] = None) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
+                 runtime_env={"worker_process_setup_hook": quiet_worker_logs})
 
 
 def _write_summary(run_dir: Path, summary: dict) -> None:

@@ -171,6 +171,49 @@ def test_sigkilled_run_ends_bitwise_equal_to_an_uninterrupted_run(tmp_path, work
     _assert_states_equal(a, b)
 
 
+@pytest.mark.timeout(600)
+def test_killed_driver_rerun_resumes_and_ends_bitwise_equal_to_an_uninterrupted_run(tmp_path):
+    """Driver restart: the training command is SIGKILLed (the driver process: its Ray Train
+    controller and workers go with it) once its first checkpoint exists, then the same command
+    runs again with the same run name. It resumes from the newest checkpoint (run.resume=auto)
+    and ends with exactly the state of an uninterrupted run (here the --local one)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    common = {"run.max_steps": 40, "data.limit": 256, "optim.epochs": 5,
+              "run.checkpoint_every_steps": 8, "run.log_every_steps": 8}
+    ref = train(load_config(None, tiny_overrides(tmp_path, "ref", **common)), local=True)
+    over = tiny_overrides(tmp_path, "drv", **common)
+    env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address,
+               PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "massl_ray", "train", *over]
+    run_dir = tmp_path / "drv"
+    proc = subprocess.Popen(cmd, cwd=str(ROOT), env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 240
+        while not list(run_dir.glob("checkpoint_*/meta.json")):
+            assert proc.poll() is None, "the first run ended before it was killed"
+            assert time.time() < deadline, "no checkpoint within 240 s"
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    done = [json.loads(p.read_text())["global_step"] for p in run_dir.glob("checkpoint_*/meta.json")]
+    assert max(done) < 40, "the first run must not have finished"
+    time.sleep(2)  # let Ray reap the dead driver's actors
+    second = subprocess.run(cmd, cwd=str(ROOT), env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resuming run 'drv' from" in second.stderr
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["metrics"]["start_step"] == max(done) and summary["metrics"]["step"] == 40
+    _assert_states_equal(load_checkpoint(ref["checkpoint"]), load_checkpoint(summary["checkpoint"]))
+
+
 def _jpeg(rng: np.random.Generator) -> bytes:
     from PIL import Image
 
@@ -180,8 +223,13 @@ def _jpeg(rng: np.random.Generator) -> bytes:
 
 
 @pytest.mark.timeout(300)
-def test_corrupt_rows_are_skipped_and_counted(tmp_path):
-    good = pq.read_table(QUICK, columns=["image", "label"]).slice(0, 200)
+@pytest.mark.parametrize("workers", [1, 2])
+def test_corrupt_rows_are_skipped_and_counted(tmp_path, workers):
+    """189 good + 3 bad rows = 192 = 6 steps of 32 (one worker) or 3 global steps of 2 x 32:
+    the epoch visits every row. With two workers the bad rows fall on the ranks unevenly; every
+    rank still makes every step (a rank that ran short would hang the other in the all-reduce)
+    and the memory replicas stay identical."""
+    good = pq.read_table(QUICK, columns=["image", "label"]).slice(0, 189)
     rng = np.random.default_rng(0)
     jpg = _jpeg(rng)
     bad = [b"", jpg[: len(jpg) // 2], rng.integers(0, 255, 500, dtype=np.uint8).tobytes()]
@@ -193,9 +241,11 @@ def test_corrupt_rows_are_skipped_and_counted(tmp_path):
     pq.write_table(pa.table({"image": pa.array(images, pa.binary()),
                              "label": pa.array(labels, pa.int16())}), path)
     over = tiny_overrides(tmp_path, "corrupt", **{"data.train": str(path), "data.limit": "null",
-                                                  "run.max_steps": 6, "optim.epochs": 1})
+                                                  "optim.epochs": 1, "run.num_workers": workers,
+                                                  "run.checkpoint_every_steps": 100})
     res = train(load_config(None, over))
-    assert res["metrics"]["step"] == 6
+    assert res["metrics"]["step"] == 6 // workers
+    assert res["metrics"]["memory_replicas_identical"] is True
     assert res["skipped_images"] == 3
     report = json.loads((tmp_path / "corrupt" / "decode_errors.json").read_text())
     assert report["skipped"] == 3 and len(report["rows"]) == 3
