@@ -171,6 +171,21 @@ class RowStore:
         return images, labels, [row_id(b) for b in images]
 
 
+def random_access_warning(src: Source, shuffle: str, cache_mib: int) -> Optional[str]:
+    """A warning when the exact order would read a Parquet row group for nearly every row: a full
+    shuffle over Parquet data larger than the per-process row cache. None when it is fine."""
+    if src.kind != "parquet" or shuffle != "full":
+        return None
+    size = sum(i.size or 0 for i in src.filesystem.get_file_info(src.files))
+    if size <= cache_mib << 20:
+        return None
+    return (f"data.order=exact with data.shuffle=full on {size / 2**30:.1f} GiB of Parquet, more "
+            f"than the {cache_mib} MiB row cache of a decode process: most rows will cost a "
+            f"row-group read. Use data.shuffle=blocks (permutes within a few row groups; fine if "
+            f"the files were written in shuffled order), raise data.row_cache_mb, or "
+            f"data.order=stream (Ray Data's distributed shuffle; no exact mid-epoch resume)")
+
+
 # Per-process state of decode tasks: Ray reuses a worker process for many tasks, so the row
 # cache and the epoch's order survive from one step to the next.
 _STORES: dict = {}

@@ -59,6 +59,12 @@ def prepare(cfg: Config) -> tuple[Config, Source]:
     d = cfg.data
     src = open_source(d.train, d.format, d.image_column, d.label_column, what="data.train")
     rows = src.num_rows if d.limit is None else min(d.limit, src.num_rows)
+    if d.order == "exact":
+        from .order import random_access_warning
+
+        warn = random_access_warning(src, d.shuffle, d.row_cache_mb)
+        if warn:
+            log.warning(warn)
     if cfg.optim.steps_per_epoch is None:
         spe = rows // cfg.global_batch_size
         if spe == 0:

@@ -14,8 +14,8 @@ from PIL import Image
 
 from massl_ray.config import CropConfig
 from massl_ray.multicrop import MultiCrop
-from massl_ray.order import (BLOCK_WINDOW_CHUNKS, RowStore, epoch_order, step_batch,
-                             step_rows)
+from massl_ray.order import (BLOCK_WINDOW_CHUNKS, RowStore, epoch_order,
+                             random_access_warning, step_batch, step_rows)
 from massl_ray.sources import open_source, row_id
 from massl_ray.views import DecodeReport
 
@@ -147,3 +147,16 @@ def test_a_step_with_no_decodable_row_takes_the_next_rows_of_the_order(tmp_path)
     all_bad = open_source(str(_parquet(tmp_path / "bad.parquet", 32, 8, bad=tuple(range(32)))))
     with pytest.raises(RuntimeError, match="could be decoded"):
         step_batch(RowStore(all_bad), MultiCrop(CROPS), np.arange(32), 0, 0, 0, 0, 1, 8)
+
+
+def test_full_shuffle_over_parquet_larger_than_the_row_cache_is_warned_about(tmp_path):
+    rng = np.random.default_rng(0)
+    path = tmp_path / "d.parquet"
+    pq.write_table(pa.table({"image": pa.array([rng.bytes(1024) for _ in range(1500)],
+                                               pa.binary())}), path, compression="none")
+    src = open_source(str(path))
+    assert path.stat().st_size > 1 << 20  # larger than a 1 MiB cache
+    msg = random_access_warning(src, "full", cache_mib=1)
+    assert msg and "data.shuffle=blocks" in msg and "data.order=stream" in msg
+    assert random_access_warning(src, "full", cache_mib=64) is None  # fits the cache
+    assert random_access_warning(src, "blocks", cache_mib=1) is None
