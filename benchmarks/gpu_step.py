@@ -210,7 +210,10 @@ def run_worker(a) -> dict:
     gen = torch.Generator(device=device)
     gen.manual_seed(seed * 1_000_003 + 0)  # = Learner._partition(0)
     partition = block_permutation(cfg.massl.memory_size, cfg.block_size, gen, device)
-    torch.manual_seed(seed + 12345)  # same drop-path draws in both variants
+    # Same drop-path draws in both variants: Learner.step seeds torch from (seed, step, rank)
+    # itself; the reference is seeded with the same value for step 0 on rank 0.
+    from massl_ray.learner import _step_seed
+    torch.manual_seed(_step_seed(seed, 0, 0))
     t0 = time.perf_counter()
     out = step(partition) if variant == "reference" else step()
     info["loss_step0"] = loss_of(out)
