@@ -217,14 +217,23 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def latest_valid_checkpoint(run_dir: Path) -> Optional[Path]:
-    """The newest complete checkpoint (meta.json present, checksum good); warns on skipped ones."""
+    """The newest complete checkpoint (meta.json present, checksum good). Warns, naming each
+    one and why, on every newer checkpoint it skips and on every incomplete directory (one
+    without a readable meta.json: its step is unknown, so it may have been the newest)."""
+    found = None
     for d in list_checkpoints(run_dir):
         try:
-            verify_checkpoint(d)
-            return d
+            read_meta(d)
         except CheckpointError as e:
             log.warning("skipping broken checkpoint: %s", e)
-    return None
+            continue
+        if found is None:
+            try:
+                verify_checkpoint(d)
+                found = d
+            except CheckpointError as e:
+                log.warning("skipping broken checkpoint: %s", e)
+    return found
 
 
 class LocalLoopContext(LoopContext):
@@ -239,6 +248,10 @@ class LocalLoopContext(LoopContext):
         self.decode_report = report
         self.device = torch.device(device or ("cuda" if cfg.run.use_gpu else "cpu"))
         self.checkpoints: list[Path] = []
+        self._good: dict[Path, bool] = {}  # checkpoint directory -> verified intact
+        self._broken_reason: dict[Path, str] = {}
+        if resume_from is not None:
+            self._good[Path(resume_from)] = True
         self._store = None
         self._multicrop = None
 
@@ -274,6 +287,37 @@ class LocalLoopContext(LoopContext):
             shutil.rmtree(final)
         os.replace(tmp, final)  # atomic publish of a complete directory
         self.resume_from = final
+        self._good[final] = True
+        self._prune(step)
+
+    def _prune(self, step: int) -> None:
+        """Keep the newest run.num_checkpoints_to_keep *good* checkpoints. A broken one (left by
+        a crash, or corrupted since) never takes a good one's place: once this run has written
+        a good checkpoint past it, it is deleted. Each directory is verified once per process."""
+        good = []
+        for d in list_checkpoints(self.run_dir):
+            if d not in self._good:
+                try:
+                    verify_checkpoint(d)
+                    self._good[d] = True
+                except CheckpointError as e:
+                    self._good[d] = False
+                    self._broken_reason[d] = str(e)
+            if self._good[d]:
+                good.append(d)
+                continue
+            try:
+                older = int(read_meta(d)["global_step"]) < step
+            except (CheckpointError, KeyError, ValueError, TypeError):
+                older = True  # incomplete: it has no step at all
+            if older:
+                log.warning("deleting broken checkpoint %s, superseded by the good checkpoint of "
+                            "step %d (%s)", d, step, self._broken_reason.get(d, "broken"))
+                shutil.rmtree(d, ignore_errors=True)
+                self._good.pop(d, None)
+        for stale in self.run_dir.glob(".tmp_ckpt_*"):  # half-written by a killed process
+            shutil.rmtree(stale, ignore_errors=True)
         keep = self.cfg.run.num_checkpoints_to_keep
-        for old in list_checkpoints(self.run_dir)[keep:]:
+        for old in good[keep:]:
             shutil.rmtree(old, ignore_errors=True)
+            self._good.pop(old, None)

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,12 +30,25 @@ from .views import DecodeReport
 log = logging.getLogger("massl_ray")
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time of each record (not the stream of the
+    moment the handler was made: that one may since have been replaced and closed)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 def setup_logging(rank: int = 0, level: int = logging.INFO) -> None:
     fmt = f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s"
     root = logging.getLogger("massl_ray")
     root.setLevel(level)
     if not any(getattr(h, "_massl", False) for h in root.handlers):
-        h = logging.StreamHandler()
+        h = _StderrHandler()
         h._massl = True  # type: ignore[attr-defined]
         root.addHandler(h)
     for h in root.handlers:

@@ -156,3 +156,47 @@ def test_unwritable_or_full_storage_is_refused_before_training(tmp_path, monkeyp
     err = capsys.readouterr().err
     assert "has 1 MiB free" in err and "run.num_checkpoints_to_keep" in err
     assert not list((tmp_path / "full").glob("checkpoint_*")) and not (tmp_path / "full" / "metrics.jsonl").exists()
+
+
+@pytest.mark.timeout(300)
+def test_broken_newest_checkpoints_fall_back_to_the_last_good_one_saying_so(tmp_path, capsys):
+    """The newest checkpoint corrupt (one flipped byte in state.pt) and the one before it
+    incomplete (meta.json never written, as when a writer dies): the same command resumes from
+    the last good checkpoint, names each one it skipped and why, and ends bitwise equal to an
+    uninterrupted run (nothing lost but the recomputed steps)."""
+    from massl_ray.checkpoint import META_FILE, STATE_FILE, verify_checkpoint
+
+    full = train(load_config(None, overrides(tmp_path, "full")), local=True)  # 12 steps
+    over = overrides(tmp_path, "split", **{"run.num_checkpoints_to_keep": 3})
+    assert cli_main(["train", "--local", *over, "run.max_steps=10"]) == 0  # checkpoints 4, 8, 10
+    ckpts = {int(p.name.split("_")[1]): p for p in (tmp_path / "split").glob("checkpoint_*")}
+    assert sorted(ckpts) == [4, 8, 10]
+    data = bytearray((ckpts[10] / STATE_FILE).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (ckpts[10] / STATE_FILE).write_bytes(bytes(data))
+    (ckpts[8] / META_FILE).unlink()
+    (tmp_path / "split" / ".tmp_ckpt_killed").mkdir()  # a writer killed mid-checkpoint
+    capsys.readouterr()
+
+    assert cli_main(["train", "--local", *over]) == 0
+    err = capsys.readouterr().err
+    assert f"skipping broken checkpoint: checkpoint {ckpts[10]}: {STATE_FILE} fails its sha256" in err
+    assert f"skipping broken checkpoint: checkpoint {ckpts[8]} is incomplete" in err
+    assert f"resuming run 'split' from {ckpts[4]}" in err
+    summary = json.loads((tmp_path / "split" / "summary.json").read_text())
+    assert summary["metrics"]["start_step"] == 4 and summary["metrics"]["step"] == 12
+    # Step 8 was rewritten by the resumed run; the corrupt step 10 was deleted once the good
+    # step 12 existed (it must not hold one of the 3 kept places); every one left verifies.
+    assert f"deleting broken checkpoint {ckpts[10]}, superseded by the good checkpoint of step 12" in err
+    left = sorted((tmp_path / "split").glob("checkpoint_*"))
+    assert [p.name for p in left] == [f"checkpoint_{s:09d}" for s in (4, 8, 12)]
+    for p in left:
+        verify_checkpoint(p)
+    a, b = load_checkpoint(full["checkpoint"]), load_checkpoint(summary["checkpoint"])
+    assert a["global_step"] == b["global_step"] == 12
+    assert not (tmp_path / "split" / ".tmp_ckpt_killed").exists()
+    for part in ("student", "teacher"):
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), f"{part}.{k} differs after the fallback"
+    assert torch.equal(a["memory"]["rows"], b["memory"]["rows"])
+    assert torch.equal(a["memory"]["ptr"], b["memory"]["ptr"])
