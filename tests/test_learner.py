@@ -156,8 +156,20 @@ def test_metrics(tiny_config):
     assert 0 <= m["teacher_entropy"] <= math.log(cfg.block_size) + 1e-5
     assert m["teacher_entropy_max"] == pytest.approx(math.log(cfg.block_size))
     assert isinstance(m["distinct_argmax_slots"], int)
-    assert 1 <= m["distinct_argmax_slots"] <= 2 * cfg.optim.batch_size_per_worker
+    argmax = res.stats.teacher_argmax
+    assert argmax.shape == (2 * cfg.optim.batch_size_per_worker,)
+    assert m["distinct_argmax_slots"] == len(set(argmax.tolist()))
     assert m["loss"] > 0
+    # A memory whose slot similarities are c_j * z[0] with c_j increasing in j: each teacher row's
+    # argmax is the last slot (z[0] > 0) or the first (z[0] < 0), never any other.
+    k = cfg.massl.memory_size
+    rows = torch.zeros_like(lr_.memory.rows)
+    rows[:, 0] = torch.linspace(0.1, 1.0, k)
+    lr_.memory.rows.copy_(rows)
+    res = lr_.step(*make_crops(cfg, seed=1))
+    slots = set(res.stats.teacher_argmax.tolist())
+    assert slots <= {0, k - 1}, slots
+    assert res.metrics()["distinct_argmax_slots"] == len(slots)
 
 
 @pytest.mark.parametrize("inject", ["student_temp", "inputs"])
