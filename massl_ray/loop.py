@@ -248,10 +248,10 @@ class LocalLoopContext(LoopContext):
         self.decode_report = report
         self.device = torch.device(device or ("cuda" if cfg.run.use_gpu else "cpu"))
         self.checkpoints: list[Path] = []
-        self._good: dict[Path, bool] = {}  # checkpoint directory -> verified intact
-        self._broken_reason: dict[Path, str] = {}
+        # checkpoint directory -> None if verified intact, else why it is broken
+        self._broken: dict[Path, Optional[str]] = {}
         if resume_from is not None:
-            self._good[Path(resume_from)] = True
+            self._broken[Path(resume_from)] = None
         self._store = None
         self._multicrop = None
 
@@ -287,7 +287,7 @@ class LocalLoopContext(LoopContext):
             shutil.rmtree(final)
         os.replace(tmp, final)  # atomic publish of a complete directory
         self.resume_from = final
-        self._good[final] = True
+        self._broken[final] = None
         self._prune(step)
 
     def _prune(self, step: int) -> None:
@@ -296,14 +296,13 @@ class LocalLoopContext(LoopContext):
         a good checkpoint past it, it is deleted. Each directory is verified once per process."""
         good = []
         for d in list_checkpoints(self.run_dir):
-            if d not in self._good:
+            if d not in self._broken:
                 try:
                     verify_checkpoint(d)
-                    self._good[d] = True
+                    self._broken[d] = None
                 except CheckpointError as e:
-                    self._good[d] = False
-                    self._broken_reason[d] = str(e)
-            if self._good[d]:
+                    self._broken[d] = str(e)
+            if self._broken[d] is None:
                 good.append(d)
                 continue
             try:
@@ -312,12 +311,11 @@ class LocalLoopContext(LoopContext):
                 older = True  # incomplete: it has no step at all
             if older:
                 log.warning("deleting broken checkpoint %s, superseded by the good checkpoint of "
-                            "step %d (%s)", d, step, self._broken_reason.get(d, "broken"))
+                            "step %d (%s)", d, step, self._broken.pop(d))
                 shutil.rmtree(d, ignore_errors=True)
-                self._good.pop(d, None)
         for stale in self.run_dir.glob(".tmp_ckpt_*"):  # half-written by a killed process
             shutil.rmtree(stale, ignore_errors=True)
         keep = self.cfg.run.num_checkpoints_to_keep
         for old in good[keep:]:
             shutil.rmtree(old, ignore_errors=True)
-            self._good.pop(old, None)
+            self._broken.pop(old, None)
