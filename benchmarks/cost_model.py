@@ -40,7 +40,7 @@ if str(REPO) not in sys.path:
 
 from massl_ray.config import Config, load_config  # noqa: E402  (no torch import)
 
-# massl_ray.model.ARCHS presets, as (embed_dim, depth, num_heads). Duplicated here so that this
+# massl_ray.method.model.ARCHS presets, as (embed_dim, depth, num_heads). Duplicated here so that this
 # module never imports torch/timm; tests/test_benchmarks_gpu_step.py checks the parameter counts
 # against the models massl_ray actually builds.
 PRESETS = {
@@ -437,7 +437,7 @@ def _measure_cpu_step(cfg: Config, steps: int = 3, threads: int = 1) -> dict:
 
     import torch
 
-    from massl_ray.learner import Learner
+    from massl_ray.method.learner import Learner
 
     torch.set_num_threads(threads)
     learner = Learner(cfg)
@@ -462,7 +462,7 @@ def _flop_counter_step(cfg: Config) -> int:
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    from massl_ray.learner import Learner
+    from massl_ray.method.learner import Learner
 
     learner = Learner(cfg)
     g = torch.Generator().manual_seed(0)
@@ -480,8 +480,8 @@ def _checkpoint_actual(cfg: Config, directory: Path, batch: Optional[int] = None
     """Bytes of state.pt after one real step (so AdamW has its states)."""
     import torch
 
-    from massl_ray.checkpoint import save_checkpoint
-    from massl_ray.learner import Learner
+    from massl_ray.method.checkpoint import save_checkpoint
+    from massl_ray.method.learner import Learner
 
     learner = Learner(cfg)
     b = batch or cfg.optim.batch_size_per_worker
@@ -503,8 +503,8 @@ def _gloo_worker(rank: int, world: int, port: int, overrides: list, q) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from massl_ray.distributed import all_gather_cat
-    from massl_ray.learner import Learner
+    from massl_ray.method.distributed import all_gather_cat
+    from massl_ray.method.learner import Learner
 
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))

@@ -6,7 +6,7 @@ step (teacher forward, student forward + backward, memory loss, clipping, AdamW,
 for the paper's ViT-S/16 setting (``jobs/imagenet_vit_s16_800ep.yaml`` on one worker: batch 64,
 2 x 224 + 10 x 96 crops, K = 131072 in blocks of 16384, bf16):
 
-* ``massl_ray``: :meth:`massl_ray.learner.Learner.step` on uint8 crops already on the host in
+* ``massl_ray``: :meth:`massl_ray.method.learner.Learner.step` on uint8 crops already on the host in
   pinned memory (non-blocking copies, normalisation on the device, bf16 autocast, fused AdamW,
   foreach clipping, no host sync), as the worker loop calls it;
 * ``massl_ray_compile``: the same with ``torch.compile`` of the student and teacher forwards
@@ -147,9 +147,9 @@ def make_crops(cfg, seed: int):
 def run_worker(a) -> dict:
     import torch
 
-    from massl_ray.learner import Learner, normalize
-    from massl_ray.memory import MemoryBank, block_permutation
-    from massl_ray.model import build_student_teacher
+    from massl_ray.method.learner import Learner, normalize
+    from massl_ray.method.memory import MemoryBank, block_permutation
+    from massl_ray.method.model import build_student_teacher
 
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -212,7 +212,7 @@ def run_worker(a) -> dict:
     partition = block_permutation(cfg.massl.memory_size, cfg.block_size, gen, device)
     # Same drop-path draws in both variants: Learner.step seeds torch from (seed, step, rank)
     # itself; the reference is seeded with the same value for step 0 on rank 0.
-    from massl_ray.learner import _step_seed
+    from massl_ray.method.learner import _step_seed
     torch.manual_seed(_step_seed(seed, 0, 0))
     t0 = time.perf_counter()
     out = step(partition) if variant == "reference" else step()

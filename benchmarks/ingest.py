@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Input-pipeline sizing: decode + multi-crop throughput per CPU core, and cores per GPU.
 
-Runs :func:`massl_ray.views.make_views` — the exact function the Ray Data pipeline runs in each
+Runs :func:`massl_ray.data.views.make_views` — the exact function the Ray Data pipeline runs in each
 decode task — in one process with ``torch.set_num_threads(1)``, at the paper's crop sizes
 (2 x 224 + 10 x 96, ``CropConfig()`` defaults) on real JPEGs larger than 224 px, and reports the
 cost per image in **CPU-seconds** (``time.process_time``: what one core spends; robust to other
@@ -59,9 +59,9 @@ from PIL import Image  # noqa: E402
 
 import cost_model  # noqa: E402
 from massl_ray.config import CropConfig, load_config  # noqa: E402
-from massl_ray.images import try_decode  # noqa: E402
-from massl_ray.multicrop import MultiCrop  # noqa: E402
-from massl_ray.views import make_views  # noqa: E402
+from massl_ray.data.images import try_decode  # noqa: E402
+from massl_ray.data.multicrop import MultiCrop  # noqa: E402
+from massl_ray.data.views import make_views  # noqa: E402
 
 SOURCE = REPO / "jobs" / "data" / "cifar10-quick" / "train.parquet"
 

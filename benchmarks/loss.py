@@ -59,8 +59,8 @@ if str(REPO) not in sys.path:
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from massl_ray.loss import massl_loss  # noqa: E402
-from massl_ray.memory import MemoryBank, block_permutation  # noqa: E402
+from massl_ray.method.loss import massl_loss  # noqa: E402
+from massl_ray.method.memory import MemoryBank, block_permutation  # noqa: E402
 
 PAPER = dict(views=12, batch=64, dim=256, memory_size=65536, block_size=16384)
 TINY = dict(views=4, batch=8, dim=64, memory_size=1024, block_size=256)

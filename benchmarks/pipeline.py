@@ -9,7 +9,7 @@ solarisation; the probabilities and ranges of ``massl_ray.config.CropConfig``), 
 * ``ray_exact`` (massl_ray's default, ``data.order=exact``): what a train worker streams in the
   exact data order: per epoch, ``build_step_dataset`` (one block and one decode task per step;
   the task fetches the step's rows by index from the Parquet row groups through a per-process
-  cache, seeded permutation per epoch, ``massl_ray.order.step_batch``), order preserved. A new
+  cache, seeded permutation per epoch, ``massl_ray.data.order.step_batch``), order preserved. A new
   dataset per pass, as a worker builds one per segment of steps.
 * ``ray`` (``data.order=stream``): ``ray.init(num_cpus=N)``, ``build_train_dataset`` (read the
   Parquet file, full random shuffle, a streaming repartition into blocks of
@@ -93,7 +93,7 @@ import torch  # noqa: E402
 from PIL import Image, ImageFilter  # noqa: E402
 
 from massl_ray.config import Config, CropConfig  # noqa: E402
-from massl_ray.multicrop import blur_kernel_size  # noqa: E402
+from massl_ray.data.multicrop import blur_kernel_size  # noqa: E402
 
 CIFAR = REPO / "jobs" / "data" / "cifar10-quick" / "train.parquet"
 BATCH = 64
@@ -222,7 +222,7 @@ RAY_VARIANTS = {
 def ray_dataset(variant: str, cfg: Config, src):
     import copy
 
-    from massl_ray.data import build_train_dataset
+    from massl_ray.data.pipeline import build_train_dataset
 
     c = copy.deepcopy(cfg)
     for k, v in RAY_VARIANTS[variant].items():
@@ -237,7 +237,7 @@ def exact_pass(cfg: Config, src, epoch: int):
     """One epoch of rank 0 of 1 in the exact data order, as a train worker streams it."""
     import copy
 
-    from massl_ray.data import build_step_dataset
+    from massl_ray.data.pipeline import build_step_dataset
 
     c = copy.deepcopy(cfg)
     c.optim.batch_size_per_worker = BATCH
@@ -383,7 +383,7 @@ def main(argv=None) -> int:
         if ray_paths:
             import ray
 
-            from massl_ray.sources import open_source
+            from massl_ray.data.sources import open_source
 
             ray.init(num_cpus=a.cpus, include_dashboard=False, log_to_driver=False,
                      object_store_memory=a.object_store_mib * 2**20, _temp_dir=a.ray_temp_dir)

@@ -18,7 +18,7 @@ describes it and as DINO's ``train_one_epoch`` (which it follows) is structured:
   parameter pairs.
 
 Used by ``benchmarks/gpu_step.py`` on the same model, weights, memory and inputs as massl_ray's
-:class:`~massl_ray.learner.Learner` (both built from the same config and seed).
+:class:`~massl_ray.method.learner.Learner` (both built from the same config and seed).
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from massl_ray.config import Config
-from massl_ray.model import param_groups
-from massl_ray.schedules import Schedules
+from massl_ray.method.model import param_groups
+from massl_ray.method.schedules import Schedules
 
 
 def multicrop_forward(net: nn.Module, crops: Sequence[torch.Tensor]) -> torch.Tensor:

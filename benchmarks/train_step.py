@@ -8,7 +8,7 @@ Two questions of issue 3:
 (b) **Ray overhead**: images/s of the Ray path against a plain in-process loop over pre-made
     batches (target >= 0.9x).
 
-* ``ray``: ``massl_ray.trainer.train(cfg)`` with 1 train worker, in a fresh process that calls
+* ``ray``: ``massl_ray.train.trainer.train(cfg)`` with 1 train worker, in a fresh process that calls
   ``ray.init(num_cpus=--cpus)`` first (default 2: the worker reserves ``run.cpus_per_worker=1``
   CPU and runs torch with 1 thread, Ray Data decodes on the other with ``data.decode_cpus=1``).
   The figures come from the run's ``metrics.jsonl``: every ``run.log_every_steps`` steps the loop
@@ -77,7 +77,7 @@ QUICK_OVERRIDES = [
 def build_config(a, run_name: str, storage: str):
     """The benchmark's configuration (same for both paths), steps per epoch derived."""
     from massl_ray.config import load_config
-    from massl_ray.sources import open_source
+    from massl_ray.data.sources import open_source
 
     overrides = (QUICK_OVERRIDES if a.quick else []) + [
         f"data.train={CIFAR if a.data is None else Path(a.data).absolute()}",
@@ -88,7 +88,7 @@ def build_config(a, run_name: str, storage: str):
     ] + list(a.override)
     cfg = load_config(a.config, overrides)
     d = cfg.data
-    # as massl_ray.trainer.prepare derives it (without importing Ray into the plain loop)
+    # as massl_ray.train.trainer.prepare derives it (without importing Ray into the plain loop)
     src = open_source(d.train, d.format, d.image_column, d.label_column, what="data.train")
     rows = src.num_rows if d.limit is None else min(d.limit, src.num_rows)
     if cfg.optim.steps_per_epoch is None:
@@ -102,8 +102,8 @@ def run_plain(a) -> dict:
 
     if a.threads:
         torch.set_num_threads(a.threads)
-    from massl_ray.learner import Learner
-    from massl_ray.views import local_view_batches
+    from massl_ray.method.learner import Learner
+    from massl_ray.data.views import local_view_batches
 
     storage = tempfile.mkdtemp(prefix="massl_bench_plain_")
     try:
@@ -223,7 +223,7 @@ def run_ray(a) -> dict:
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    from massl_ray.trainer import run_dir_of, train
+    from massl_ray.train.trainer import run_dir_of, train
 
     storage = tempfile.mkdtemp(prefix="massl_bench_ray_")
     try:

@@ -9,13 +9,13 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from .config import ConfigError, load_config
+from massl_ray.config import ConfigError, load_config
 
 log = logging.getLogger("massl_ray")
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .trainer import setup_logging, train
+    from massl_ray.train.trainer import setup_logging, train
 
     setup_logging(0)
     overrides = list(args.overrides)
@@ -45,8 +45,9 @@ def _show_config(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from .eval_jobs import EvalSettings, evaluate_checkpoint
-    from .trainer import init_ray, setup_logging
+    from massl_ray.evaluate.jobs import EvalSettings, evaluate_checkpoint
+    from massl_ray.runtime import init_ray
+    from massl_ray.train.trainer import setup_logging
 
     setup_logging(0)
     given = {k: v for k, v in vars(args).items() if k in EVAL_FLAGS and v is not None}
@@ -61,7 +62,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from .export import export_teacher, sidecar_path
+    from massl_ray.evaluate.export import export_teacher, sidecar_path
 
     meta = export_teacher(args.checkpoint, args.out)
     print(f"wrote {args.out} and {sidecar_path(args.out)}: timm.create_model({meta['timm_name']!r}, "
@@ -70,8 +71,8 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _tune(args: argparse.Namespace) -> int:
-    from .sweep import run_sweep
-    from .trainer import setup_logging
+    from massl_ray.sweep import run_sweep
+    from massl_ray.train.trainer import setup_logging
 
     setup_logging(0)
     s = run_sweep(args.config, args.overrides, retry_errored=args.retry_errored)
@@ -153,17 +154,17 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     except Exception as e:  # noqa: BLE001
-        from .sources import DataSourceError
+        from massl_ray.data.sources import DataSourceError
 
         if isinstance(e, DataSourceError):
             print(f"data error: {e}", file=sys.stderr)
             return 2
-        from .checkpoint import CheckpointError
+        from massl_ray.method.checkpoint import CheckpointError
 
         if isinstance(e, CheckpointError):
             print(f"checkpoint error: {e}", file=sys.stderr)
             return 2
-        from .learner import NonFiniteLoss
+        from massl_ray.method.learner import NonFiniteLoss
 
         # In-process the exception itself; from Ray Train, a failure whose cause chain holds it.
         msg, cause = None, e

@@ -23,7 +23,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    # A preset of ``massl_ray.model.ARCHS`` (vit_micro, vit_tiny, vit_small, vit_base) or any
+    # A preset of ``massl_ray.method.model.ARCHS`` (vit_micro, vit_tiny, vit_small, vit_base) or any
     # timm ViT name (e.g. ``vit_small_patch16_224``).
     arch: str = "vit_small"
     patch_size: int = 16

@@ -20,9 +20,9 @@ The YAML is a training config plus a ``sweep:`` section (see ``jobs/sweep_cpu.ya
 Flow: every trial configuration is built and validated on the driver (``Config.validate`` and
 the trainer's own ``prepare``), and any invalid one is refused, named with its reason, before
 Ray Tune starts; the concurrency is derived from the cluster (trials that could never be placed
-are refused). Each trial is a function trainable that calls :func:`massl_ray.trainer.train`
+are refused). Each trial is a function trainable that calls :func:`massl_ray.train.trainer.train`
 (a TorchTrainer) with Tune's report callback. When a trial completes, :class:`EvalScheduler`
-(a ``tune.Callback``) launches its evaluation (:func:`massl_ray.eval_jobs.evaluate_checkpoint`)
+(a ``tune.Callback``) launches its evaluation (:func:`massl_ray.evaluate.jobs.evaluate_checkpoint`)
 as a Ray task with its own resources on the trial's final checkpoint, overlapping the trials
 still training. Records in the sweep directory make it resumable: ``completed/<trial>.json``
 (trial end), ``evaluations/<trial>.json`` (evaluation done, with start/end timestamps).
@@ -49,9 +49,9 @@ import numpy as np
 import yaml
 from ray import tune
 
-from .config import Config, ConfigError, apply_overrides, config_from_dict, merge_dict
-from .eval_jobs import EvalSettings
-from .sources import DataSourceError, open_source
+from massl_ray.config import Config, ConfigError, apply_overrides, config_from_dict, merge_dict
+from massl_ray.evaluate.jobs import EvalSettings
+from massl_ray.data.sources import DataSourceError, open_source
 
 log = logging.getLogger("massl_ray")
 
@@ -244,7 +244,7 @@ def _fmt_variant(v: dict) -> str:
 def check_variants(base: dict, spec: SweepSpec, variants: list[dict]) -> list[Config]:
     """Build and validate every trial config, then let the trainer's ``prepare`` check the data
     and derive the steps per epoch; all invalid trials are refused at once, each named."""
-    from .trainer import prepare
+    from massl_ray.train.trainer import prepare
 
     cfgs, bad = [], []
     for i, v in enumerate(variants):
@@ -359,7 +359,7 @@ def run_trial(config: dict, base: dict, spec: dict) -> dict:
     (a TorchTrainer whose reports reach Tune), return the final summary as the last result."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from .trainer import run_dir_of, setup_logging, train
+    from massl_ray.train.trainer import run_dir_of, setup_logging, train
 
     setup_logging(0)
     sp = SweepSpec(**spec)
@@ -400,8 +400,8 @@ def _last_logged(path: Path) -> dict:
 
 def _evaluate_trial(trial: str, checkpoint: str, settings: dict, out_dir: str) -> dict:
     """Body of the evaluation Ray task (see :class:`EvalScheduler`)."""
-    from .eval_jobs import evaluate_checkpoint
-    from .trainer import setup_logging
+    from massl_ray.evaluate.jobs import evaluate_checkpoint
+    from massl_ray.train.trainer import setup_logging
 
     setup_logging(0)
     started = time.time()
@@ -486,7 +486,7 @@ class EvalScheduler(tune.Callback):
 
     # -- internals
     def _trial_record(self, trial, status: str) -> dict:
-        from .loop import latest_valid_checkpoint
+        from massl_ray.method.checkpoint import latest_valid_checkpoint
 
         cfg = trial.config["trial"]
         name = trial_name(cfg["index"])
@@ -697,7 +697,7 @@ def run_sweep(config_path: str | os.PathLike, overrides: Optional[list[str]] = N
 
     import ray
 
-    from .trainer import init_ray
+    from massl_ray.runtime import init_ray
 
     init_ray()
     cluster = ray.cluster_resources()

@@ -18,8 +18,8 @@ import pytest
 from PIL import Image
 
 from massl_ray.config import load_config
-from massl_ray.sources import row_id
-from massl_ray.trainer import train
+from massl_ray.data.sources import row_id
+from massl_ray.train.trainer import train
 
 
 def _enc(im: Image.Image, fmt: str, **kw) -> bytes:

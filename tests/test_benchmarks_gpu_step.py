@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from conftest import make_crops
-from massl_ray.checkpoint import save_checkpoint
-from massl_ray.learner import Learner
+from massl_ray.method.checkpoint import save_checkpoint
+from massl_ray.method.learner import Learner
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -54,7 +54,7 @@ def test_gpu_step_benchmark_tiny_cpu(tmp_path):
 
 def test_cost_model_params_match_the_built_models():
     from massl_ray.config import load_config
-    from massl_ray.model import ProjectionHead, build_backbone
+    from massl_ray.method.model import ProjectionHead, build_backbone
 
     for arch, extra in (("vit_micro", ["model.patch_size=4", "crops.global_size=32",
                                        "crops.local_size=16"]),

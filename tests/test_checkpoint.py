@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from conftest import make_crops
-from massl_ray.checkpoint import (META_FILE, STATE_FILE, CheckpointError, load_checkpoint,
+from massl_ray.method.checkpoint import (META_FILE, STATE_FILE, CheckpointError, load_checkpoint,
                                   read_meta, save_checkpoint, verify_checkpoint)
-from massl_ray.learner import Learner
+from massl_ray.method.learner import Learner
 
 
 @pytest.fixture(scope="module")

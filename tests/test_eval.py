@@ -11,16 +11,16 @@ import numpy as np
 import pytest
 import torch
 
-from massl_ray.checkpoint import save_checkpoint
+from massl_ray.method.checkpoint import save_checkpoint
 from massl_ray.cli import main as cli_main
-from massl_ray.eval_jobs import EvalSettings, evaluate_checkpoint
-from massl_ray.evaluation import OnlineKnn, online_knn
-from massl_ray.features import (FeatureCache, TeacherFeatures, cache_key, extract_in_process,
+from massl_ray.evaluate.jobs import EvalSettings, evaluate_checkpoint
+from massl_ray.evaluate.online import OnlineKnn, online_knn
+from massl_ray.evaluate.features import (FeatureCache, TeacherFeatures, cache_key, extract_in_process,
                                 load_teacher)
-from massl_ray.knn import knn_accuracy
-from massl_ray.learner import Learner
-from massl_ray.probe import few_shot, few_shot_indices, linear_probe
-from massl_ray.sources import open_source
+from massl_ray.evaluate.knn import knn_accuracy
+from massl_ray.method.learner import Learner
+from massl_ray.evaluate.probe import few_shot, few_shot_indices, linear_probe
+from massl_ray.data.sources import open_source
 
 from conftest import make_crops, make_tiny_config
 
@@ -170,7 +170,7 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 def test_teacher_features_equal_the_learners(tiny_checkpoint):
     teacher = load_teacher(tiny_checkpoint.parent)  # a run directory resolves to its newest checkpoint
     assert teacher.checkpoint == tiny_checkpoint.absolute() and teacher.global_step == 2
-    from massl_ray.checkpoint import load_checkpoint
+    from massl_ray.method.checkpoint import load_checkpoint
 
     learner = Learner(make_tiny_config("run.seed=3"))
     learner.load_state_dict(load_checkpoint(tiny_checkpoint))
@@ -287,7 +287,7 @@ def test_online_knn_monitor():
 def test_online_knn_is_reported_during_training(tmp_path):
     """run.online_knn_every_steps: the loop (local mode) logs online_knn_top1 with its metrics."""
     from massl_ray.config import load_config
-    from massl_ray.trainer import train
+    from massl_ray.train.trainer import train
 
     over = {
         "model.arch": "vit_micro", "model.patch_size": 4, "model.depth": 2,

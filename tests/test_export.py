@@ -11,11 +11,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from massl_ray.checkpoint import load_checkpoint, save_checkpoint
+from massl_ray.method.checkpoint import load_checkpoint, save_checkpoint
 from massl_ray.cli import main as cli_main
-from massl_ray.export import export_teacher, load_exported
-from massl_ray.learner import Learner, normalize
-from massl_ray.model import backbone_kwargs
+from massl_ray.evaluate.export import export_teacher, load_exported
+from massl_ray.method.learner import Learner, normalize
+from massl_ray.method.model import backbone_kwargs
 
 from conftest import make_crops, make_tiny_config
 

@@ -1,4 +1,4 @@
-"""Tests of massl_ray.images (Ray-free, in-memory images built with Pillow)."""
+"""Tests of massl_ray.data.images (Ray-free, in-memory images built with Pillow)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from massl_ray.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image, try_decode
+from massl_ray.data.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image, try_decode
 
 
 def _enc(im: Image.Image, fmt: str, **kw) -> bytes:

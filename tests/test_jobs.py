@@ -32,9 +32,9 @@ import pytest
 import torch
 import yaml
 
-from massl_ray.checkpoint import load_checkpoint
+from massl_ray.method.checkpoint import load_checkpoint
 from massl_ray.config import Config, load_config
-from massl_ray.trainer import train
+from massl_ray.train.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
 JOBS = ROOT / "jobs"

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import make_crops
-from massl_ray.learner import (STATE_FORMAT, CheckpointMismatch, Learner, NonFiniteLoss,
+from massl_ray.method.learner import (STATE_FORMAT, CheckpointMismatch, Learner, NonFiniteLoss,
                                config_of_state, normalize)
 
 

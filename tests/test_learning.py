@@ -36,9 +36,9 @@ import numpy as np
 import pytest
 
 from massl_ray.config import load_config
-from massl_ray.learner import Learner
-from massl_ray.sources import open_source
-from massl_ray.views import local_view_batches
+from massl_ray.method.learner import Learner
+from massl_ray.data.sources import open_source
+from massl_ray.data.views import local_view_batches
 
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR_TRAIN = ROOT.parent / "shared" / "data" / "cifar10" / "train.parquet"

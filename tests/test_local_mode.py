@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from massl_ray.checkpoint import load_checkpoint
+from massl_ray.method.checkpoint import load_checkpoint
 from massl_ray.cli import main as cli_main
 from massl_ray.config import load_config
-from massl_ray.trainer import train
+from massl_ray.train.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = ROOT / "jobs" / "data" / "cifar10-quick" / "train.parquet"
@@ -107,9 +107,9 @@ def test_cli_refuses_bad_config_and_bad_data_before_training(tmp_path, capsys):
 @pytest.mark.timeout(180)
 def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(
         tmp_path, monkeypatch, capsys):
-    from massl_ray.checkpoint import verify_checkpoint
-    from massl_ray.learner import Learner
-    from massl_ray.loop import latest_valid_checkpoint
+    from massl_ray.method.checkpoint import verify_checkpoint
+    from massl_ray.method.learner import Learner
+    from massl_ray.method.checkpoint import latest_valid_checkpoint
 
     real_step = Learner.step
 
@@ -140,7 +140,7 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoin
 def test_unwritable_or_full_storage_is_refused_before_training(tmp_path, monkeypatch, capsys):
     import collections
 
-    import massl_ray.trainer as trainer_mod
+    import massl_ray.train.trainer as trainer_mod
 
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")
@@ -164,7 +164,7 @@ def test_broken_newest_checkpoints_fall_back_to_the_last_good_one_saying_so(tmp_
     incomplete (meta.json never written, as when a writer dies): the same command resumes from
     the last good checkpoint, names each one it skipped and why, and ends bitwise equal to an
     uninterrupted run (nothing lost but the recomputed steps)."""
-    from massl_ray.checkpoint import META_FILE, STATE_FILE, verify_checkpoint
+    from massl_ray.method.checkpoint import META_FILE, STATE_FILE, verify_checkpoint
 
     full = train(load_config(None, overrides(tmp_path, "full")), local=True)  # 12 steps
     over = overrides(tmp_path, "split", **{"run.num_checkpoints_to_keep": 3})

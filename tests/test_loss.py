@@ -4,7 +4,7 @@ The reference below deliberately does *nothing* clever: explicit Python loops ov
 (student view i, teacher view j) pairs with i != j, over samples and over blocks, with the
 softmax / log-softmax of each block written out from their definitions. It runs in float64 and
 its gradient comes from plain autograd, so it checks both the vectorised forward pass (the
-one-shot pair sum) and the hand-written gradient of ``massl_ray.loss``.
+one-shot pair sum) and the hand-written gradient of ``massl_ray.method.loss``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import math
 import pytest
 import torch
 
-from massl_ray.loss import LossStats, massl_loss, num_pairs
+from massl_ray.method.loss import LossStats, massl_loss, num_pairs
 
 TAU_S = 0.1
 TAU_T = 0.04

@@ -17,8 +17,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from massl_ray.distributed import all_gather_cat, identity_gather
-from massl_ray.memory import MemoryBank, block_permutation
+from massl_ray.method.distributed import all_gather_cat, identity_gather
+from massl_ray.method.memory import MemoryBank, block_permutation
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from massl_ray.model import (ARCHS, MultiCropNet, ProjectionHead, build_backbone,
+from massl_ray.method.model import (ARCHS, MultiCropNet, ProjectionHead, build_backbone,
                              build_student_teacher, ema_update, load_backbone_weights,
                              param_groups)
 

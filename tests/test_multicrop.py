@@ -1,4 +1,4 @@
-"""Tests of massl_ray.multicrop (Ray-free, CPU, fast)."""
+"""Tests of massl_ray.data.multicrop (Ray-free, CPU, fast)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 from torchvision.transforms import InterpolationMode
 
-from massl_ray import multicrop as M
+from massl_ray.data import multicrop as M
 from massl_ray.config import CropConfig
-from massl_ray.multicrop import MultiCrop, blur_kernel_size, eval_transform, normalize
+from massl_ray.data.multicrop import MultiCrop, blur_kernel_size, eval_transform, normalize
 
 
 def _img(h: int, w: int, seed: int = 0) -> torch.Tensor:

@@ -13,11 +13,11 @@ import pytest
 from PIL import Image
 
 from massl_ray.config import CropConfig
-from massl_ray.multicrop import MultiCrop
-from massl_ray.order import (BLOCK_WINDOW_CHUNKS, RowStore, epoch_order,
+from massl_ray.data.multicrop import MultiCrop
+from massl_ray.data.order import (BLOCK_WINDOW_CHUNKS, RowStore, epoch_order,
                              random_access_warning, step_batch, step_rows)
-from massl_ray.sources import open_source, row_id
-from massl_ray.views import DecodeReport
+from massl_ray.data.sources import open_source, row_id
+from massl_ray.data.views import DecodeReport
 
 CROPS = CropConfig(global_size=16, local_size=8, num_local_crops=2)
 

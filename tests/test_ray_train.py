@@ -18,10 +18,10 @@ import torch
 
 ray = pytest.importorskip("ray")
 
-from massl_ray.checkpoint import load_checkpoint  # noqa: E402
+from massl_ray.method.checkpoint import load_checkpoint  # noqa: E402
 from massl_ray.config import load_config  # noqa: E402
-from massl_ray.memory import MemoryBank  # noqa: E402
-from massl_ray.trainer import train  # noqa: E402
+from massl_ray.method.memory import MemoryBank  # noqa: E402
+from massl_ray.train.trainer import train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = ROOT / "jobs" / "data" / "cifar10-quick" / "train.parquet"
@@ -255,8 +255,8 @@ def test_corrupt_rows_are_skipped_and_counted(tmp_path, workers):
 def test_ray_data_pipeline_reads_class_folders(tmp_path):
     from PIL import Image
 
-    from massl_ray.data import build_train_dataset, get_report_actor
-    from massl_ray.sources import open_source
+    from massl_ray.data.pipeline import build_train_dataset, get_report_actor
+    from massl_ray.data.sources import open_source
 
     root = tmp_path / "imgs"
     for c in ("a", "b"):
@@ -287,8 +287,8 @@ def test_train_dataset_is_cut_into_blocks_and_keeps_every_row(tmp_path, cache_en
     cut into blocks of data.rows_per_block, every row still arrives once per pass."""
     from collections import Counter
 
-    from massl_ray.data import build_train_dataset
-    from massl_ray.sources import open_source
+    from massl_ray.data.pipeline import build_train_dataset
+    from massl_ray.data.sources import open_source
 
     cfg = load_config(None, tiny_overrides(tmp_path, "blocks", **{
         "data.cache_encoded": cache_encoded}))  # default rows_per_block: one decode batch (64)
@@ -310,10 +310,10 @@ def test_train_dataset_is_cut_into_blocks_and_keeps_every_row(tmp_path, cache_en
 def test_step_dataset_delivers_each_steps_batch_in_step_order(tmp_path):
     """The exact order's Ray Data path: one block per step, in step order, each block exactly
     the batch the in-process step_batch makes for (epoch, step, rank) - across an epoch end."""
-    from massl_ray.data import build_step_dataset
-    from massl_ray.multicrop import MultiCrop
-    from massl_ray.order import RowStore, epoch_order, step_batch
-    from massl_ray.sources import open_source
+    from massl_ray.data.pipeline import build_step_dataset
+    from massl_ray.data.multicrop import MultiCrop
+    from massl_ray.data.order import RowStore, epoch_order, step_batch
+    from massl_ray.data.sources import open_source
 
     cfg = load_config(None, tiny_overrides(tmp_path, "steps", **{
         "run.num_workers": 2, "data.limit": 256, "optim.steps_per_epoch": 4}))
@@ -345,7 +345,7 @@ def test_non_finite_loss_on_a_ray_worker_stops_the_run_naming_the_step(tmp_path,
 
 def test_a_cpu_split_that_would_starve_ray_data_is_refused(tmp_path):
     """Ray Data's read/shuffle tasks take a whole CPU: a split leaving less would hang silently."""
-    from massl_ray.data import check_resources
+    from massl_ray.data.pipeline import check_resources
 
     cfg = load_config(None, tiny_overrides(tmp_path, "cpus", **{"data.decode_cpus": 0.5}))
     check_resources(cfg, 2.0)  # 1 train CPU + 1 for Ray Data

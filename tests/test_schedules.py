@@ -7,7 +7,7 @@ import math
 import pytest
 
 from massl_ray.config import Config, apply_overrides
-from massl_ray.schedules import Schedules, cosine
+from massl_ray.method.schedules import Schedules, cosine
 
 
 def schedules(*overrides: str) -> Schedules:

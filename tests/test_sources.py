@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 
 from massl_ray.config import CropConfig
-from massl_ray.sources import DataSourceError, iter_rows, open_source
-from massl_ray.views import DecodeReport, local_view_batches
+from massl_ray.data.sources import DataSourceError, iter_rows, open_source
+from massl_ray.data.views import DecodeReport, local_view_batches
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = ROOT / "jobs" / "data" / "cifar10-quick" / "train.parquet"

@@ -15,7 +15,7 @@ therefore decodes exactly the batches the uninterrupted run would have seen from
 without reading the skipped rows. :class:`RowStore` fetches encoded rows by index (Parquet row
 groups through a bounded cache, or one file per row for image folders) and
 :func:`step_batch` turns one step's rows into its views. The local mode calls it in-process;
-on Ray, decode tasks call it (``massl_ray.data.build_step_dataset``).
+on Ray, decode tasks call it (``massl_ray.data.pipeline.build_step_dataset``).
 
 Undecodable rows are skipped and reported; the batch keeps its size by repeating decodable rows
 of the same step (so the step-to-rows map never shifts). A step whose rows are all undecodable
@@ -31,10 +31,10 @@ from typing import Optional
 import numpy as np
 import pyarrow.parquet as pq
 
-from .config import CropConfig
-from .multicrop import MultiCrop
-from .sources import Source, row_id
-from .views import DecodeReport, batch_generator, make_views
+from massl_ray.config import CropConfig
+from massl_ray.data.multicrop import MultiCrop
+from massl_ray.data.sources import Source, row_id
+from massl_ray.data.views import DecodeReport, batch_generator, make_views
 
 # shuffle=blocks: rows are permuted within windows of this many consecutive chunks (Parquet row
 # groups, or runs of FOLDER_CHUNK_ROWS files), after the chunk order itself is permuted. A decode

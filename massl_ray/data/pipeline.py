@@ -1,6 +1,6 @@
 """Ray Data pipeline: read encoded rows, decode + multi-crop on CPU tasks, uint8 columns out.
 
-Shell module (imports ray). The decode/crop work is :func:`massl_ray.views.make_views`, the
+Shell module (imports ray). The decode/crop work is :func:`massl_ray.data.views.make_views`, the
 same function the local mode runs in-process.
 """
 
@@ -12,10 +12,10 @@ from typing import Optional
 import numpy as np
 import ray
 
-from .config import Config, CropConfig
-from .multicrop import MultiCrop
-from .sources import Source
-from .views import DecodeReport, batch_generator, make_views
+from massl_ray.config import Config, ConfigError, CropConfig
+from massl_ray.data.multicrop import MultiCrop
+from massl_ray.data.sources import Source
+from massl_ray.data.views import DecodeReport, batch_generator, make_views
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ def build_train_dataset(cfg: Config, src: Source, reporter=None) -> "ray.data.Da
 
 class StepViewsFn:
     """``map_batches`` UDF of the exact order: {id: k} -> the views of global step start + k of
-    one rank (``massl_ray.order.step_batch``). Stateless apart from per-process caches (row
+    one rank (``massl_ray.data.order.step_batch``). Stateless apart from per-process caches (row
     groups, the epoch's permutation), so Ray may run it in any task on any node."""
 
     def __init__(self, cfg: Config, src: Source, rank: int, start_step: int, reporter=None):
@@ -123,7 +123,7 @@ class StepViewsFn:
         self.reporter = reporter
 
     def __call__(self, batch: dict) -> dict:
-        from .order import shared_multicrop, shared_order, shared_store, step_batch
+        from massl_ray.data.order import shared_multicrop, shared_order, shared_store, step_batch
 
         c, d = self.cfg, self.cfg.data
         store = shared_store(self.src, d.limit, d.row_cache_mb << 20)
@@ -161,7 +161,7 @@ def check_resources(cfg: Config, cluster_cpus: float) -> None:
     # Decode tasks need data.decode_cpus; Ray Data's read and shuffle tasks need a whole CPU.
     data_cpus = max(1.0, cfg.data.decode_cpus)
     if train_cpus + data_cpus > cluster_cpus + 1e-9:
-        raise ValueError(
+        raise ConfigError(
             f"the train workers reserve {train_cpus:g} CPUs ({max(1, r.num_workers)} x "
             f"run.cpus_per_worker={r.cpus_per_worker:g}) and Ray Data needs {data_cpus:g} more "
             f"(its read and shuffle tasks take 1 CPU each, a decode task "

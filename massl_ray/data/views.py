@@ -14,10 +14,10 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 import torch
 
-from .config import CropConfig
-from .images import try_decode
-from .multicrop import MultiCrop
-from .sources import Source, iter_rows, row_id
+from massl_ray.config import CropConfig
+from massl_ray.data.images import try_decode
+from massl_ray.data.multicrop import MultiCrop
+from massl_ray.data.sources import Source, iter_rows, row_id
 
 
 class DecodeReport:

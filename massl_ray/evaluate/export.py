@@ -8,7 +8,7 @@ timm model name and keyword arguments that build the matching model::
     model = timm.create_model(meta["timm_name"], **meta["timm_kwargs"])
     model.load_state_dict(safetensors.torch.load_file("teacher.safetensors"))
 
-The name and kwargs come from :func:`massl_ray.model.backbone_kwargs`, the function training
+The name and kwargs come from :func:`massl_ray.method.model.backbone_kwargs`, the function training
 builds the backbone with (drop-path 0, as the teacher). The same pair is stored in the
 safetensors header metadata.
 """
@@ -22,8 +22,8 @@ from typing import Union
 
 import torch.nn as nn
 
-from .features import load_teacher
-from .model import backbone_kwargs
+from massl_ray.evaluate.features import load_teacher
+from massl_ray.method.model import backbone_kwargs
 
 EXPORT_FORMAT = "massl_ray/teacher-backbone/1"
 

@@ -27,13 +27,14 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .checkpoint import META_FILE, CheckpointError, load_checkpoint, read_meta
-from .config import Config, config_from_dict
-from .images import try_decode
-from .learner import config_of_state, normalize
-from .model import build_backbone
-from .multicrop import eval_transform
-from .sources import Source, iter_rows
+from massl_ray.method.checkpoint import (META_FILE, CheckpointError, latest_valid_checkpoint,
+                                        load_checkpoint, read_meta)
+from massl_ray.config import Config, config_from_dict
+from massl_ray.data.images import try_decode
+from massl_ray.method.learner import config_of_state, normalize
+from massl_ray.method.model import build_backbone
+from massl_ray.data.multicrop import eval_transform
+from massl_ray.data.sources import Source, iter_rows
 
 CACHE_FORMAT = "massl_ray/features/1"
 
@@ -46,8 +47,6 @@ def resolve_checkpoint(path: Union[str, os.PathLike]) -> Path:
     if (p / META_FILE).is_file():
         return p.absolute()
     if p.is_dir():
-        from .loop import latest_valid_checkpoint  # local import: loop -> evaluation -> here
-
         found = latest_valid_checkpoint(p)
         if found is not None:
             return found

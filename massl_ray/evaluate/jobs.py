@@ -21,12 +21,12 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 
-from .config import ConfigError, _coerce
-from .features import (EvalViewsFn, FeatureCache, FeatureFn, FeatureSet, Teacher,
+from massl_ray.config import ConfigError, _coerce
+from massl_ray.evaluate.features import (EvalViewsFn, FeatureCache, FeatureFn, FeatureSet, Teacher,
                        TeacherFeatures, cache_key, extract_in_process, load_teacher)
-from .knn import DEFAULT_KS, knn_accuracy
-from .probe import DEFAULT_LRS, few_shot, linear_probe
-from .sources import Source, open_source
+from massl_ray.evaluate.knn import DEFAULT_KS, knn_accuracy
+from massl_ray.evaluate.probe import DEFAULT_LRS, few_shot, linear_probe
+from massl_ray.data.sources import Source, open_source
 
 log = logging.getLogger("massl_ray")
 
@@ -170,7 +170,7 @@ def features_ray_data(teacher: Teacher, jobs: list[tuple[Source, Optional[int]]]
     """
     import ray
 
-    from .data import read_source
+    from massl_ray.data.pipeline import read_source
 
     ctx = ray.data.DataContext.get_current()
     saved = (ctx.execution_options.preserve_order, ctx.enable_progress_bars)

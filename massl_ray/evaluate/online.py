@@ -10,12 +10,12 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .checkpoint import load_checkpoint
-from .config import Config
-from .features import decode_views, extract_in_process
-from .knn import knn_accuracy
-from .learner import Learner
-from .sources import Source, iter_rows, open_source
+from massl_ray.method.checkpoint import load_checkpoint
+from massl_ray.config import Config
+from massl_ray.evaluate.features import decode_views, extract_in_process
+from massl_ray.evaluate.knn import knn_accuracy
+from massl_ray.method.learner import Learner
+from massl_ray.data.sources import Source, iter_rows, open_source
 
 log = logging.getLogger("massl_ray")
 

@@ -8,15 +8,20 @@ valid ``meta.json`` or whose checksum fails is incomplete and is never loaded. R
 from __future__ import annotations
 
 import hashlib
+import logging
 import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 import torch
 
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
+CHECKPOINT_PREFIX = "checkpoint_"  # a run's checkpoint directories: <run dir>/checkpoint_*/
+
+log = logging.getLogger("massl_ray")
 
 
 class CheckpointError(RuntimeError):
@@ -97,3 +102,40 @@ def load_checkpoint(directory: str | os.PathLike, map_location="cpu") -> dict:
         return torch.load(d / STATE_FILE, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure is a corrupt checkpoint
         raise CheckpointError(f"checkpoint {d}: {STATE_FILE} cannot be loaded: {e}") from e
+
+
+# ---- discovery: a run directory's checkpoints ------------------------------------------------
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Checkpoint directories of a run, newest (highest global step) first."""
+    if not run_dir.is_dir():
+        return []
+    out = []
+    for d in run_dir.glob(f"{CHECKPOINT_PREFIX}*"):
+        if d.is_dir():
+            try:
+                step = int(read_meta(d)["global_step"])
+            except (CheckpointError, KeyError, ValueError, TypeError):
+                step = -1  # incomplete: sorted last, skipped by latest_valid_checkpoint
+            out.append((step, d.stat().st_mtime, d))
+    return [d for _, _, d in sorted(out, key=lambda t: (t[0], t[1]), reverse=True)]
+
+
+def latest_valid_checkpoint(run_dir: Path) -> Optional[Path]:
+    """The newest complete checkpoint (meta.json present, checksum good). Warns, naming each
+    one and why, on every newer checkpoint it skips and on every incomplete directory (one
+    without a readable meta.json: its step is unknown, so it may have been the newest)."""
+    found = None
+    for d in list_checkpoints(run_dir):
+        try:
+            read_meta(d)
+        except CheckpointError as e:
+            log.warning("skipping broken checkpoint: %s", e)
+            continue
+        if found is None:
+            try:
+                verify_checkpoint(d)
+                found = d
+            except CheckpointError as e:
+                log.warning("skipping broken checkpoint: %s", e)
+    return found

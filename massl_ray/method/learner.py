@@ -18,12 +18,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .config import Config, config_from_dict
-from .distributed import default_gather
-from .loss import LossStats, massl_loss
-from .memory import MemoryBank, block_permutation
-from .model import build_student_teacher, ema_update, param_groups
-from .schedules import Schedules
+from massl_ray.config import Config, config_from_dict
+from massl_ray.method.distributed import default_gather
+from massl_ray.method.loss import LossStats, massl_loss
+from massl_ray.method.memory import MemoryBank, block_permutation
+from massl_ray.method.model import build_student_teacher, ema_update, param_groups
+from massl_ray.method.schedules import Schedules
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .distributed import identity_gather
+from massl_ray.method.distributed import identity_gather
 
 
 class MemoryBank(nn.Module):

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import Config, ModelConfig
+from massl_ray.config import Config, ModelConfig
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .config import Config
+from massl_ray.config import Config
 
 
 def cosine(start: float, end: float, step: int, total: int) -> float:

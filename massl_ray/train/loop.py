@@ -2,7 +2,7 @@
 
 :func:`run_loop` is the same code under Ray Train (``trainer.RayLoopContext``) and in the local
 in-process mode (``LocalLoopContext`` below): batches from the context, the core
-:class:`~massl_ray.learner.Learner` step, metrics on rank 0 (progress line, TensorBoard, JSONL),
+:class:`~massl_ray.method.learner.Learner` step, metrics on rank 0 (progress line, TensorBoard, JSONL),
 periodic checkpoints, resume from the context's latest checkpoint. Ray-free.
 """
 
@@ -18,21 +18,20 @@ import signal
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
-from .checkpoint import CheckpointError, load_checkpoint, read_meta, save_checkpoint, verify_checkpoint
-from .config import Config
-from .learner import Learner, NonFiniteLoss
-from .sources import Source
-from .multicrop import MultiCrop
-from .views import DecodeReport
+from massl_ray.method.checkpoint import (CHECKPOINT_PREFIX, CheckpointError, latest_valid_checkpoint,
+                                        list_checkpoints, load_checkpoint, read_meta,
+                                        save_checkpoint, verify_checkpoint)
+from massl_ray.config import Config
+from massl_ray.method.learner import Learner, NonFiniteLoss
+from massl_ray.data.sources import Source
+from massl_ray.data.multicrop import MultiCrop
+from massl_ray.data.views import DecodeReport
 
 log = logging.getLogger("massl_ray")
-
-CHECKPOINT_PREFIX = "checkpoint_"
-
 
 class InjectedFailure(RuntimeError):
     """Raised by the fault-injection hook (run.fault_injection_step) to test recovery."""
@@ -102,8 +101,15 @@ class MetricsSink:
             self.tb.close()
 
 
-def run_loop(cfg: Config, ctx: LoopContext) -> dict:
-    """Train until the schedule (or run.max_steps) ends. Returns the last metrics."""
+Monitor = Callable[[Learner], dict]
+
+
+def run_loop(cfg: Config, ctx: LoopContext, monitor: Optional[Monitor] = None) -> dict:
+    """Train until the schedule (or run.max_steps) ends. Returns the last metrics.
+
+    ``monitor`` (rank 0's, e.g. the online k-NN of :mod:`massl_ray.evaluate.online`): called
+    with the learner at every logged step, its dict merged into that step's metrics. The
+    caller builds it, so this loop depends on no evaluation code."""
     learner = Learner(cfg, ctx.device, wrap_student=ctx.wrap_model)
     state = ctx.latest_state()
     if state is not None:
@@ -115,11 +121,6 @@ def run_loop(cfg: Config, ctx: LoopContext) -> dict:
     stop = min(total, cfg.run.max_steps or total)
     spe = learner.schedules.steps_per_epoch
     sink = MetricsSink(ctx.run_dir if ctx.rank == 0 else None)
-    monitor = None
-    if ctx.rank == 0 and cfg.run.online_knn_every_steps > 0:
-        from .evaluation import OnlineKnn
-
-        monitor = OnlineKnn.from_config(cfg)
     images_per_step = cfg.global_batch_size
     last: dict = {"step": learner.global_step}
     window_t0, window_wait, window_steps = time.perf_counter(), 0.0, 0
@@ -201,41 +202,6 @@ def run_loop(cfg: Config, ctx: LoopContext) -> dict:
 
 # ---- local (in-process) mode ---------------------------------------------------------------
 
-def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Checkpoint directories of a run, newest (highest global step) first."""
-    if not run_dir.is_dir():
-        return []
-    out = []
-    for d in run_dir.glob(f"{CHECKPOINT_PREFIX}*"):
-        if d.is_dir():
-            try:
-                step = int(read_meta(d)["global_step"])
-            except (CheckpointError, KeyError, ValueError, TypeError):
-                step = -1  # incomplete: sorted last, skipped by latest_valid_checkpoint
-            out.append((step, d.stat().st_mtime, d))
-    return [d for _, _, d in sorted(out, key=lambda t: (t[0], t[1]), reverse=True)]
-
-
-def latest_valid_checkpoint(run_dir: Path) -> Optional[Path]:
-    """The newest complete checkpoint (meta.json present, checksum good). Warns, naming each
-    one and why, on every newer checkpoint it skips and on every incomplete directory (one
-    without a readable meta.json: its step is unknown, so it may have been the newest)."""
-    found = None
-    for d in list_checkpoints(run_dir):
-        try:
-            read_meta(d)
-        except CheckpointError as e:
-            log.warning("skipping broken checkpoint: %s", e)
-            continue
-        if found is None:
-            try:
-                verify_checkpoint(d)
-                found = d
-            except CheckpointError as e:
-                log.warning("skipping broken checkpoint: %s", e)
-    return found
-
-
 class LocalLoopContext(LoopContext):
     """One process, no Ray: data decoded in-process, checkpoints written by this process."""
 
@@ -256,9 +222,9 @@ class LocalLoopContext(LoopContext):
         self._multicrop = None
 
     def batches(self, epoch: int, skip: int) -> Iterator[dict]:
-        # Index-keyed (massl_ray.order): step s of epoch e is the same batch in every run with
+        # Index-keyed (massl_ray.data.order): step s of epoch e is the same batch in every run with
         # this seed, so a resume at step s continues at the exact data position.
-        from .order import RowStore, epoch_order, step_batch
+        from massl_ray.data.order import RowStore, epoch_order, step_batch
 
         d = self.cfg.data
         if self._store is None:

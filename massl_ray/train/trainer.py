@@ -1,6 +1,6 @@
 """Training on Ray: TorchTrainer set-up, the Ray worker context, and the local mode driver.
 
-Shell module (imports ray). The loop itself is :func:`massl_ray.loop.run_loop`.
+Shell module (imports ray). The loop itself is :func:`massl_ray.train.loop.run_loop`.
 """
 
 from __future__ import annotations
@@ -18,14 +18,17 @@ from typing import Iterator, Optional
 import ray
 import torch
 
-from .checkpoint import (CheckpointError, load_checkpoint, read_meta, save_checkpoint,
+from massl_ray.method.checkpoint import (CheckpointError, load_checkpoint, read_meta, save_checkpoint,
                          verify_checkpoint)
-from .config import Config, ConfigError, config_from_dict, dump_config
-from .distributed import all_gather_cat
-from .memory import memory_checksum
-from .loop import LocalLoopContext, LoopContext, latest_valid_checkpoint, list_checkpoints, run_loop
-from .sources import DataSourceError, Source, open_source
-from .views import DecodeReport
+from massl_ray.config import Config, ConfigError, config_from_dict, dump_config
+from massl_ray.method.distributed import all_gather_cat
+from massl_ray.method.memory import memory_checksum
+from massl_ray.evaluate.online import OnlineKnn, knn_vs_random_init
+from massl_ray.method.checkpoint import latest_valid_checkpoint, list_checkpoints
+from massl_ray.train.loop import LocalLoopContext, LoopContext, run_loop
+from massl_ray.data.sources import DataSourceError, Source, open_source
+from massl_ray.data.views import DecodeReport
+from massl_ray.runtime import init_ray, planned_cluster_cpus
 
 log = logging.getLogger("massl_ray")
 
@@ -74,7 +77,7 @@ def prepare(cfg: Config) -> tuple[Config, Source]:
     src = open_source(d.train, d.format, d.image_column, d.label_column, what="data.train")
     rows = src.num_rows if d.limit is None else min(d.limit, src.num_rows)
     if d.order == "exact":
-        from .order import random_access_warning
+        from massl_ray.data.order import random_access_warning
 
         warn = random_access_warning(src, d.shuffle, d.row_cache_mb)
         if warn:
@@ -100,7 +103,7 @@ def estimate_checkpoint_bytes(cfg: Config) -> int:
     (no memory, no weights). Within 1 % of the real file (pickling overhead not counted)."""
     import torch
 
-    from .model import ProjectionHead, build_backbone
+    from massl_ray.method.model import ProjectionHead, build_backbone
 
     with torch.device("meta"):
         bb = build_backbone(cfg.model, cfg.crops.global_size, 0.0)
@@ -223,7 +226,7 @@ class RayLoopContext(LoopContext):
             yield batch
 
     def _exact_stream(self, first: int) -> Iterator[dict]:
-        from .data import build_step_dataset
+        from massl_ray.data.pipeline import build_step_dataset
 
         c = self.cfg
         stop = min(c.total_steps(), c.run.max_steps or c.total_steps())
@@ -311,30 +314,10 @@ def _worker_loop(loop_config: dict) -> None:
     setup_logging(ctx.rank)
     _record_worker(ctx)
     torch.set_num_threads(max(1, int(loop_config.get("torch_threads", 1))))
-    run_loop(cfg, ctx)
+    run_loop(cfg, ctx, OnlineKnn.from_config(cfg) if ctx.rank == 0 else None)
 
 
 # ---- driver --------------------------------------------------------------------------------
-
-def quiet_worker_logs() -> None:
-    """Worker-process setup hook of a local (dashboard-less) Ray: without the dashboard's State
-    API, Ray Train's placement-group cleaner warns "Failed to query Ray Train Controller actor
-    state" every second or two for the whole run; it is harmless (ray-notes) and drowned the
-    progress lines."""
-    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner"
-                      ).setLevel(logging.ERROR)
-
-
-def init_ray(num_cpus: Optional[float] = None) -> None:
-    if ray.is_initialized():
-        return
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
-    else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
-                 runtime_env={"worker_process_setup_hook": quiet_worker_logs})
-
 
 def _write_summary(run_dir: Path, summary: dict) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -370,8 +353,6 @@ def train(cfg: Config, local: bool = False, callbacks: Optional[list] = None) ->
         result = _train_ray(cfg, src, run_dir, callbacks)
     result["wall_s"] = time.time() - t0
     if cfg.run.final_knn and cfg.data.eval_train and cfg.data.eval_test and result.get("checkpoint"):
-        from .evaluation import knn_vs_random_init
-
         result["knn"] = knn_vs_random_init(cfg, result["checkpoint"])
     _write_summary(run_dir, result)
     return result
@@ -383,7 +364,7 @@ def _train_local(cfg: Config, src: Source, run_dir: Path) -> dict:
     resume = resume_checkpoint(cfg, run_dir)
     report = DecodeReport()
     ctx = LocalLoopContext(cfg, src, run_dir, resume, report)
-    last = run_loop(cfg, ctx)
+    last = run_loop(cfg, ctx, OnlineKnn.from_config(cfg))
     _report_decode_errors(run_dir, report.summary())
     ckpt = ctx.resume_from
     return {"mode": "local", "metrics": last, "checkpoint": str(ckpt) if ckpt else None,
@@ -400,15 +381,21 @@ def _train_ray(cfg: Config, src: Source, run_dir: Path, callbacks: Optional[list
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from .data import build_train_dataset, check_resources, get_report_actor
+    from massl_ray.data.pipeline import build_train_dataset, check_resources, get_report_actor
 
-    init_ray()
-    check_resources(cfg, ray.cluster_resources().get("CPU", 0.0))
+    # Every refusal that needs no cluster happens before Ray starts: the config, data and
+    # storage (prepare), the resume choice, and the CPU split of a local Ray (its size is known).
     root = _ray_checkpoint_root(cfg)
     resume = resume_checkpoint(cfg, root) if root is not None else None
+    planned = planned_cluster_cpus()
+    if planned is not None:
+        check_resources(cfg, planned)
+    init_ray()
+    if planned is None:  # joined a running cluster: its size is known now
+        check_resources(cfg, ray.cluster_resources().get("CPU", 0.0))
     reporter = get_report_actor(cfg.run.name)
     exact = cfg.data.order == "exact"
-    # exact order: each worker builds its own per-step datasets (massl_ray.data.StepViewsFn)
+    # exact order: each worker builds its own per-step datasets (massl_ray.data.pipeline.StepViewsFn)
     datasets = {} if exact else {"train": build_train_dataset(cfg, src, reporter)}
     r = cfg.run
     res = {"CPU": r.cpus_per_worker}
