@@ -2,7 +2,8 @@
 formats, through an image folder and through Parquet, in a whole (local-mode) training run.
 
 The run must finish; every unusable file is named with its reason in decode_errors.json and
-counted; every usable odd format is trained on (the step count proves how many rows were used).
+counted (two with identical bytes are two rows: counted and named twice); every usable odd
+format is decoded into a training batch (a spy on the decode function records which rows).
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import pytest
 from PIL import Image
 
 from massl_ray.config import load_config
-from massl_ray.data.sources import row_id
 from massl_ray.train.trainer import train
 
 
@@ -62,11 +62,13 @@ def _suite() -> tuple[dict[str, bytes], dict[str, bytes]]:
         "exif_rotated.jpg": _exif_rotated_jpeg(),
         "grey.png": _enc(Image.fromarray(_noise(32, 32, 5)[..., 0]), "PNG"),
     }
-    for i in range(8):  # plain good ones
+    for i in range(10):  # plain good ones
         usable[f"good{i}.jpg"] = _enc(Image.fromarray(_noise(32, 32, 10 + i)), "JPEG")
     unusable = {
         "zero_byte.jpg": b"",
+        "zero_byte_again.jpg": b"",  # the same bytes as zero_byte.jpg: a second row all the same
         "truncated.jpg": good_jpeg[: len(good_jpeg) // 2],
+        "truncated_again.jpg": good_jpeg[: len(good_jpeg) // 2],
         "random_bytes.jpg": np.random.default_rng(6).integers(0, 256, 3000, np.uint8).tobytes(),
         "text_file.jpg": b"this is a text file with a .jpg name\n" * 10,
     }
@@ -89,7 +91,10 @@ def _overrides(tmp_path: Path, name: str, data: str) -> list[str]:
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("layout", ["folder", "parquet"])
-def test_bad_image_suite_is_skipped_named_and_counted_and_odd_formats_are_used(tmp_path, layout):
+def test_bad_image_suite_is_skipped_named_and_counted_and_odd_formats_are_used(
+        tmp_path, layout, monkeypatch):
+    import massl_ray.data.order as order_mod
+
     usable, unusable = _suite()
     files = {**usable, **unusable}
     names = sorted(files)
@@ -102,21 +107,31 @@ def test_bad_image_suite_is_skipped_named_and_counted_and_odd_formats_are_used(t
         data = tmp_path / "mixed.parquet"
         pq.write_table(pa.table({"image": pa.array([files[n] for n in names], pa.binary())}),
                        data)
+
+    def key(n: str) -> str:  # a file by its path; a Parquet row by file and row index
+        return str(data / n) if layout == "folder" else f"{data}#{names.index(n)}"
+
+    decoded: list[str] = []  # ids of the rows the training batches were made of
+    real_make_views = order_mod.make_views
+
+    def spy(images, ids, *a, **kw):
+        out, bad = real_make_views(images, ids, *a, **kw)
+        failed = {b[0] for b in bad}
+        decoded.extend(i for i in ids if i not in failed)
+        return out, bad
+
+    monkeypatch.setattr(order_mod, "make_views", spy)
     res = train(load_config(None, _overrides(tmp_path, layout, str(data))), local=True)
 
-    # 20 rows -> 5 steps of 4 per epoch (exact order: each step has its own 4 rows, and a step
-    # with unusable rows repeats its decodable ones): the run completes its schedule. Every row
-    # is visited once and exactly the 4 unusable ones are skipped, so all 16 others (the odd
-    # formats among them) were decoded and used.
-    assert res["skipped_images"] == len(unusable)
+    # 24 rows -> 6 steps of 4 (exact order: each step has its own 4 rows, and a step with
+    # unusable rows repeats its decodable ones). Every row is visited once: the 18 usable ones
+    # (the odd formats among them) were each decoded into a batch, the 6 unusable ones skipped.
     assert res["metrics"]["step"] == len(files) // 4
+    assert sorted(decoded) == sorted(key(n) for n in usable)
+    assert res["skipped_images"] == len(unusable)
     report = json.loads((tmp_path / layout / "decode_errors.json").read_text())
     assert report["skipped"] == len(unusable)
     named = report["rows"]
-    assert len(named) == len(unusable)
+    assert sorted(named) == sorted(key(n) for n in unusable)  # the identical pairs: both named
     for n in unusable:
-        # a file by its path; a Parquet row by the hash of its bytes (stable under shuffling)
-        key = str(data / n) if layout == "folder" else row_id(files[n])
-        match = [k for k in named if k == key]
-        assert match, f"{n} ({key}) is not named in {sorted(named)}"
-        assert isinstance(named[match[0]], str) and named[match[0]], f"no reason for {n}"
+        assert isinstance(named[key(n)], str) and named[key(n)], f"no reason for {n}"

@@ -16,7 +16,7 @@ from massl_ray.config import CropConfig
 from massl_ray.data.multicrop import MultiCrop
 from massl_ray.data.order import (BLOCK_WINDOW_CHUNKS, RowStore, epoch_order,
                              random_access_warning, step_batch, step_rows)
-from massl_ray.data.sources import open_source, row_id
+from massl_ray.data.sources import open_source
 from massl_ray.data.views import DecodeReport
 
 CROPS = CropConfig(global_size=16, local_size=8, num_local_crops=2)
@@ -87,7 +87,7 @@ def test_row_store_fetches_parquet_rows_by_index_through_a_bounded_cache(tmp_pat
     table = pq.read_table(path)
     assert images == [table.column("image")[int(i)].as_py() for i in idx]
     assert labels.tolist() == [int(i) % 7 for i in idx]
-    assert ids == [row_id(b) for b in images]
+    assert ids == [f"{src.files[0]}#{int(i)}" for i in idx]  # unique per row, not per content
     assert store.reads == 3  # groups 0, 4, 9 (read in that order), each once
     assert sorted(store._cache) == [4, 9]  # bounded: the least recently used (0) was evicted
     store.fetch(np.array([41, 99]))
@@ -134,7 +134,9 @@ def test_step_batch_keeps_its_size_when_rows_are_undecodable(tmp_path):
     order = np.arange(16)
     out, skipped = step_batch(store, mc, order, 0, 0, 0, 0, 1, 8, report)
     assert len(out["global_crops"]) == 8
-    assert len(skipped) == 3 and report.count() == 1  # the three are the same bytes
+    # the three have the same bytes but are three rows: each is counted and named by position
+    assert len(skipped) == 3 and report.count() == 3
+    assert sorted(report.summary()["rows"]) == [f"{src.files[0]}#{i}" for i in bad]
     # the 5 decodable rows (0, 3, 4, 6, 7) are used, then repeated to fill the batch
     assert out["label"].tolist() == [i % 7 for i in (0, 3, 4, 6, 7, 0, 3, 4)]
 

@@ -102,3 +102,36 @@ def test_bad_sources_are_refused_with_one_clear_message(tmp_path, case):
         pq.write_table(pa.table({"image": pa.array(["a string"])}), path)
     with pytest.raises(DataSourceError, match=match):
         open_source(str(path))
+
+
+def _two_parquet_files_with_identical_bad_rows(root: Path) -> Path:
+    """Two files of 6 rows; the same undecodable bytes at rows 1 and 4 of a.parquet and row 2
+    of b.parquet (identical content, three different rows)."""
+    root.mkdir()
+    junk = b"identical undecodable bytes"
+    for name, bad in (("a.parquet", (1, 4)), ("b.parquet", (2,))):
+        imgs = [junk if i in bad else _png((40 * i, 0, 0)) for i in range(6)]
+        pq.write_table(pa.table({"image": pa.array(imgs, pa.binary())}), root / name)
+    return root
+
+
+def test_identical_undecodable_parquet_rows_are_each_counted_and_named(tmp_path):
+    from massl_ray.data.order import RowStore
+
+    src = open_source(str(_two_parquet_files_with_identical_bad_rows(tmp_path / "pq")))
+    a, b = src.files
+    want = {f"{a}#1", f"{a}#4", f"{b}#2"}
+    # the in-process reader names every row by file and position ...
+    ids = [i for batch in iter_rows(src, batch_rows=5) for i in batch["id"]]
+    assert ids == [f"{a}#{i}" for i in range(6)] + [f"{b}#{i}" for i in range(6)]
+    # ... and so does the exact order's row store (index 8 = row 2 of the second file)
+    _, _, store_ids = RowStore(src).fetch(np.array([8, 1, 4, 0]))
+    assert store_ids == [f"{b}#2", f"{a}#1", f"{a}#4", f"{a}#0"]
+    # two passes over the data: three skipped rows, each named once, not one hash, not six
+    report = DecodeReport()
+    crops = CropConfig(global_size=16, local_size=8, num_local_crops=1)
+    for epoch in (0, 1):
+        list(local_view_batches(src, crops, batch_size=3, epoch=epoch, seed=0, report=report,
+                                decode_batch_size=4))
+    assert report.count() == 3
+    assert set(report.summary()["rows"]) == want

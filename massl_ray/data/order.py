@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 
 from massl_ray.config import CropConfig
 from massl_ray.data.multicrop import MultiCrop
-from massl_ray.data.sources import Source, row_id
+from massl_ray.data.sources import Source, parquet_row_id
 from massl_ray.data.views import DecodeReport, batch_generator, make_views
 
 # shuffle=blocks: rows are permuted within windows of this many consecutive chunks (Parquet row
@@ -112,6 +112,9 @@ class RowStore:
                 start += md.row_group(gi).num_rows
         self._groups = groups
         self._starts = np.asarray([g[0] for g in groups] + [start])
+        self._file_start = {}  # file index -> global index of its first row
+        for g0, fi, _ in reversed(groups):
+            self._file_start[fi] = g0
 
     def chunk_sizes(self) -> list[int]:
         if self.src.kind != "parquet":
@@ -158,17 +161,20 @@ class RowStore:
         self._index()
         gidx = np.searchsorted(self._starts, indices, side="right") - 1
         images: list[bytes] = [b""] * len(indices)
+        ids: list[str] = [""] * len(indices)
         labels = np.zeros(len(indices), np.int64) if self.src.label_column else None
         for g in np.unique(gidx):
             col, lab, _ = self._group(int(g))
+            fi = self._groups[g][1]
             where = np.nonzero(gidx == g)[0]
             for k in where:
                 j = int(indices[k] - self._starts[g])
                 v = col[j].as_py()
                 images[k] = v if v is not None else b""
+                ids[k] = parquet_row_id(self.src.files[fi], int(indices[k] - self._file_start[fi]))
                 if labels is not None:
                     labels[k] = lab[j]
-        return images, labels, [row_id(b) for b in images]
+        return images, labels, ids
 
 
 def random_access_warning(src: Source, shuffle: str, cache_mib: int) -> Optional[str]:
