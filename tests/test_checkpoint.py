@@ -142,3 +142,46 @@ def test_missing_directory(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist") as ei:
         load_checkpoint(tmp_path / "never_written")
     assert "never_written" in str(ei.value)
+
+
+def _real_state_bytes(cfg, tmp_path) -> int:
+    learner = Learner(cfg)
+    learner.step(*make_crops(cfg))  # AdamW's moments exist from the first step on
+    d = save_checkpoint(learner.state_dict(), tmp_path / "ckpt")
+    return (d / STATE_FILE).stat().st_size
+
+
+@pytest.mark.parametrize("over", [(), ("massl.memory_size=65536", "massl.block_size=4096"),
+                                  ("model.depth=1",)], ids=["tiny", "large_memory", "depth1"])
+def test_estimated_checkpoint_size_is_within_1_percent_and_never_below_the_real_file(
+        tmp_path, over):
+    from conftest import make_tiny_config
+    from massl_ray.train.trainer import estimate_checkpoint_bytes
+
+    cfg = make_tiny_config(*over)
+    real = _real_state_bytes(cfg, tmp_path)
+    est = estimate_checkpoint_bytes(cfg)
+    assert real <= est <= 1.01 * real, (real, est, est / real - 1)
+
+
+def test_storage_just_below_the_real_need_is_refused_and_just_above_accepted(tmp_path,
+                                                                           monkeypatch):
+    """The real need: run.num_checkpoints_to_keep + 1 real checkpoints + 64 MiB of logs."""
+    import collections
+
+    import massl_ray.train.trainer as trainer_mod
+    from conftest import make_tiny_config
+    from massl_ray.config import ConfigError
+
+    cfg = make_tiny_config(f"run.storage_path={tmp_path / 'runs'}", "run.name=disk",
+                           "run.num_checkpoints_to_keep=3")
+    real = _real_state_bytes(cfg, tmp_path)
+    need = 4 * real + 64 * 2**20
+    usage = collections.namedtuple("usage", "total used free")
+    free = {"bytes": need - 1}
+    monkeypatch.setattr(trainer_mod.shutil, "disk_usage",
+                        lambda p: usage(10**12, 10**12 - free["bytes"], free["bytes"]))
+    with pytest.raises(ConfigError, match=r"needs about .* \(3 \+ 1 checkpoints of"):
+        trainer_mod.check_storage(cfg)
+    free["bytes"] = int(need * 1.01)  # the estimate's margin above the real need
+    trainer_mod.check_storage(cfg)

@@ -200,3 +200,50 @@ def test_broken_newest_checkpoints_fall_back_to_the_last_good_one_saying_so(tmp_
             assert torch.equal(a[part][k], b[part][k]), f"{part}.{k} differs after the fallback"
     assert torch.equal(a["memory"]["rows"], b["memory"]["rows"])
     assert torch.equal(a["memory"]["ptr"], b["memory"]["ptr"])
+
+
+def _nan_on_one_rank(rank: int, init_file: str, out_dir: str) -> None:
+    """A worker of the 2-process test below: rank 1's inputs of global step 1 become NaN."""
+    import datetime
+    import sys
+
+    import torch.distributed as dist
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from conftest import make_crops, make_tiny_config
+    from massl_ray.method.learner import Learner, NonFiniteLoss
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=30))
+    try:
+        cfg = make_tiny_config("run.num_workers=2")
+        learner = Learner(cfg)
+        result = {"rank": rank, "stopped_at": None}
+        for step in range(3):
+            if rank == 1 and step == 1:
+                learner.mean = torch.full((3,), float("nan"))
+            try:
+                learner.step(*make_crops(cfg, seed=10 * rank + step), check_finite=True)
+            except NonFiniteLoss as e:
+                result.update(stopped_at=e.step, value=repr(e.value),
+                              global_step=learner.global_step)
+                break
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.timeout(120)
+def test_a_non_finite_loss_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    """The finite check is collective: rank 1 alone gets a NaN loss at global step 1, and both
+    ranks raise NonFiniteLoss at step 1, before the step changes anything (a rank that stopped
+    alone would leave the other in the next all-gather or gradient all-reduce)."""
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_nan_on_one_rank, args=(str(tmp_path / "pg_init"), str(tmp_path)),
+                       nprocs=2, join=True, start_method="spawn")
+    got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for r in got:
+        assert r["stopped_at"] == 1, got
+        assert r["value"] == "nan" and r["global_step"] == 1, got

@@ -24,7 +24,19 @@ REPORT_ACTOR_PREFIX = "massl_decode_report:"
 
 @ray.remote(num_cpus=0)
 class DecodeReportActor(DecodeReport):
-    """The decode report as a (CPU-free) Ray actor shared by every decode task."""
+    """The decode report as a (CPU-free) Ray actor shared by every decode task. It also carries
+    a train worker's stop at a non-finite loss to the driver (a recipe error, not a failure for
+    Ray Train to retry): the lowest step recorded, its loss and the ranks that recorded it."""
+
+    def record_non_finite(self, step: int, value: float, rank: int) -> None:
+        nf = getattr(self, "_non_finite", None)
+        if nf is None or step < nf["step"]:
+            self._non_finite = {"step": int(step), "value": float(value), "ranks": [int(rank)]}
+        elif step == nf["step"]:
+            nf["ranks"].append(int(rank))
+
+    def non_finite(self) -> Optional[dict]:
+        return getattr(self, "_non_finite", None)
 
 
 def get_report_actor(run_name: str):

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from massl_ray.config import Config, config_from_dict
-from massl_ray.method.distributed import default_gather
+from massl_ray.method.distributed import all_gather_cat, default_gather, is_distributed
 from massl_ray.method.loss import LossStats, massl_loss
 from massl_ray.method.memory import MemoryBank, block_permutation
 from massl_ray.method.model import build_student_teacher, ema_update, param_groups
@@ -203,8 +203,8 @@ class Learner:
                                  self.cfg.massl.loss_chunk_blocks)
         if check_finite is None:
             check_finite = self.device.type == "cpu"
-        if check_finite and not torch.isfinite(loss):
-            raise NonFiniteLoss(step, float(loss.detach()))
+        if check_finite:
+            self._check_finite(step, loss)
 
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
@@ -217,6 +217,18 @@ class Learner:
         self.memory.update(z_t[1].float())  # keys of global view 2, all-gathered, after the logits
         self.global_step += 1
         return StepResult(step, loss.detach(), stats, lr, wd, mom, ttemp, time.perf_counter() - t0)
+
+    def _check_finite(self, step: int, loss: torch.Tensor) -> None:
+        """Raise :class:`NonFiniteLoss` if the loss of *any* rank is non-finite, on every rank
+        alike (one all-gather of the ranks' losses): a rank that stopped alone would leave the
+        others waiting in the gradient all-reduce. Collective: every rank must call it at the
+        same steps (``check_finite`` depends on the step and the device type only)."""
+        losses = loss.detach().float().reshape(1)
+        if is_distributed():
+            losses = all_gather_cat(losses)
+        bad = ~torch.isfinite(losses)
+        if bool(bad.any()):
+            raise NonFiniteLoss(step, float(losses[bad][0]))
 
     # ---- features -----------------------------------------------------------------------
     @torch.no_grad()

@@ -150,11 +150,14 @@ def run_loop(cfg: Config, ctx: LoopContext, monitor: Optional[Monitor] = None) -
                             os.kill(os.getpid(), signal.SIGKILL)
                         raise InjectedFailure(f"injected failure at global step {step}")
                 log_now = (step + 1) % cfg.run.log_every_steps == 0 or step + 1 == stop
+                ckpt_now = (step + 1) % cfg.run.checkpoint_every_steps == 0 or step + 1 == stop
+                # The finite check is collective (all ranks agree, see Learner._check_finite):
+                # on CPU every step, elsewhere at every logged or checkpointed step - the same
+                # steps on every rank, so no non-finite state is ever reported or saved.
                 res = learner.step(batch["global_crops"], batch.get("local_crops"),
-                                   check_finite=None if not log_now else True)
+                                   check_finite=True if (log_now or ckpt_now) else None)
                 ran += 1
                 window_steps += 1
-                ckpt_now = (step + 1) % cfg.run.checkpoint_every_steps == 0 or step + 1 == stop
                 if log_now or ckpt_now:
                     m = res.metrics()  # host sync only here
                     if not math.isfinite(m["loss"]):

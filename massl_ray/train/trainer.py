@@ -22,6 +22,7 @@ from massl_ray.method.checkpoint import (CheckpointError, load_checkpoint, read_
                          verify_checkpoint)
 from massl_ray.config import Config, ConfigError, config_from_dict, dump_config
 from massl_ray.method.distributed import all_gather_cat
+from massl_ray.method.learner import NonFiniteLoss
 from massl_ray.method.memory import memory_checksum
 from massl_ray.evaluate.online import OnlineKnn, knn_vs_random_init
 from massl_ray.method.checkpoint import latest_valid_checkpoint, list_checkpoints
@@ -99,8 +100,10 @@ def prepare(cfg: Config) -> tuple[Config, Source]:
 
 def estimate_checkpoint_bytes(cfg: Config) -> int:
     """Size of one checkpoint's state.pt: student + teacher + AdamW's two moments (4 x the
-    parameters in fp32) and the memory bank (K x D fp32); the model is built on the meta device
-    (no memory, no weights). Within 1 % of the real file (pickling overhead not counted)."""
+    parameters in fp32), the memory bank (K x D fp32), and the container's overhead (measured:
+    ~17 KB of RNG states and config plus ~1.6 KB of names and headers per parameter tensor;
+    counted as 32 KiB + 2 KiB per tensor). The model is built on the meta device (no memory, no
+    weights). Never below the real file and within 1 % of it (tested)."""
     import torch
 
     from massl_ray.method.model import ProjectionHead, build_backbone
@@ -109,7 +112,9 @@ def estimate_checkpoint_bytes(cfg: Config) -> int:
         bb = build_backbone(cfg.model, cfg.crops.global_size, 0.0)
         head = ProjectionHead(bb.embed_dim, cfg.model.head_hidden_dim, cfg.model.head_out_dim)
     n = sum(p.numel() for p in bb.parameters()) + sum(p.numel() for p in head.parameters())
-    return 4 * 4 * n + 4 * cfg.massl.memory_size * cfg.model.head_out_dim
+    tensors = len(bb.state_dict()) + len(head.state_dict())
+    return (4 * 4 * n + 4 * cfg.massl.memory_size * cfg.model.head_out_dim
+            + 32 * 1024 + 2048 * tensors)
 
 
 def check_storage(cfg: Config) -> None:
@@ -313,8 +318,20 @@ def _worker_loop(loop_config: dict) -> None:
                          loop_config.get("source"), loop_config.get("reporter"))
     setup_logging(ctx.rank)
     _record_worker(ctx)
+    with open(ctx.run_dir / "workers" / "starts.jsonl", "a") as f:  # one line per rank per attempt
+        f.write(json.dumps({"rank": ctx.rank, "pid": os.getpid(), "time": time.time()}) + "\n")
     torch.set_num_threads(max(1, int(loop_config.get("torch_threads", 1))))
-    run_loop(cfg, ctx, OnlineKnn.from_config(cfg) if ctx.rank == 0 else None)
+    try:
+        run_loop(cfg, ctx, OnlineKnn.from_config(cfg) if ctx.rank == 0 else None)
+    except NonFiniteLoss as e:
+        # A recipe error, not a machine failure: a retry from the last checkpoint would repeat
+        # the same steps into the same NaN. Every rank raised it at the same step (the finite
+        # check is collective), so every rank records it with the driver's reporter actor and
+        # returns normally: Ray Train's FailureConfig never sees it, and the driver raises it.
+        if ctx.reporter is None:
+            raise
+        log.error("rank %d: %s", ctx.rank, e)
+        ray.get(ctx.reporter.record_non_finite.remote(e.step, e.value, ctx.rank))
 
 
 # ---- driver --------------------------------------------------------------------------------
@@ -408,7 +425,7 @@ def _train_ray(cfg: Config, src: Source, run_dir: Path, callbacks: Optional[list
                            "torch_threads": max(1, int(r.cpus_per_worker)),
                            "resume_from": str(resume) if resume else None,
                            "source": src if exact else None,
-                           "reporter": reporter if exact else None},
+                           "reporter": reporter},
         scaling_config=ScalingConfig(num_workers=max(1, r.num_workers), use_gpu=r.use_gpu,
                                      resources_per_worker=res,
                                      placement_strategy=r.placement_strategy),
@@ -423,9 +440,12 @@ def _train_ray(cfg: Config, src: Source, run_dir: Path, callbacks: Optional[list
     try:
         result = trainer.fit()
         summary = ray.get(reporter.summary.remote())
+        stopped = ray.get(reporter.non_finite.remote())
     finally:
         ray.kill(reporter)
     _report_decode_errors(run_dir, summary)
+    if stopped is not None:  # the workers ended normally at a non-finite loss (_worker_loop)
+        raise NonFiniteLoss(stopped["step"], stopped["value"])
     ckpt = None
     if result.checkpoint is not None:
         ckpt = result.checkpoint.path
