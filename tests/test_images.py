@@ -175,23 +175,49 @@ def test_1bit():
     assert int((t[0] == 255).sum()) == 2
 
 
-@pytest.mark.parametrize("orientation,shape", [(1, (20, 40)), (3, (20, 40)), (6, (40, 20)),
-                                               (8, (40, 20))])
-def test_exif_orientation_applied(orientation, shape):
-    # 40 wide x 20 high, left half red, right half blue
-    a = np.zeros((20, 40, 3), np.uint8)
-    a[:, :20, 0] = 255
-    a[:, 20:, 2] = 255
+def _quadrants(h: int = 12, w: int = 20) -> np.ndarray:
+    """h x w RGB, each quadrant (so each corner) its own colour; not square."""
+    a = np.zeros((h, w, 3), np.uint8)
+    a[: h // 2, : w // 2] = (255, 0, 0)  # top left red
+    a[: h // 2, w // 2:] = (0, 255, 0)  # top right green
+    a[h // 2:, : w // 2] = (0, 0, 255)  # bottom left blue
+    a[h // 2:, w // 2:] = (255, 255, 0)  # bottom right yellow
+    return a
+
+
+# EXIF orientation (the TIFF/EXIF spec): the stored pixels -> the displayed ones, in numpy.
+_DISPLAYED = {
+    1: lambda a: a,
+    2: lambda a: a[:, ::-1],  # mirrored horizontally
+    3: lambda a: a[::-1, ::-1],  # rotated 180
+    4: lambda a: a[::-1, :],  # mirrored vertically
+    5: lambda a: a.transpose(1, 0, 2),  # transposed (mirror + rotate 270 clockwise)
+    6: lambda a: np.rot90(a, -1),  # rotate 90 clockwise to display
+    7: lambda a: a.transpose(1, 0, 2)[::-1, ::-1],  # transverse
+    8: lambda a: np.rot90(a, 1),  # rotate 90 counter-clockwise to display
+}
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_applied(orientation, fmt):
+    """Every EXIF orientation: the decoded pixels are the stored image transposed as the tag
+    says (corners of distinct colours, so a wrong rotation or a missing mirror shows); PNG
+    exactly, JPEG within its compression error on flat colour blocks."""
+    a = _quadrants()
     im = Image.fromarray(a)
     exif = im.getexif()
     exif[0x0112] = orientation
-    t = decode_image(_enc(im, "JPEG", exif=exif, quality=95))
-    _check(t, *shape)
-    if orientation == 6:  # rotated 90 degrees clockwise: left half (red) ends up on top
-        assert t[0, 5, 10] > 200 and t[2, 5, 10] < 50
-        assert t[2, 35, 10] > 200 and t[0, 35, 10] < 50
-    if orientation == 3:  # rotated 180: red on the right
-        assert t[0, 10, 35] > 200 and t[2, 10, 5] > 200
+    kw = {"quality": 95} if fmt == "JPEG" else {}
+    t = decode_image(_enc(im, fmt, exif=exif.tobytes(), **kw))
+    want = np.ascontiguousarray(_DISPLAYED[orientation](a))
+    got = t.permute(1, 2, 0).numpy()
+    assert got.shape == want.shape
+    if fmt == "PNG":
+        assert np.array_equal(got, want)
+    else:
+        for y, x in ((1, 1), (1, -2), (-2, 1), (-2, -2)):  # the four corners, inside the blocks
+            assert np.abs(got[y, x].astype(int) - want[y, x]).max() < 40, (y, x, got[y, x])
 
 
 def test_animated_gif_first_frame():

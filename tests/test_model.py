@@ -71,12 +71,37 @@ def test_head_default_dims_no_batchnorm_zero_bias():
     assert all(m.bias is not None and torch.count_nonzero(m.bias) == 0 for m in linears)
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in head.modules())
     assert sum(isinstance(m, nn.GELU) for m in head.modules()) == 2
-    for m in linears:  # trunc-normal(0.02): small, bounded weights
-        assert m.weight.abs().max() <= 2.0 + 1e-6
-        assert 0.01 < m.weight.std() < 0.03
+    for m in linears:  # N(0, 0.02) weights (trunc_normal_ at its default +-2: see below)
+        w = m.weight.detach().double().flatten()
+        assert abs(w.mean().item()) < 1e-3
+        assert w.std().item() == pytest.approx(0.02, rel=0.015), m
+        # a normal's share beyond 2 sigma (4.55 %): not uniform, not cut at 2 sigma
+        assert (w.abs() > 0.04).double().mean().item() == pytest.approx(0.0455, abs=0.005), m
     z = head(torch.randn(5, 384))
     assert z.shape == (5, 256)
     torch.testing.assert_close(z.norm(dim=-1), torch.ones(5))
+
+
+def test_head_weights_are_initialised_by_trunc_normal_with_std_002(monkeypatch):
+    """The head's Linear weights come from ``nn.init.trunc_normal_(w, std=0.02)`` (DINO's head
+    init; torch's default bounds a=-2, b=2 are absolute, i.e. 100 sigma: a normal in
+    practice), once per layer, and keep what it drew."""
+    calls = []
+    real = nn.init.trunc_normal_
+
+    def spy(tensor, mean=0.0, std=1.0, a=-2.0, b=2.0, **kw):
+        out = real(tensor, mean=mean, std=std, a=a, b=b, **kw)
+        calls.append((tuple(tensor.shape), mean, std, a, b, tensor.detach().clone()))
+        return out
+
+    monkeypatch.setattr(nn.init, "trunc_normal_", spy)
+    head = ProjectionHead(48, 64, 16)
+    linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
+    assert [c[:5] for c in calls] == [((64, 48), 0.0, 0.02, -2.0, 2.0),
+                                      ((64, 64), 0.0, 0.02, -2.0, 2.0),
+                                      ((16, 64), 0.0, 0.02, -2.0, 2.0)]
+    for m, c in zip(linears, calls):
+        assert torch.equal(m.weight.detach(), c[5])
 
 
 def test_no_batchnorm_anywhere(tiny_pair):
