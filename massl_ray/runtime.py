@@ -78,22 +78,57 @@ def _job_working_dir() -> Optional[str]:
         return None
 
 
-def runtime_env() -> dict:
-    """The runtime environment every job of ours gets (see the module docstring)."""
-    env: dict = {"worker_process_setup_hook": "massl_ray.runtime.quiet_worker_logs"}
+def runtime_env(local: bool) -> dict:
+    """The runtime environment every job of ours gets (see the module docstring). ``local``:
+    a Ray started by :func:`init_ray` on this machine (quiet, no preemption watcher)."""
+    env: dict = {}
     if _job_working_dir() is None:
         env["py_modules"] = [str(package_dir())]
         env["excludes"] = list(_EXCLUDES)
+    if local:
+        env["worker_process_setup_hook"] = "massl_ray.runtime.quiet_local_ray"
+        # Ray Train's preemption watcher polls node drains; one machine is not preempted node
+        # by node, and the watcher's actor logs a core-worker error line at every start.
+        env["env_vars"] = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
     return env
 
 
-def quiet_worker_logs() -> None:
-    """Worker-process setup hook: without the dashboard's State API (a local Ray started
-    without it), Ray Train's placement-group cleaner warns "Failed to query Ray Train
-    Controller actor state" every second or two for the whole run; it is harmless and drowned
-    the progress lines."""
-    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner"
-                      ).setLevel(logging.ERROR)
+# Ray's messages that say nothing to the user of a local run: Ray Data's INFO lines (dataset
+# plans, "execution finished"; Ray Train's own INFO lines are lowered through its
+# RunConfig(logging_config=...), see :func:`train_log_level`), the notice that progress bars
+# are off (the loop prints its own progress line), and two warnings that are harmless there: Ray Train's placement-group cleaner and its autoscaling
+# request both need services a dashboard-less single-machine Ray does not run (the State API,
+# an autoscaler) and warn every few seconds, or with a traceback when the machine is busy.
+_LOCAL_QUIET = {
+    "ray.data._internal.progress": logging.ERROR,  # "Progress bars disabled": we disable them
+    "ray.train.v2._internal.execution.controller.placement_group_cleaner": logging.ERROR,
+    "ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client":
+        logging.ERROR,
+}
+
+
+def quiet_local_ray() -> None:
+    """Worker-process setup hook of a local Ray (see ``_LOCAL_QUIET``). Warnings and errors
+    that concern the run still print; every message still reaches the session's log files."""
+    for name, level in _LOCAL_QUIET.items():
+        logging.getLogger(name).setLevel(level)
+    # Ray Data configures its own console handler when it is imported; raise that handler
+    # only, so its log file (``<session>/logs/ray-data``) keeps the INFO lines.
+    import ray.data  # noqa: F401  (configures ray.data's logging)
+
+    for h in logging.getLogger("ray.data").handlers:
+        if type(h).__name__ == "PlainRayHandler":
+            h.setLevel(logging.WARNING)
+
+
+_started_here = False
+
+
+def train_log_level() -> str:
+    """Ray Train's console log level (``RunConfig.logging_config``): WARNING on a Ray this
+    process started (its INFO lines are about worker groups and checkpoint paths), INFO on a
+    cluster, where they say what the run waits for."""
+    return "WARNING" if _started_here else "INFO"
 
 
 def init_ray(num_cpus: Optional[float] = None) -> None:
@@ -106,11 +141,17 @@ def init_ray(num_cpus: Optional[float] = None) -> None:
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True, runtime_env=runtime_env())
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True,
+                 runtime_env=runtime_env(local=False))
         return
-    # Ray 2.60 turns token authentication on for a new local cluster and warns that it did so
-    # on every start; saying so explicitly keeps it on and the first screen clean. A user's
-    # own RAY_AUTH_MODE wins.
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    # Ray 2.60 turns token authentication on for a new local cluster (creating a token under
+    # ~/.ray when there is none) and warns at every start that it did so. The default is what
+    # we want; only that one notice is silenced. A user's own RAY_AUTH_MODE wins as usual.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
+        logging.ERROR)
+    global _started_here
     ray.init(num_cpus=num_cpus if num_cpus is not None else local_cpus(),
-             include_dashboard=False, log_to_driver=True, runtime_env=runtime_env())
+             include_dashboard=False, log_to_driver=True, logging_level=logging.WARNING,
+             runtime_env=runtime_env(local=True))
+    _started_here = True
+    quiet_local_ray()  # the driver's own Ray Data / Train loggers likewise
