@@ -116,22 +116,23 @@ def _two_parquet_files_with_identical_bad_rows(root: Path) -> Path:
 
 
 def test_identical_undecodable_parquet_rows_are_each_counted_and_named(tmp_path):
-    from massl_ray.data.order import RowStore
+    """The training order's row store names a Parquet row by file and position: identical
+    undecodable bytes in three rows are three skipped rows, each named, and counted once per
+    row over two epochs (not once in all, as a hash of the bytes would, nor once per visit)."""
+    from massl_ray.data.multicrop import MultiCrop
+    from massl_ray.data.order import RowStore, epoch_order, step_batch
 
     src = open_source(str(_two_parquet_files_with_identical_bad_rows(tmp_path / "pq")))
     a, b = src.files
-    want = {f"{a}#1", f"{a}#4", f"{b}#2"}
-    # the in-process reader names every row by file and position ...
-    ids = [i for batch in iter_rows(src, batch_rows=5) for i in batch["id"]]
-    assert ids == [f"{a}#{i}" for i in range(6)] + [f"{b}#{i}" for i in range(6)]
-    # ... and so does the exact order's row store (index 8 = row 2 of the second file)
-    _, _, store_ids = RowStore(src).fetch(np.array([8, 1, 4, 0]))
-    assert store_ids == [f"{b}#2", f"{a}#1", f"{a}#4", f"{a}#0"]
-    # two passes over the data: three skipped rows, each named once, not one hash, not six
+    store = RowStore(src)
+    _, _, ids = store.fetch(np.array([8, 1, 4, 0]))  # index 8 = row 2 of the second file
+    assert ids == [f"{b}#2", f"{a}#1", f"{a}#4", f"{a}#0"]
     report = DecodeReport()
-    crops = CropConfig(global_size=16, local_size=8, num_local_crops=1)
+    mc = MultiCrop(CropConfig(global_size=16, local_size=8, num_local_crops=1))
     for epoch in (0, 1):
-        list(local_view_batches(src, crops, batch_size=3, epoch=epoch, seed=0, report=report,
-                                decode_batch_size=4))
+        order = epoch_order(12, 0, epoch)
+        for step in range(4):
+            out, _ = step_batch(store, mc, order, 0, epoch, step, 0, 1, 3, report)
+            assert len(out["global_crops"]) == 3
     assert report.count() == 3
-    assert set(report.summary()["rows"]) == want
+    assert set(report.summary()["rows"]) == {f"{a}#1", f"{a}#4", f"{b}#2"}

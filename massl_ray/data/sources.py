@@ -136,9 +136,10 @@ def _open_folder(uri, fs, root, images) -> Source:
 # ---- in-process reading (local mode, evaluation) -------------------------------------------
 
 def row_id(data: bytes, path: Optional[str] = None) -> str:
-    """A row's name in the decode report: its id if it has one (an image file's path, or
-    :func:`parquet_row_id`), else the hash of its bytes (rows without a position: Ray Data's
-    streaming order reads Parquet rows without their index, so identical rows share a name)."""
+    """A row's name: its id if it has one (an image file's path, or :func:`parquet_row_id` for
+    the training order's rows), else the hash of its bytes (Parquet rows read without their
+    position: :func:`iter_rows` for evaluation, and Ray Data's streaming order, where identical
+    rows therefore share a name)."""
     return path if path else "sha1:" + hashlib.sha1(data).hexdigest()[:16]
 
 
@@ -159,7 +160,6 @@ def iter_rows(src: Source, limit: Optional[int] = None, order: Optional[np.ndarr
     if src.kind == "parquet":
         cols = [src.image_column] + ([src.label_column] if src.label_column else [])
         tables = []
-        ids = []
         taken = 0
         for f, rows in zip(src.files, src.rows_per_file):
             if taken >= n:
@@ -167,12 +167,12 @@ def iter_rows(src: Source, limit: Optional[int] = None, order: Optional[np.ndarr
             with src.filesystem.open_input_file(f) as fh:
                 t = pq.read_table(fh, columns=cols)
             tables.append(t.slice(0, n - taken))
-            ids += [parquet_row_id(f, i) for i in range(min(rows, n - taken))]
             taken += min(rows, n - taken)
         table = pa.concat_tables(tables) if tables else None
         images = table.column(src.image_column).to_pylist()
         labels = (np.asarray(table.column(src.label_column).to_numpy(), dtype=np.int64)
                   if src.label_column else None)
+        ids = [None] * len(images)
     else:
         paths = src.files[:n]
         images, ids = None, paths
@@ -183,7 +183,7 @@ def iter_rows(src: Source, limit: Optional[int] = None, order: Optional[np.ndarr
         sel = idx[i:i + batch_rows]
         if images is not None:
             data = [images[j] for j in sel]
-            rid = [ids[j] for j in sel]
+            rid = [row_id(images[j]) for j in sel]  # evaluation ids: the hash of the bytes
         else:
             data = []
             for j in sel:
