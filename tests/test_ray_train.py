@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -135,40 +136,217 @@ def test_failure_is_recovered_from_checkpoint(tmp_path, mode):
     assert int(at8["memory"]["ptr"]) == 8 * 32
 
 
+def _assert_same(a, b, where: str) -> None:
+    """Recursive bitwise equality of nested dicts/lists of tensors and plain values."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), \
+            f"{where} differs"
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), f"{where}: keys differ"
+        for k in a:
+            _assert_same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), f"{where}: lengths differ"
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
 def _assert_states_equal(a: dict, b: dict) -> None:
+    """Student, teacher, memory bank (rows + pointer), optimizer (moments, step counts, param
+    groups) and grad scaler, bit for bit. On CPU the grad scaler is disabled (fp16 needs a GPU):
+    its state is then compared as the (empty) state both runs have."""
     assert a["global_step"] == b["global_step"]
-    for part in ("student", "teacher", "memory"):
-        assert a[part].keys() == b[part].keys()
-        for k in a[part]:
-            assert torch.equal(a[part][k], b[part][k]), f"{part}.{k} differs"
-    oa, ob = a["optimizer"]["state"], b["optimizer"]["state"]
-    assert oa.keys() == ob.keys() and len(oa) > 0
-    for i in oa:
-        for k in oa[i]:
-            assert torch.equal(oa[i][k], ob[i][k]), f"optimizer state {i}.{k} differs"
+    for part in ("student", "teacher", "memory", "optimizer", "scaler"):
+        _assert_same(a[part], b[part], part)
+    assert len(a["optimizer"]["state"]) > 0 and "ptr" in a["memory"]
+
+
+@pytest.fixture(scope="module")
+def local_reference(tmp_path_factory):
+    """The uninterrupted reference of the 1-worker SIGKILL tests: 12 steps in local mode (a
+    one-worker Ray run equals it bit for bit), 256 rows = 8 steps per epoch, a checkpoint every
+    3 steps, all kept: {global step: checkpoint dir} for 3, 6, 9 and 12."""
+    from massl_ray.method.checkpoint import list_checkpoints, read_meta
+
+    tmp = tmp_path_factory.mktemp("ref")
+    train(load_config(None, tiny_overrides(tmp, "ref", **KILL_COMMON, **{
+        "run.num_workers": 1, "run.checkpoint_every_steps": 3,
+        "run.num_checkpoints_to_keep": 5})), local=True)
+    ckpts = {int(read_meta(d)["global_step"]): d for d in list_checkpoints(tmp / "ref")}
+    assert sorted(ckpts) == [3, 6, 9, 12]
+    return ckpts
+
+
+KILL_COMMON = {"run.max_steps": 12, "data.limit": 256, "optim.epochs": 3}
 
 
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("workers", [1, 2])
-def test_sigkilled_run_ends_bitwise_equal_to_an_uninterrupted_run(tmp_path, workers):
-    """Exact data order: a worker SIGKILLed mid-epoch (step 7; checkpoints at 4 and 8) restarts
-    through FailureConfig from step 4, re-reads nothing it had not reached and ends - across an
-    epoch boundary (256 rows = 8 steps of 32 per epoch with one worker, 4 with two) - with the
-    student, teacher, memory bank and optimizer of the uninterrupted run, bit for bit (drop path
-    is on: the randomness is keyed too). The reference for one worker is the local (no Ray) mode,
-    so the Ray pipeline also delivers exactly the local mode's batches."""
-    common = {"run.num_workers": workers, "run.max_steps": 12, "data.limit": 256,
-              "optim.epochs": 3}
-    ref_over = tiny_overrides(tmp_path, "ref", **common)
-    ref = train(load_config(None, ref_over), local=workers == 1)
+def test_sigkilled_run_ends_bitwise_equal_to_an_uninterrupted_run(tmp_path, workers,
+                                                                  local_reference):
+    """Exact data order: a worker SIGKILLed at step 7 (checkpoints every 3 steps) restarts
+    through FailureConfig from the step-6 checkpoint - mid-epoch for both worker counts (256
+    rows = 8 steps of 32 per epoch with one worker, 4 steps of 2 x 32 with two: step 6 is
+    epoch 0 position 6, or epoch 1 position 2) - re-reads nothing it had not reached and ends,
+    across an epoch boundary, with the student, teacher, memory bank, optimizer and grad scaler
+    of the uninterrupted run, bit for bit (drop path is on: the randomness is keyed too). The
+    reference for one worker is the local (no Ray) mode, so the Ray pipeline also delivers
+    exactly the local mode's batches; for two workers an uninterrupted 2-worker Ray run."""
+    common = dict(KILL_COMMON, **{"run.num_workers": workers, "run.checkpoint_every_steps": 3})
+    if workers == 1:
+        ref_ckpt = local_reference[12]
+    else:
+        ref_ckpt = train(load_config(None, tiny_overrides(tmp_path, "ref", **common)))["checkpoint"]
     kill_over = tiny_overrides(tmp_path, "killed", **common, **{
         "run.max_failures": 1, "run.fault_injection_step": 7, "run.fault_injection_mode": "kill"})
-    res = train(load_config(None, kill_over))
+    cfg = load_config(None, kill_over)
+    res = train(cfg)
     assert (tmp_path / "killed" / ".fault_injected_7").exists(), "the worker was not killed"
-    assert res["metrics"]["start_step"] == 4 and res["metrics"]["step"] == 12
-    a, b = load_checkpoint(ref["checkpoint"]), load_checkpoint(res["checkpoint"])
+    spe = cfg.optim.steps_per_epoch
+    assert spe == 8 // workers
+    assert res["metrics"]["start_step"] == 6 and 6 % spe != 0, "the resume point is mid-epoch"
+    assert res["metrics"]["step"] == 12
+    a, b = load_checkpoint(ref_ckpt), load_checkpoint(res["checkpoint"])
     assert a["global_step"] == 12
     _assert_states_equal(a, b)
+
+
+def _on_marker(marker: Path, action, timeout: float = 400.0):
+    """Run ``action`` in a thread as soon as ``marker`` exists (the fault-injection marker is
+    touched just before the worker kills itself; Ray needs seconds to restart the group)."""
+    import threading
+    import time
+
+    done = threading.Event()
+
+    def watch():
+        deadline = time.time() + timeout
+        while not marker.exists() and time.time() < deadline:
+            time.sleep(0.01)
+        if marker.exists():
+            action()
+            done.set()
+
+    t = threading.Thread(target=watch, daemon=True)
+    t.start()
+    return done
+
+
+def _checkpoint_of_step(run_dir: Path, step: int) -> Path:
+    from massl_ray.method.checkpoint import list_checkpoints, read_meta
+
+    found = [d for d in list_checkpoints(run_dir) if int(read_meta(d)["global_step"]) == step]
+    assert len(found) == 1, (step, list(run_dir.glob("checkpoint_*")))
+    return found[0]
+
+
+@pytest.mark.timeout(600)
+def test_ray_restart_skips_a_corrupt_newest_checkpoint_and_uses_the_previous(
+        tmp_path, local_reference):
+    """Checkpoints at 3, 6 and 9, the worker SIGKILLed at step 10, and - while Ray restarts the
+    worker group - one byte of the newest checkpoint's state.pt (the one Ray Train registered
+    last) flipped: the restarted group skips it (sha256 in meta.json) and resumes from step 6,
+    ending bit for bit equal to the uninterrupted run."""
+    from massl_ray.method.checkpoint import CheckpointError, STATE_FILE, verify_checkpoint
+
+    run_dir = tmp_path / "corrupt"
+    corrupted = []
+
+    def corrupt_newest():
+        d = _checkpoint_of_step(run_dir, 9)
+        data = bytearray((d / STATE_FILE).read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        (d / STATE_FILE).write_bytes(bytes(data))
+        corrupted.append(d)
+
+    done = _on_marker(run_dir / ".fault_injected_10", corrupt_newest)
+    res = train(load_config(None, tiny_overrides(tmp_path, "corrupt", **KILL_COMMON, **{
+        "run.checkpoint_every_steps": 3, "run.num_checkpoints_to_keep": 5,
+        "run.max_failures": 1, "run.fault_injection_step": 10,
+        "run.fault_injection_mode": "kill"})))
+    assert done.is_set(), "the worker was not killed (no marker)"
+    with pytest.raises(CheckpointError, match="sha256"):
+        verify_checkpoint(corrupted[0])  # the corruption is still there (5 are kept)
+    assert res["metrics"]["start_step"] == 6, "must fall back from the corrupt 9 to 6"
+    assert Path(res["checkpoint"]) != corrupted[0]
+    assert res["metrics"]["step"] == 12
+    _assert_states_equal(load_checkpoint(local_reference[12]), load_checkpoint(res["checkpoint"]))
+
+
+@pytest.mark.timeout(600)
+def test_ray_restart_uses_the_newest_checkpoint_on_disk_even_if_ray_train_never_registered_it(
+        tmp_path, local_reference):
+    """Ray Train registers the checkpoints of steps 4 and 8; the worker is SIGKILLed at step 10.
+    While the group restarts, a complete checkpoint of step 9 appears in the run directory that
+    Ray Train never registered (as when ``ray.train.report`` had persisted it and the worker
+    died before the controller registered it; here the uninterrupted run's own step-9
+    checkpoint). The restarted group resumes from step 9, not from Ray's step 8, and ends bit
+    for bit equal to the uninterrupted run."""
+    run_dir = tmp_path / "unreg"
+    planted = run_dir / "checkpoint_unregistered_step9"
+
+    def plant():
+        shutil.copytree(local_reference[9], planted)
+
+    done = _on_marker(run_dir / ".fault_injected_10", plant)
+    res = train(load_config(None, tiny_overrides(tmp_path, "unreg", **KILL_COMMON, **{
+        "run.checkpoint_every_steps": 4, "run.max_failures": 1,
+        "run.fault_injection_step": 10, "run.fault_injection_mode": "kill"})))
+    assert done.is_set(), "the worker was not killed (no marker)"
+    assert res["metrics"]["start_step"] == 9, "must resume from the unregistered step-9 checkpoint"
+    assert res["metrics"]["step"] == 12
+    assert Path(res["checkpoint"]) != planted
+    _assert_states_equal(load_checkpoint(local_reference[12]), load_checkpoint(res["checkpoint"]))
+
+
+@pytest.mark.timeout(600)
+def test_stream_order_two_workers_killed_mid_epoch_finish_with_the_documented_semantics(tmp_path):
+    """data.order=stream (Ray Data's shuffle; the ImageNet recipes' path), 2 workers, 512 rows
+    = 8 steps of 2 x 32 per epoch, 3 epochs = 24 steps, a checkpoint every 5 steps, a worker
+    SIGKILLed at step 13. The group restarts from the step-10 checkpoint (epoch 1, position 2),
+    takes a fresh pass cut at the epoch's end (steps 10..15 are epoch 1, 16.. epoch 2) and ends
+    at the schedule's total: model, memory bank, optimizer and schedules continue exactly (the
+    bank restored, replicas identical, one optimizer step per global step, every logged lr the
+    schedule's value at its step)."""
+    from massl_ray.method.schedules import Schedules
+
+    run_dir = tmp_path / "stream"
+    cfg = load_config(None, tiny_overrides(tmp_path, "stream", **{
+        "data.order": "stream", "run.num_workers": 2, "optim.epochs": 3,
+        "run.checkpoint_every_steps": 5, "run.log_every_steps": 1,
+        "run.num_checkpoints_to_keep": 10, "run.max_failures": 1,
+        "run.fault_injection_step": 13, "run.fault_injection_mode": "kill"}))
+    res = train(cfg)
+    assert (run_dir / ".fault_injected_13").exists(), "the worker was not killed"
+    spe = cfg.optim.steps_per_epoch
+    assert spe == 8 and cfg.total_steps() == 24
+    m = res["metrics"]
+    assert m["start_step"] == 10 and m["step"] == 24
+    assert m["memory_replicas_identical"] is True and len(set(m["memory_checksums"])) == 1
+    final = load_checkpoint(res["checkpoint"])
+    at10 = load_checkpoint(_checkpoint_of_step(run_dir, 10))
+    assert final["global_step"] == 24
+    # The bank was restored at step 10: rows 0..639 (steps 0..9) are exactly the checkpoint's,
+    # steps 10..23 wrote rows 640..1535, the tail is still the initial noise.
+    assert torch.equal(final["memory"]["rows"][:640], at10["memory"]["rows"][:640])
+    assert not torch.isclose(final["memory"]["rows"][640:1536],
+                             at10["memory"]["rows"][640:1536]).all(dim=1).any()
+    assert torch.equal(final["memory"]["rows"][1536:], initial_rows(cfg)[1536:])
+    assert int(final["memory"]["ptr"]) == 24 * 64 % 2048
+    # One optimizer step per global step across the restart: AdamW's step count is 24.
+    steps = {float(v["step"]) for v in final["optimizer"]["state"].values()}
+    assert steps == {24.0}
+    # The resumed attempt's log: steps 11..24 once each, epoch 1 cut at its end (the fresh pass
+    # supplies 6 steps), then epoch 2; lr, weight decay and momentum follow the schedules.
+    recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    second = [r for r in recs if r["start_step"] == 10]
+    assert [r["step"] for r in second] == list(range(11, 25))
+    assert [r["epoch"] for r in second] == [1] * 6 + [2] * 8
+    sch = Schedules.from_config(cfg)
+    for r in second:
+        assert r["lr"] == sch.lr(r["step"] - 1) and r["weight_decay"] == sch.weight_decay(r["step"] - 1)
 
 
 @pytest.mark.timeout(600)
@@ -329,18 +507,36 @@ def test_step_dataset_delivers_each_steps_batch_in_step_order(tmp_path):
             assert np.array_equal(b[col], want[col]), (k, col)
 
 
-@pytest.mark.timeout(240)
-def test_non_finite_loss_on_a_ray_worker_stops_the_run_naming_the_step(tmp_path, capsys):
+@pytest.mark.timeout(300)
+def test_non_finite_loss_on_ray_ends_the_run_at_once_and_is_not_retried(tmp_path, capsys):
+    """A recipe NaN: the teacher temperature ramps from 0.07 to 1e-40 over 0.75 epochs (8 steps
+    of 2 x 32 per epoch), so global step 6 divides the teacher logits by 1e-40 (inf -> nan) on
+    every rank. With run.max_failures=2 a retry from the step-4 checkpoint would repeat it: the
+    run ends after ONE attempt, exit code 3 naming the step, the step-4 checkpoint intact."""
     from massl_ray.cli import main as cli_main
+    from massl_ray.method.checkpoint import latest_valid_checkpoint, list_checkpoints
 
-    # An absurd learning rate (no clipping) blows the weights up after the first step.
-    over = tiny_overrides(tmp_path, "nan", **{"optim.lr": 1e30, "optim.clip_grad": 0,
-                                              "optim.warmup_epochs": 0})
+    run_dir = tmp_path / "nan"
+    over = tiny_overrides(tmp_path, "nan", **{
+        "run.num_workers": 2, "run.max_failures": 2, "run.log_every_steps": 2,
+        "run.checkpoint_every_steps": 4, "massl.warmup_teacher_temp": 0.07,
+        "massl.teacher_temp": 1e-40, "massl.warmup_teacher_temp_epochs": 0.75})
     rc = cli_main(["train", *over])
-    assert rc == 3
     err = capsys.readouterr().err
-    assert "training stopped: non-finite loss (nan) at global step 1" in err
-    assert not list((tmp_path / "nan").glob("checkpoint_*/meta.json"))  # nothing non-finite saved
+    assert rc == 3, err[-3000:]
+    assert "training stopped: non-finite loss (nan) at global step 6" in err
+    starts = [json.loads(x) for x in (run_dir / "workers" / "starts.jsonl").read_text().splitlines()]
+    assert sorted(s["rank"] for s in starts) == [0, 1], f"retried: {starts}"
+    # Logged: 2, 4, 6 steps done (the NaN step, index 6, would have been the 7th), each once;
+    # the newest checkpoint is step 4's, intact (sha256), loadable and finite.
+    logged = [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert logged == [2, 4, 6]
+    assert len(list_checkpoints(run_dir)) == 1
+    last = latest_valid_checkpoint(run_dir)
+    state = load_checkpoint(last)
+    assert state["global_step"] == 4
+    assert all(torch.isfinite(v).all() for v in state["student"].values() if v.is_floating_point())
+    assert torch.isfinite(state["memory"]["rows"]).all()
 
 
 def test_a_cpu_split_that_would_starve_ray_data_is_refused(tmp_path):
