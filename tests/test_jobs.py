@@ -556,8 +556,17 @@ def test_quickstart_submitted_as_a_job_to_a_local_head(tmp_path):
                   r"(\d+\.\d+)%", logs)
     assert m, logs[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["knn"]["trained_top1"] == pytest.approx(float(m.group(1)), abs=0.01)
-    assert summary["knn"]["train_rows"] == 500 and summary["knn"]["test_rows"] == 200
+    knn = summary["knn"]
+    assert knn["k"] == 20 and knn["step"] == 4
+    assert knn["train_rows"] == 500 and knn["test_rows"] == 200
+    # The printed line is the summary's numbers (2 decimals), for both backbones ...
+    trained, random_init = float(m.group(1)), float(m.group(2))
+    assert knn["trained_top1"] == pytest.approx(trained, abs=0.006)
+    assert knn["random_init_top1"] == pytest.approx(random_init, abs=0.006)
+    # ... and each is a top-1 accuracy over the 200 queries: a percentage in steps of 0.5.
+    for acc in (knn["trained_top1"], knn["random_init_top1"]):
+        assert 0.0 <= acc <= 100.0
+        assert acc * 2 == pytest.approx(round(acc * 2), abs=1e-6), acc
 
 
 def _worker_nodes_from_state_api(dashboard_url: str) -> list[str]:
