@@ -29,7 +29,7 @@ from massl_ray.method.checkpoint import latest_valid_checkpoint, list_checkpoint
 from massl_ray.train.loop import LocalLoopContext, LoopContext, run_loop
 from massl_ray.data.sources import DataSourceError, Source, open_source
 from massl_ray.data.views import DecodeReport
-from massl_ray.runtime import init_ray, planned_cluster_cpus
+from massl_ray.runtime import init_ray, planned_cluster_cpus, train_log_level
 
 log = logging.getLogger("massl_ray")
 
@@ -298,7 +298,10 @@ def _record_worker(ctx: RayLoopContext) -> None:
 
     info = {"rank": ctx.rank, "world_size": ctx.world_size, "pid": os.getpid(),
             "hostname": socket.gethostname(), "device": str(ctx.device),
-            "node_id": ray.get_runtime_context().get_node_id()}
+            "node_id": ray.get_runtime_context().get_node_id(),
+            # where this worker imported the package from (Ray's py_modules copy, see
+            # massl_ray.runtime, or a submitted job's working directory)
+            "package": str(Path(__file__).resolve().parents[1])}
     d = ctx.run_dir / "workers"
     d.mkdir(parents=True, exist_ok=True)
     (d / f"rank_{ctx.rank}.json").write_text(json.dumps(info))
@@ -395,7 +398,7 @@ def _ray_checkpoint_root(cfg: Config) -> Optional[Path]:
 
 
 def _train_ray(cfg: Config, src: Source, run_dir: Path, callbacks: Optional[list] = None) -> dict:
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from massl_ray.data.pipeline import build_train_dataset, check_resources, get_report_actor
@@ -434,6 +437,7 @@ def _train_ray(cfg: Config, src: Source, run_dir: Path, callbacks: Optional[list
             checkpoint_config=CheckpointConfig(num_to_keep=r.num_checkpoints_to_keep),
             failure_config=FailureConfig(max_failures=r.max_failures),
             callbacks=list(callbacks or []),
+            logging_config=LoggingConfig(log_level=train_log_level()),
         ),
         datasets=datasets,
     )

@@ -1,0 +1,335 @@
+"""The commands a user types, run the way the user runs them.
+
+Every command that README.md and docs/ document, started as a subprocess exactly as written
+there: from a copy of the repository (what a fresh clone holds, the package *not* installed,
+as the README's install line leaves it), with no ``PYTHONPATH``, no ``RAY_ADDRESS``, no Ray
+started by the test (each command starts or joins its own), a temporary working directory and
+storage path. Runs are shortened only through documented overrides (``section.key=value``).
+Each test asserts what the user is promised: the exit code, the files written, the figures
+printed, and that a successful run prints no Python traceback.
+
+The submit path (``jobs/submit.py`` against a local ``ray start --head``) is
+``tests/test_jobs.py::test_quickstart_submitted_as_a_job_to_a_local_head``, beside the other
+local-cluster tests that share its cluster helper.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICK = ROOT / "jobs" / "data" / "cifar10-quick"
+VENV_BIN = Path(sys.executable).parent
+
+pytestmark = pytest.mark.ray
+
+# What a fresh clone holds: the tracked tree without version control, environments and outputs.
+_NOT_IN_A_CLONE = shutil.ignore_patterns(".git", ".venv", "venv", "runs", "__pycache__",
+                                         "*.pyc", ".pytest_cache", ".hypothesis", "*.egg-info",
+                                         "build", "results")
+
+# The quick start shrunk through documented overrides: a 2-block ViT on 16 px crops, 4 steps.
+TINY = ["model.depth=2", "model.embed_dim=64", "model.num_heads=2", "model.patch_size=4",
+        "model.head_hidden_dim=128", "model.head_out_dim=32", "crops.global_size=16",
+        "crops.local_size=8", "crops.num_local_crops=2", "massl.memory_size=512",
+        "massl.block_size=128", "optim.batch_size_per_worker=32", "data.limit=256",
+        "data.decode_batch_size=64", "run.max_steps=4", "run.log_every_steps=2",
+        "run.checkpoint_every_steps=2"]
+
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+RAY_PREFIX = re.compile(r"^\((?:[\w.]+) pid=\d+(?:, ip=[\d.]+)?\) ")
+OUR_LOG = re.compile(r"^\d\d:\d\d:\d\d \[rank \d+\] (INFO|WARNING|ERROR) massl_ray: ")
+KNN_LINE = re.compile(r"k-NN top-1 \(k=20\): trained (\d+\.\d\d)% vs random-init backbone "
+                      r"(\d+\.\d\d)%")
+
+
+def user_env(path_first: Path = VENV_BIN) -> dict:
+    """The environment of a user who activated the venv: none of the variables a test
+    session sets (PYTHONPATH, RAY_*, OMP_NUM_THREADS, pytest's own)."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PYTHONPATH", "OMP_NUM_THREADS", "PYTHONDONTWRITEBYTECODE")
+           and not k.startswith(("RAY_", "PYTEST_"))}
+    env["PATH"] = f"{path_first}{os.pathsep}{env.get('PATH', '')}"
+    env["VIRTUAL_ENV"] = str(path_first.parent)
+    return env
+
+
+def run(cmd: list[str], cwd: Path, timeout: float, env: dict | None = None
+        ) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=cwd, env=env or user_env(), capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def succeeded(p: subprocess.CompletedProcess) -> str:
+    """Assert exit 0 and no traceback; returns stdout + stderr."""
+    out = p.stdout + p.stderr
+    assert p.returncode == 0, f"exit {p.returncode}:\n{out[-6000:]}"
+    assert "Traceback" not in out, out[-6000:]
+    return out
+
+
+def unexpected_lines(stderr: str) -> list[str]:
+    """stderr lines that are neither our log records (on the driver, or forwarded from a Ray
+    worker with Ray's ``(Actor pid=N)`` prefix) nor empty: the noise a clean first screen
+    does not have."""
+    bad = []
+    for line in stderr.splitlines():
+        s = RAY_PREFIX.sub("", ANSI.sub("", line)).strip()
+        if s and not OUR_LOG.match(s):
+            bad.append(line)
+    return bad
+
+
+def _subset(src: Path, dst: Path, rows: int) -> str:
+    pq.write_table(pq.read_table(src).slice(0, rows), dst)
+    return str(dst)
+
+
+@pytest.fixture(scope="module")
+def clone(tmp_path_factory) -> Path:
+    dst = tmp_path_factory.mktemp("user") / "massl_ray"
+    shutil.copytree(ROOT, dst, ignore=_NOT_IN_A_CLONE)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def knn_data(tmp_path_factory) -> list[str]:
+    """Smaller k-NN sets than the quick start's 5,000 / 1,000 (same code, seconds)."""
+    d = tmp_path_factory.mktemp("knn")
+    return [f"data.eval_train={_subset(QUICK / 'train.parquet', d / 'train.parquet', 500)}",
+            f"data.eval_test={_subset(QUICK / 'test.parquet', d / 'test.parquet', 200)}"]
+
+
+@pytest.fixture(scope="module")
+def ray_run(clone, knn_data, tmp_path_factory) -> dict:
+    """The README's main command (``train --config jobs/quickstart.yaml``) on Ray, shrunk."""
+    runs = tmp_path_factory.mktemp("runs")
+    p = run([sys.executable, "-m", "massl_ray", "train", "--config", "jobs/quickstart.yaml",
+             *TINY, f"run.storage_path={runs}", *knn_data], cwd=clone, timeout=420)
+    return {"proc": p, "run_dir": runs / "quickstart", "runs": runs}
+
+
+@pytest.mark.timeout(480)
+def test_readme_main_command_trains_on_ray_from_a_fresh_clone(ray_run, clone):
+    p, run_dir = ray_run["proc"], ray_run["run_dir"]
+    succeeded(p)
+    assert re.search(r"^done: ray run 'quickstart', step 4, loss \d+\.\d{4}", p.stdout, re.M), p.stdout
+    m = KNN_LINE.search(p.stdout)
+    assert m, p.stdout
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["mode"] == "ray" and summary["metrics"]["step"] == 4
+    assert summary["knn"]["trained_top1"] == pytest.approx(float(m.group(1)), abs=0.006)
+    assert summary["knn"]["random_init_top1"] == pytest.approx(float(m.group(2)), abs=0.006)
+    # the files the README lists
+    for name in ("config.yaml", "metrics.jsonl", "decode_errors.json"):
+        assert (run_dir / name).is_file(), name
+    assert list((run_dir / "tb").iterdir())
+    metas = [json.loads(f.read_text()) for f in run_dir.glob("checkpoint_*/meta.json")]
+    assert max(int(x["global_step"]) for x in metas) == 4
+    # The worker imported the package Ray shipped (py_modules), not the clone on this disk:
+    # what reaches the workers of a cluster's other machines.
+    worker = json.loads((run_dir / "workers" / "rank_0.json").read_text())
+    assert "runtime_resources" in worker["package"], worker
+    assert not worker["package"].startswith(str(clone)), worker
+
+
+@pytest.mark.timeout(480)
+def test_readme_main_command_has_a_clean_first_screen(ray_run):
+    p = ray_run["proc"]
+    assert p.returncode == 0, p.stderr[-4000:]
+    bad = unexpected_lines(p.stderr)
+    assert not bad, "noise on the first screen:\n" + "\n".join(bad[:40])
+    progress = [ln for ln in p.stderr.splitlines() if re.search(r"step \d+/4 \| epoch", ln)]
+    assert len(progress) == 2, p.stderr  # run.log_every_steps=2 over 4 steps
+
+
+@pytest.mark.timeout(300)
+def test_eval_of_the_run_prints_knn_and_linear_and_writes_eval_json(ray_run, clone, knn_data):
+    run_dir = ray_run["run_dir"]
+    assert ray_run["proc"].returncode == 0
+    out_dir = ray_run["runs"] / "eval_out"
+    tr, te = (kv.split("=", 1)[1] for kv in knn_data)
+    p = run([sys.executable, "-m", "massl_ray", "eval", "--checkpoint", str(run_dir),
+             "--train-data", tr, "--test-data", te, "--linear-epochs", "3", "--few-shot", "1",
+             "--few-shot-draws", "2", "--out", str(out_dir)], cwd=clone, timeout=280)
+    succeeded(p)
+    m = re.search(r"k-NN top-1 \(k=20\): (\d+\.\d\d)% \| linear top-1: (\d+\.\d\d)%", p.stdout)
+    assert m, p.stdout
+    res = json.loads((out_dir / "eval.json").read_text())
+    assert res["knn_top1"] == pytest.approx(float(m.group(1)), abs=0.006)
+    assert res["linear_top1"] == pytest.approx(float(m.group(2)), abs=0.006)
+    assert res["global_step"] == 4 and res["train"]["rows"] == 500 and res["test"]["rows"] == 200
+    # the documented default: features by Ray Data batch inference, not in-process
+    assert res["timings"]["features_train"]["mode"] == "ray_data"
+
+
+@pytest.mark.timeout(120)
+def test_export_writes_a_timm_loadable_teacher(ray_run, clone):
+    assert ray_run["proc"].returncode == 0
+    out = ray_run["runs"] / "teacher.safetensors"
+    p = run([sys.executable, "-m", "massl_ray", "export", "--checkpoint", str(ray_run["run_dir"]),
+             "--out", str(out)], cwd=clone, timeout=110)
+    succeeded(p)
+    assert out.is_file() and out.with_suffix(".json").is_file()
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["global_step"] == 4
+    assert f"timm.create_model({meta['timm_name']!r}" in p.stdout
+    # loadable by timm in a process of its own
+    code = ("import json,sys,timm,torch; from safetensors.torch import load_file; "
+            "m=json.load(open(sys.argv[1])); net=timm.create_model(m['timm_name'],**m['timm_kwargs']); "
+            "missing,unexpected=net.load_state_dict(load_file(sys.argv[2]),strict=False); "
+            "assert not unexpected and all(k.startswith('head') for k in missing), (missing,unexpected); print('ok')")
+    q = run([sys.executable, "-c", code, str(out.with_suffix(".json")), str(out)],
+            cwd=ray_run["runs"], timeout=100)
+    assert succeeded(q).strip().endswith("ok")
+
+
+@pytest.mark.timeout(300)
+def test_train_local_runs_in_one_process_without_ray(clone, tmp_path):
+    p = run([sys.executable, "-m", "massl_ray", "train", "--config", "jobs/quickstart.yaml",
+             "--local", *TINY, f"run.storage_path={tmp_path}", "run.final_knn=false"],
+            cwd=clone, timeout=280)
+    out = succeeded(p)
+    assert re.search(r"^done: local run 'quickstart', step 4,", p.stdout, re.M), out
+    assert "Started a local Ray instance" not in out
+    assert json.loads((tmp_path / "quickstart" / "summary.json").read_text())["mode"] == "local"
+    assert list((tmp_path / "quickstart").glob("checkpoint_*/meta.json"))
+
+
+@pytest.mark.timeout(420)
+def test_train_with_two_workers_keeps_identical_memory_banks(clone, tmp_path):
+    # 2 workers x 0.5 CPU + 1 CPU for Ray Data fit this machine's 2 cores (the README's CPU rule)
+    p = run([sys.executable, "-m", "massl_ray", "train", "--config", "jobs/quickstart.yaml",
+             "--num-workers", "2", *TINY, "optim.batch_size_per_worker=16",
+             "run.cpus_per_worker=0.5", f"run.storage_path={tmp_path}", "run.final_knn=false"],
+            cwd=clone, timeout=400)
+    succeeded(p)
+    run_dir = tmp_path / "quickstart"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["mode"] == "ray" and summary["metrics"]["step"] == 4
+    assert summary["metrics"]["memory_replicas_identical"] is True
+    assert len(summary["metrics"]["memory_checksums"]) == 2
+    ranks = sorted(json.loads(f.read_text())["rank"] for f in (run_dir / "workers").glob("*.json"))
+    assert ranks == [0, 1]
+
+
+@pytest.mark.timeout(60)
+def test_config_prints_the_resolved_config_and_refuses_a_bad_one(clone):
+    p = run([sys.executable, "-m", "massl_ray", "config", "--config", "jobs/quickstart.yaml",
+             "run.name=shown"], cwd=clone, timeout=50)
+    succeeded(p)
+    cfg = yaml.safe_load(p.stdout)
+    assert cfg["run"]["name"] == "shown" and cfg["massl"]["memory_size"] == 2048
+    bad = run([sys.executable, "-m", "massl_ray", "config", "--config", "jobs/quickstart.yaml",
+               "massl.memory_size=1000"], cwd=clone, timeout=50)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert bad.stderr.startswith("config error:") and "massl.memory_size" in bad.stderr
+
+
+def _site_packages() -> str:
+    return sysconfig.get_paths()["purelib"]
+
+
+@pytest.mark.timeout(600)
+def test_installed_console_script_trains_on_ray_from_another_directory(clone, tmp_path):
+    """``pip install .`` into a new environment, then ``massl-ray`` from a directory that holds
+    no copy of the code. The new environment sees this session's dependencies through a .pth
+    file (installing torch again would cost GBs), so only the package itself is installed."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    vpy = venv / "bin" / "python"
+    purelib = subprocess.run([str(vpy), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    Path(purelib, "_deps_of_the_test_session.pth").write_text(_site_packages() + "\n")
+    env = user_env(venv / "bin")
+    inst = run([str(vpy), "-m", "pip", "install", "--no-deps", "-q",
+                str(clone)], cwd=tmp_path, timeout=240, env=env)
+    assert inst.returncode == 0, inst.stdout[-3000:] + inst.stderr[-3000:]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    script = venv / "bin" / "massl-ray"
+    assert script.is_file()
+    p = run([str(script), "train", "--config", str(clone / "jobs" / "quickstart.yaml"), *TINY,
+             f"data.train={QUICK / 'train.parquet'}", "run.final_knn=false",
+             f"run.storage_path={tmp_path / 'runs'}"], cwd=elsewhere, timeout=420, env=env)
+    succeeded(p)
+    assert re.search(r"^done: ray run 'quickstart', step 4,", p.stdout, re.M), p.stdout
+    worker = json.loads((tmp_path / "runs" / "quickstart" / "workers" / "rank_0.json").read_text())
+    assert "runtime_resources" in worker["package"], worker
+    assert not unexpected_lines(p.stderr), p.stderr[-4000:]
+
+
+# ---- refusals on Ray happen before Ray starts --------------------------------------------------
+
+def _refused_before_ray(monkeypatch, capsys, *argv: str) -> str:
+    """Run the CLI in this process with ``ray.init`` made fatal: the command must refuse
+    (exit 2) without ever starting Ray. Returns stderr."""
+    import ray
+
+    from massl_ray.cli import main
+
+    assert not ray.is_initialized()
+    started = []
+
+    def no_ray(*a, **k):
+        started.append(a or k)
+        raise AssertionError("Ray was started before the refusal")
+
+    monkeypatch.setattr(ray, "init", no_ray)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    rc = main(list(argv))
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert not started and not ray.is_initialized()
+    return err
+
+
+def _tiny_args(tmp_path: Path, *extra: str) -> list[str]:
+    return ["train", "--config", str(ROOT / "jobs" / "quickstart.yaml"), *TINY,
+            f"data.train={QUICK / 'train.parquet'}", f"run.storage_path={tmp_path}",
+            "run.final_knn=false", *extra]
+
+
+@pytest.mark.timeout(60)
+def test_an_invalid_config_is_refused_before_ray_starts(tmp_path, monkeypatch, capsys):
+    err = _refused_before_ray(monkeypatch, capsys, *_tiny_args(tmp_path, "massl.memory_size=1000"))
+    assert "massl.memory_size (1000) must be divisible" in err
+
+
+@pytest.mark.timeout(60)
+def test_an_impossible_cpu_split_is_refused_before_ray_starts(tmp_path, monkeypatch, capsys):
+    from massl_ray import runtime
+
+    monkeypatch.setattr(runtime, "local_cpus", lambda: 2)  # what a local Ray would get here
+    err = _refused_before_ray(monkeypatch, capsys, *_tiny_args(tmp_path, "run.num_workers=2"))
+    assert "2 x run.cpus_per_worker=1" in err and "the cluster has 2 CPUs" in err
+
+
+@pytest.mark.timeout(60)
+def test_resume_never_on_an_existing_run_is_refused_before_ray_starts(tmp_path, monkeypatch, capsys):
+    (tmp_path / "quickstart" / "checkpoint_000000002").mkdir(parents=True)
+    err = _refused_before_ray(monkeypatch, capsys, *_tiny_args(tmp_path, "run.resume=never"))
+    assert "already has checkpoints" in err and "run.resume=never" in err
+
+
+@pytest.mark.timeout(60)
+def test_a_full_storage_path_is_refused_before_ray_starts(tmp_path, monkeypatch, capsys):
+    import collections
+
+    from massl_ray.train import trainer
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(trainer.shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 2**20, 2**20))
+    err = _refused_before_ray(monkeypatch, capsys, *_tiny_args(tmp_path))
+    assert "MiB free" in err and "run.storage_path" in err
