@@ -1,4 +1,4 @@
-"""Ray Tune sweeps over any config keys, each finished trial evaluated as a dependent Ray task.
+"""Ray Tune sweeps over any config keys; each trial trains, then awaits its evaluation task.
 
 ``python -m massl_ray tune --config jobs/<sweep>.yaml [section.key=value ...]``
 
@@ -7,34 +7,40 @@ The YAML is a training config plus a ``sweep:`` section (see ``jobs/sweep_cpu.ya
     sweep:
       name: mem_blocks            # sweep directory: <storage_path>/<name>
       storage_path: runs/sweeps
-      grid:                       # every combination (itertools.product, in this order)
-        massl.memory_size: [2048, 4096]
-        massl.num_blocks: [2, 4]
-      random:                     # drawn per trial from sweep.seed (num_samples per grid point)
-        optim.lr: {loguniform: [1.0e-4, 1.0e-3]}
-      num_samples: 1
+      space:                      # section.key: a Tune search space, expanded by Tune
+        massl.memory_size: [2048, 4096]           # a list: tune.grid_search
+        massl.num_blocks: {grid_search: [2, 4]}
+        optim.lr: {loguniform: [1.0e-4, 1.0e-3]}  # tune.<fn>(*args) (a mapping: **kwargs)
+      num_samples: 1              # Tune's: repeats of the grid / number of searcher trials
+      search: grid                # grid | random | optuna | hyperopt ({name: optuna, ...kwargs})
+      scheduler: null             # fifo | {name: asha, metric: online_knn_top1, grace_period: 20}
+      metric: knn_top1            # what the searcher optimises and the report ranks by
+      mode: max
       max_concurrent: null        # null: from the cluster's resources and each trial's needs
-      asha: null                  # {metric: online_knn_top1, mode: max, grace_period: 20, ...}
       evaluation: {num_cpus: 1, num_gpus: 0, ...}   # + any EvalSettings key
 
-Flow: every trial configuration is built and validated on the driver (``Config.validate`` and
-the trainer's own ``prepare``), and any invalid one is refused, named with its reason, before
-Ray Tune starts; the concurrency is derived from the cluster (trials that could never be placed
-are refused). Each trial is a function trainable that calls :func:`massl_ray.train.trainer.train`
-(a TorchTrainer) with Tune's report callback. When a trial completes, :class:`EvalScheduler`
-(a ``tune.Callback``) launches its evaluation (:func:`massl_ray.evaluate.jobs.evaluate_checkpoint`)
-as a Ray task with its own resources on the trial's final checkpoint, overlapping the trials
-still training. Records in the sweep directory make it resumable: ``completed/<trial>.json``
-(trial end), ``evaluations/<trial>.json`` (evaluation done, with start/end timestamps).
-Running the same command again restores the Tune experiment (``Tuner.restore``): finished
-trials are not re-run, recorded evaluations are not redone, missing ones are scheduled. The
-sweep ends with ``results.csv``, ``results.md`` and ``knn_heatmap.png``.
+Flow: every grid point's configuration is built and validated on the driver (``Config.validate``
+and the trainer's own ``prepare``) and all invalid ones are refused, named with their reason,
+before Ray starts; sampled values are validated when the searcher proposes them (the trial is
+refused with its reason: :class:`TrialRefused`). The concurrency is derived from the cluster
+and what each trial holds in either phase (a trial too large for the cluster is refused). Each
+trial is a function trainable that calls :func:`massl_ray.train.trainer.train` (a TorchTrainer
+whose reports reach Tune), then submits its evaluation
+(:func:`massl_ray.evaluate.jobs.evaluate_checkpoint`) as a Ray task with its own resources on
+its final checkpoint, awaits it while other trials train, and reports its metrics as the
+trial's last result: ``ResultGrid.get_best_result(metric="knn_top1", mode="max")``. Evaluations
+are recorded in ``evaluations/<trial>.json``; running the same command again restores the Tune
+experiment (``Tuner.restore``): finished trials are not re-run, a restarted trial resumes from
+its checkpoints and reuses a recorded evaluation of the same checkpoint. The sweep ends with
+``results.csv``, ``results.md``, ``knn_heatmap.png`` and TensorBoard hparams in ``tb/``, all
+from the ResultGrid.
 """
 
 from __future__ import annotations
 
 import copy
 import csv
+import importlib.util
 import itertools
 import json
 import logging
@@ -43,26 +49,42 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import numpy as np
 import yaml
 from ray import tune
 
 from massl_ray.config import Config, ConfigError, apply_overrides, config_from_dict, merge_dict
-from massl_ray.evaluate.jobs import EvalSettings
 from massl_ray.data.sources import DataSourceError, open_source
+from massl_ray.evaluate.jobs import EvalSettings
 
 log = logging.getLogger("massl_ray")
 
 SWEEP_FILE = "sweep.json"
 TRIAL_CPU = 0.01  # the function trainable itself; its TorchTrainer reserves the real resources
-DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice")
-SWEEP_KEYS = ("name", "storage_path", "seed", "grid", "random", "num_samples", "max_concurrent",
-              "asha", "evaluation")
+SWEEP_KEYS = ("name", "storage_path", "seed", "space", "num_samples", "search", "scheduler",
+              "metric", "mode", "max_concurrent", "evaluation")
+# tune.<fn> a sweep may name; grid_search and choice take the list itself.
+DOMAINS = ("grid_search", "choice", "uniform", "quniform", "loguniform", "qloguniform", "randn",
+           "qrandn", "randint", "qrandint", "lograndint", "qlograndint")
 PATH_KEYS = (("data", "train"), ("data", "eval_train"), ("data", "eval_test"),
              ("model", "init_from"))
-ASHA_KEYS = ("metric", "mode", "grace_period", "reduction_factor", "max_t")
+# Keys that decide what a trial holds: only a grid may sweep them (the concurrency is derived
+# from them before launch).
+RESOURCE_KEYS = ("run.num_workers", "run.cpus_per_worker", "run.gpus_per_worker", "run.use_gpu",
+                 "data.decode_cpus")
+# name -> (module, class, pip package, seed keyword)
+SEARCHERS = {"optuna": ("ray.tune.search.optuna", "OptunaSearch", "optuna", "seed"),
+             "hyperopt": ("ray.tune.search.hyperopt", "HyperOptSearch", "hyperopt",
+                          "random_state_seed")}
+SCHEDULERS = {"asha": "ASHAScheduler", "median_stopping": "MedianStoppingRule"}
+EXTRA = "pip install 'massl_ray[tune-search]'"
+EVAL_METRICS = ("knn_top1", "linear_top1")
+
+
+class TrialRefused(ConfigError):
+    """A sampled trial configuration that is invalid: the trial ends with this error."""
 
 
 @dataclass
@@ -70,32 +92,69 @@ class SweepSpec:
     name: str = "sweep"
     storage_path: str = "runs/sweeps"
     seed: int = 0
-    grid: dict[str, list] = field(default_factory=dict)
-    random: dict[str, dict] = field(default_factory=dict)
+    space: dict = field(default_factory=dict)
     num_samples: int = 1
+    search: Union[str, dict] = "grid"
+    scheduler: Union[None, str, dict] = None
+    metric: str = "knn_top1"
+    mode: str = "max"
     max_concurrent: Optional[int] = None
-    asha: Optional[dict] = None
     evaluation: dict = field(default_factory=dict)
 
     @property
     def dir(self) -> Path:
         return Path(self.storage_path).absolute() / self.name
 
+    def as_dict(self) -> dict:
+        return {k: getattr(self, k) for k in SWEEP_KEYS}
 
-# ---- parsing and expansion ----------------------------------------------------------------
 
-def _check_key(key: str, what: str) -> None:
+# ---- parsing --------------------------------------------------------------------------------
+
+def _check_key(key: str) -> None:
     if not isinstance(key, str) or key.count(".") != 1:
-        raise ConfigError(f"sweep.{what}: key {key!r} must look like section.key (e.g. massl.memory_size)")
+        raise ConfigError(f"sweep.space: key {key!r} must look like section.key (e.g. massl.memory_size)")
     section, name = key.split(".")
     merge_dict(Config(), {section: {}})  # unknown section -> ConfigError
     if name not in getattr(Config(), section).__dataclass_fields__:
-        raise ConfigError(f"sweep.{what}: unknown config key {key}")
+        raise ConfigError(f"sweep.space: unknown config key {key}")
+
+
+def _named(value: Union[None, str, dict], what: str) -> tuple[Optional[str], dict]:
+    """``name`` or ``{name: ..., **kwargs}`` -> (name, kwargs)."""
+    if value is None or isinstance(value, str):
+        return value, {}
+    if isinstance(value, dict) and isinstance(value.get("name"), str):
+        kw = dict(value)
+        return kw.pop("name"), kw
+    raise ConfigError(f"sweep.{what} must be a name or a mapping with a name: key, got {value!r}")
+
+
+def domain(key: str, value: Any) -> tuple[str, Any]:
+    """A sweep.space entry -> (Tune function name, the Tune object)."""
+    if isinstance(value, list):
+        value = {"grid_search": value}
+    if not isinstance(value, dict) or len(value) != 1 or next(iter(value)) not in DOMAINS:
+        raise ConfigError(f"sweep.space.{key} must be a list (a grid) or one of "
+                          f"{{{' | '.join(DOMAINS)}: [...]}}, got {value!r}")
+    fn, args = next(iter(value.items()))
+    if fn in ("grid_search", "choice"):
+        if not isinstance(args, list) or not args:
+            raise ConfigError(f"sweep.space.{key}.{fn} needs a non-empty list of values")
+        return fn, getattr(tune, fn)(args)
+    try:
+        return fn, (getattr(tune, fn)(**args) if isinstance(args, dict) else
+                    getattr(tune, fn)(*(args if isinstance(args, list) else [args])))
+    except (TypeError, ValueError, AssertionError) as e:
+        raise ConfigError(f"sweep.space.{key}: tune.{fn}({args!r}) is invalid: {e}") from None
 
 
 def parse_sweep(data: dict) -> SweepSpec:
     if not isinstance(data, dict):
         raise ConfigError("the sweep: section must be a mapping")
+    if "grid" in data or "random" in data:
+        raise ConfigError("sweep.grid and sweep.random are now one sweep.space: a list is a grid "
+                          "(tune.grid_search), {loguniform: [low, high]} etc. a Tune distribution")
     unknown = sorted(set(data) - set(SWEEP_KEYS))
     if unknown:
         raise ConfigError(f"unknown sweep key(s) {', '.join(unknown)}; known: {', '.join(SWEEP_KEYS)}")
@@ -105,38 +164,36 @@ def parse_sweep(data: dict) -> SweepSpec:
                           "shared filesystem mounted on every node): the sweep's records live there")
     if not spec.name or "/" in str(spec.name):
         raise ConfigError(f"sweep.name ({spec.name!r}) must be a non-empty name without '/'")
-    if not isinstance(spec.grid, dict) or not isinstance(spec.random, dict):
-        raise ConfigError("sweep.grid and sweep.random must be mappings of section.key")
-    for key, values in spec.grid.items():
-        _check_key(key, "grid")
-        if not isinstance(values, list) or not values:
-            raise ConfigError(f"sweep.grid.{key} must be a non-empty list of values")
-    for key, dist in spec.random.items():
-        _check_key(key, "random")
-        if key in spec.grid:
-            raise ConfigError(f"sweep: {key} is in both grid and random")
-        if not isinstance(dist, dict) or len(dist) != 1 or next(iter(dist)) not in DISTRIBUTIONS:
-            raise ConfigError(f"sweep.random.{key} must be one of "
-                              f"{{{' | '.join(d + ': [...]' for d in DISTRIBUTIONS)}}}, got {dist!r}")
-        kind, args = next(iter(dist.items()))
-        if not isinstance(args, list) or (kind != "choice" and len(args) != 2) or not args:
-            raise ConfigError(f"sweep.random.{key}.{kind} needs a list "
-                              f"{'of choices' if kind == 'choice' else '[low, high]'}")
-        if kind == "loguniform" and not (0 < args[0] < args[1]):
-            raise ConfigError(f"sweep.random.{key}: loguniform needs 0 < low < high")
+    if not isinstance(spec.space, dict):
+        raise ConfigError("sweep.space must be a mapping of section.key to a search space")
+    for key, value in spec.space.items():
+        _check_key(key)
+        fn, _ = domain(key, value)
+        if key in RESOURCE_KEYS and fn != "grid_search":
+            raise ConfigError(f"sweep.space.{key} decides what a trial holds: sweep it with a "
+                              f"list (a grid), so the concurrency can be derived before launch")
     if not isinstance(spec.num_samples, int) or spec.num_samples < 1:
         raise ConfigError(f"sweep.num_samples ({spec.num_samples}) must be a positive integer")
-    if spec.max_concurrent is not None and spec.max_concurrent < 1:
-        raise ConfigError("sweep.max_concurrent must be positive or null")
-    if spec.asha is not None:
-        if not isinstance(spec.asha, dict) or set(spec.asha) - set(ASHA_KEYS):
-            raise ConfigError(f"sweep.asha must be a mapping with keys among {', '.join(ASHA_KEYS)}")
-        if spec.asha.get("mode", "max") not in ("min", "max"):
-            raise ConfigError("sweep.asha.mode must be min or max")
+    if spec.max_concurrent is not None and (not isinstance(spec.max_concurrent, int)
+                                            or spec.max_concurrent < 1):
+        raise ConfigError("sweep.max_concurrent must be a positive integer or null")
+    if spec.mode not in ("min", "max"):
+        raise ConfigError(f"sweep.mode must be min or max, got {spec.mode!r}")
+    search, _ = _named(spec.search, "search")
+    if search not in ("grid", "random", *SEARCHERS):
+        raise ConfigError(f"sweep.search {search!r}: known are grid, random, {', '.join(SEARCHERS)}")
+    if search in SEARCHERS and any(domain(k, v)[0] == "grid_search" for k, v in spec.space.items()):
+        raise ConfigError(f"sweep.search {search} proposes values itself: give it distributions "
+                          f"(e.g. {{choice: [...]}}), not lists/grid_search, in sweep.space")
+    sched, kw = _named(spec.scheduler, "scheduler")
+    if sched not in (None, "fifo", *SCHEDULERS):
+        raise ConfigError(f"sweep.scheduler {sched!r}: known are fifo, {', '.join(SCHEDULERS)}")
+    if kw.get("mode", "max") not in ("min", "max"):
+        raise ConfigError("sweep.scheduler.mode must be min or max")
     return spec
 
 
-def load_sweep(path: str | os.PathLike, overrides: Optional[list[str]] = None
+def load_sweep(path: Union[str, os.PathLike], overrides: Optional[list[str]] = None
                ) -> tuple[dict, SweepSpec]:
     """The base training config (a full dict, CLI overrides applied, not yet validated: each
     trial validates its own) and the sweep spec. ``sweep.key=value`` overrides go to the spec."""
@@ -167,7 +224,13 @@ def load_sweep(path: str | os.PathLike, overrides: Optional[list[str]] = None
     for sec, key in PATH_KEYS:
         section = getattr(cfg, sec)
         setattr(section, key, _abs_local(getattr(section, key)))
-    return cfg.to_dict(), parse_sweep(sweep_data)
+    spec = parse_sweep(sweep_data)
+    for key, value in spec.space.items():  # swept paths too (grid and choice values)
+        if tuple(key.split(".")) in PATH_KEYS:
+            fn, _ = domain(key, value)
+            vals = value if isinstance(value, list) else value[fn]
+            spec.space[key] = {fn: [_abs_local(v) for v in vals]}
+    return cfg.to_dict(), spec
 
 
 def _abs_local(v: Any) -> Any:
@@ -178,40 +241,20 @@ def _abs_local(v: Any) -> Any:
     return v
 
 
-def _sample(rng: np.random.Generator, dist: dict) -> Any:
-    kind, args = next(iter(dist.items()))
-    if kind == "uniform":
-        return float(rng.uniform(args[0], args[1]))
-    if kind == "loguniform":
-        return float(math.exp(rng.uniform(math.log(args[0]), math.log(args[1]))))
-    if kind == "randint":
-        return int(rng.integers(args[0], args[1]))
-    return args[int(rng.integers(len(args)))]
+def param_space(spec: SweepSpec) -> dict:
+    """Tune's param_space: ``{"overrides": {section.key: <Tune domain>}}``, expanded by Tune."""
+    return {"overrides": {k: domain(k, v)[1] for k, v in spec.space.items()}}
 
 
-def expand(spec: SweepSpec) -> list[dict]:
-    """Every trial's overrides ``{section.key: value}``: the grid's product, ``num_samples``
-    times, with the random keys drawn in order from ``sweep.seed`` (reproducible)."""
-    rng = np.random.default_rng(spec.seed)
-    keys = list(spec.grid)
-    out = []
-    for combo in itertools.product(*(spec.grid[k] for k in keys)):
-        for _ in range(spec.num_samples):
-            v = dict(zip(keys, combo))
-            for k, dist in spec.random.items():
-                v[k] = _sample(rng, dist)
-            for sec, key in PATH_KEYS:  # swept paths: relative to the driver, as in load_sweep
-                if f"{sec}.{key}" in v:
-                    v[f"{sec}.{key}"] = _abs_local(v[f"{sec}.{key}"])
-            out.append(v)
-    return out
+def grid_points(spec: SweepSpec) -> list[dict]:
+    """Every combination of the grid keys (the sampled keys at the base config's values): what
+    can be checked before launch."""
+    grid = {k: domain(k, v)[1]["grid_search"] for k, v in spec.space.items()
+            if domain(k, v)[0] == "grid_search"}
+    return [dict(zip(grid, combo)) for combo in itertools.product(*grid.values())]
 
 
-def trial_name(index: int) -> str:
-    return f"t{index:03d}"
-
-
-def trial_config(base: dict, variant: dict, spec: SweepSpec, index: int,
+def trial_config(base: dict, variant: dict, spec: SweepSpec, run_name: str,
                  validate: bool = True) -> Config:
     """The base config with the trial's overrides; run name/storage inside the sweep dir."""
     cfg = config_from_dict(copy.deepcopy(base), validate=False)
@@ -226,10 +269,10 @@ def trial_config(base: dict, variant: dict, spec: SweepSpec, index: int,
     if "block_size" in m and "num_blocks" not in m:
         cfg.massl.num_blocks = None
     merge_dict(cfg, nested)
-    cfg.run.name = f"{spec.name}-{trial_name(index)}"
+    cfg.run.name = run_name
     cfg.run.storage_path = str(spec.dir / "trials")
-    cfg.run.resume = "auto"  # an interrupted trial continues from its latest checkpoint
-    cfg.run.final_knn = False  # the dependent evaluation job does it
+    cfg.run.resume = "auto"  # a restarted trial continues from its latest checkpoint
+    cfg.run.final_knn = False  # the dependent evaluation does it
     # Inside a Tune trial Ray Data may only use the trial's own resources (0.01 CPU here):
     # materialising the encoded rows up front would wait forever for a read task. The lazy
     # dataset handed to Ray Train does not have that problem.
@@ -241,28 +284,37 @@ def _fmt_variant(v: dict) -> str:
     return "{" + ", ".join(f"{k}: {val}" for k, val in v.items()) + "}"
 
 
-def check_variants(base: dict, spec: SweepSpec, variants: list[dict]) -> list[Config]:
-    """Build and validate every trial config, then let the trainer's ``prepare`` check the data
-    and derive the steps per epoch; all invalid trials are refused at once, each named."""
+def _check_one(base: dict, variant: dict, spec: SweepSpec, run_name: str,
+               prepare_too: bool = True) -> Config:
+    """Config.validate, then the trainer's ``prepare`` (data source, steps per epoch)."""
     from massl_ray.train.trainer import prepare
 
-    cfgs, bad = [], []
-    for i, v in enumerate(variants):
-        try:
-            cfgs.append(trial_config(base, v, spec, i))
-        except ConfigError as e:
-            bad.append(f"{trial_name(i)} {_fmt_variant(v)}: {str(e).replace(chr(10), ' ')}")
-    if not bad:
-        for i, (v, cfg) in enumerate(zip(variants, cfgs)):
+    cfg = trial_config(base, variant, spec, run_name)
+    if prepare_too:
+        prepared, _ = prepare(copy.deepcopy(cfg))
+        cfg.optim.steps_per_epoch = prepared.optim.steps_per_epoch
+    return cfg
+
+
+def check_grid(base: dict, spec: SweepSpec) -> list[Config]:
+    """Every grid point's config validated, then (all valid) checked by the trainer's
+    ``prepare``; all invalid points are refused at once, each named with its reason."""
+    points, cfgs, bad = grid_points(spec), [], []
+    for prepare_too in (False, True):
+        cfgs = []
+        for i, v in enumerate(points):
             try:
-                prepared, _ = prepare(copy.deepcopy(cfg))  # data source, steps per epoch
-                cfg.optim.steps_per_epoch = prepared.optim.steps_per_epoch
+                cfgs.append(_check_one(base, v, spec, f"{spec.name}-check", prepare_too))
             except (ConfigError, DataSourceError) as e:
-                bad.append(f"{trial_name(i)} {_fmt_variant(v)}: {str(e).replace(chr(10), ' ')}")
-    if bad:
-        raise ConfigError(
-            f"sweep {spec.name!r}: {len(bad)} of {len(variants)} trial configuration(s) are "
-            f"invalid; nothing was launched:\n  - " + "\n  - ".join(bad))
+                bad.append(f"grid point {i} {_fmt_variant(v)}: {str(e).replace(chr(10), ' ')}")
+        if bad:
+            raise ConfigError(
+                f"sweep {spec.name!r}: {len(bad)} of {len(points)} grid point(s) are invalid; "
+                f"nothing was launched:\n  - " + "\n  - ".join(bad))
+    try:  # prepare's storage check made the run directory
+        os.rmdir(spec.dir / "trials" / f"{spec.name}-check")
+    except OSError:
+        pass
     return cfgs
 
 
@@ -292,12 +344,60 @@ def eval_settings(spec: SweepSpec, base_cfg: Config) -> tuple[EvalSettings, dict
     return s, res
 
 
-# ---- resources -----------------------------------------------------------------------------
+# ---- search algorithm and scheduler ---------------------------------------------------------
+
+def build_searcher(spec: SweepSpec, max_concurrent: int):
+    """sweep.search -> a Tune search algorithm running at most ``max_concurrent`` trials.
+    grid / random: Tune's BasicVariantGenerator (grid_search expanded, distributions drawn from
+    sweep.seed); optuna / hyperopt: their Tune searchers (they need the tune-search extra) in a
+    ConcurrencyLimiter. (Tune ignores TuneConfig.max_concurrent_trials for a generator.)"""
+    from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
+
+    name, kw = _named(spec.search, "search")
+    if name in ("grid", "random"):
+        try:
+            return BasicVariantGenerator(random_state=spec.seed, max_concurrent=max_concurrent, **kw)
+        except TypeError as e:
+            raise ConfigError(f"sweep.search {name}: {e}") from None
+    module, cls, package, seed_kw = SEARCHERS[name]
+    if importlib.util.find_spec(package) is None:
+        raise ConfigError(f"sweep.search {name} needs the {package} package, which is not "
+                          f"installed: {EXTRA}")
+    kw.setdefault(seed_kw, spec.seed)
+    try:
+        searcher = getattr(importlib.import_module(module), cls)(metric=spec.metric, mode=spec.mode,
+                                                                 **kw)
+        return ConcurrencyLimiter(searcher, max_concurrent=max_concurrent)
+    except TypeError as e:
+        raise ConfigError(f"sweep.search {name}: {e}") from None
+
+
+def build_scheduler(spec: SweepSpec, cfgs: list[Config]):
+    """sweep.scheduler -> a Tune trial scheduler on the trials' reported ``step``s (None: FIFO)."""
+    name, kw = _named(spec.scheduler, "scheduler")
+    if name in (None, "fifo"):
+        return None
+    kw.setdefault("metric", "online_knn_top1")
+    kw.setdefault("mode", "max")
+    if kw["metric"].startswith("online_knn") and any(c.run.online_knn_every_steps <= 0 for c in cfgs):
+        raise ConfigError(f"sweep.scheduler uses {kw['metric']}, but the online k-NN monitor is "
+                          f"off (run.online_knn_every_steps)")
+    if name == "asha":
+        kw.setdefault("max_t", max(c.run.max_steps or c.total_steps() for c in cfgs))
+    from ray.tune import schedulers
+
+    try:
+        return getattr(schedulers, SCHEDULERS[name])(time_attr="step", **kw)
+    except TypeError as e:
+        raise ConfigError(f"sweep.scheduler {name}: {e}") from None
+
+
+# ---- resources ------------------------------------------------------------------------------
 
 def trial_resources(cfg: Config) -> dict:
-    """What one trial holds: ``CPU``/``GPU`` for as long as it trains (its workers and the
-    trainable), and ``data_CPU``, what Ray Data needs beside them to make progress (a decode
-    task of data.decode_cpus; Ray Data's read/shuffle tasks take a whole CPU)."""
+    """What a training trial holds: ``CPU``/``GPU`` (its workers and the trainable), and
+    ``data_CPU``, what Ray Data needs beside them to make progress (a decode task of
+    data.decode_cpus; Ray Data's read/shuffle tasks take a whole CPU)."""
     r = cfg.run
     workers = max(1, r.num_workers)
     out = {"CPU": workers * r.cpus_per_worker + TRIAL_CPU,
@@ -307,39 +407,59 @@ def trial_resources(cfg: Config) -> dict:
     return out
 
 
-def derive_concurrency(cluster: dict, trials: list[dict], eval_res: dict,
-                       max_concurrent: Optional[int], n_trials: int) -> int:
-    """How many trials may train at once. ``c`` concurrent trials hold ``c x CPU`` for as long
-    as they train, and their data pipelines need ``data_CPU`` more to make progress, so ``c``
-    is the largest with ``c x CPU + data_CPU + evaluation <= cluster`` (and likewise for GPUs),
-    at least 1 (an evaluation then waits for a trial to end). A trial whose own CPU plus its data
-    CPU exceeds the cluster would hang, not fail: it is refused before launch."""
-    need = {k: max(t.get(k, 0.0) for t in trials) for k in ("CPU", "GPU")}
-    data = max(t.get("data_CPU", 0.0) for t in trials)
-    ev = {"CPU": eval_res["num_cpus"], "GPU": eval_res["num_gpus"]}
+def eval_resources(settings: EvalSettings, res: dict) -> dict:
+    """What an evaluating trial holds: the task and the trainable awaiting it, plus (features by
+    Ray Data batch inference, ``local: false``) the feature actors and a decode task beside it."""
+    out = {"CPU": res["num_cpus"] + TRIAL_CPU, "GPU": res["num_gpus"], "data_CPU": 0.0,
+           "data_GPU": 0.0}
+    if not settings.local:
+        n = settings.concurrency or 1
+        out["data_CPU"] = n * settings.cpus_per_actor + max(1.0, settings.decode_cpus)
+        out["data_GPU"] = n * settings.gpus_per_actor
+    return out
+
+
+def derive_concurrency(cluster: dict, trials: list[dict], evaluation: dict,
+                       max_concurrent: Optional[int], n_trials: Optional[int]) -> int:
+    """How many trials may run at once. A trial is either training (it holds ``CPU``/``GPU``
+    and its Ray Data needs ``data_CPU`` more to progress) or awaiting its evaluation (the task's
+    resources, plus its Ray Data's when not local). With ``c`` trials in any mix of phases,
+    one can progress if ``(c - 1) x hold + need <= cluster`` per resource, where ``hold`` is
+    the most a trial holds in either phase and ``need`` the most one needs, holding included;
+    so ``c = floor((cluster - need) / hold) + 1``. A trial whose ``need`` exceeds the cluster
+    would hang, not fail: refused before launch, with the numbers."""
     have = {k: float(cluster.get(k, 0.0)) for k in ("CPU", "GPU")}
-    extra = {"CPU": data, "GPU": 0.0}
+    train = {k: max(t.get(k, 0.0) for t in trials) for k in ("CPU", "GPU")}
+    data = max(t.get("data_CPU", 0.0) for t in trials)
+    ev = {"CPU": evaluation["CPU"], "GPU": evaluation.get("GPU", 0.0)}
+    ev_data = {"CPU": evaluation.get("data_CPU", 0.0), "GPU": evaluation.get("data_GPU", 0.0)}
+    n = n_trials if n_trials is not None else math.inf
     for k in ("CPU", "GPU"):
-        if need[k] + extra[k] > have[k] + 1e-9:
-            what = (f"{need[k]:g} CPU while it trains (workers x run.cpus_per_worker + the "
+        need_train, need_eval = train[k] + (data if k == "CPU" else 0.0), ev[k] + ev_data[k]
+        if need_train > have[k] + 1e-9:
+            what = (f"{train[k]:g} CPU while it trains (workers x run.cpus_per_worker + the "
                     f"trainable) and Ray Data {data:g} more (data.decode_cpus, at least one "
                     f"whole CPU for its read and shuffle tasks)" if k == "CPU"
-                    else f"{need[k]:g} GPU (workers x run.gpus_per_worker)")
+                    else f"{train[k]:g} GPU (workers x run.gpus_per_worker)")
             raise ConfigError(
                 f"a trial needs {what}, but the cluster has {have[k]:g} {k}: it could never "
                 f"run (lower run.cpus_per_worker / run.num_workers, or add {k}s)")
-        if ev[k] > have[k] + 1e-9:
-            raise ConfigError(f"sweep.evaluation needs {ev[k]:g} {k}, the cluster has {have[k]:g}")
-    n = n_trials
-    for k in ("CPU", "GPU"):
-        if need[k] > 0:
-            n = min(n, max(1, int((have[k] - ev[k] - extra[k] + 1e-9) // need[k])))
+        if need_eval > have[k] + 1e-9:
+            raise ConfigError(
+                f"a trial's evaluation needs {need_eval:g} {k} (sweep.evaluation: the task "
+                f"{ev[k] - (TRIAL_CPU if k == 'CPU' else 0):g}"
+                + (f", the trainable awaiting it {TRIAL_CPU:g}" if k == "CPU" else "")
+                + (f", its Ray Data {ev_data[k]:g}" if ev_data[k] else "")
+                + f"), but the cluster has {have[k]:g} {k}: it could never run")
+        hold = max(train[k], ev[k])
+        if hold > 0:
+            n = min(n, int((have[k] - max(need_train, need_eval) + 1e-9) // hold) + 1)
     if max_concurrent is not None:
         n = min(n, max_concurrent)
-    return max(1, n)
+    return max(1, int(n if n != math.inf else 1))
 
 
-# ---- the trial -----------------------------------------------------------------------------
+# ---- the trial ------------------------------------------------------------------------------
 
 def _append_jsonl(path: Path, obj: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -354,38 +474,63 @@ def _write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def run_trial(config: dict, base: dict, spec: dict) -> dict:
-    """The function trainable: build the trial's config, train it with the project's trainer
-    (a TorchTrainer whose reports reach Tune), return the final summary as the last result."""
+def _read(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _report_callback():
+    """Tune's TuneReportCallback, every report also carrying the evaluation's metrics as NaN
+    (not evaluated yet): Tune requires a searcher's metric in every result."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    class ReportToTune(TuneReportCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            first = {**{k: float("nan") for k in EVAL_METRICS}, **metrics[0]}
+            super().after_report(run_context, [first, *metrics[1:]], checkpoint)
+
+    return ReportToTune()
+
+
+def run_trial(config: dict, base: dict, spec: dict, settings: dict, eval_res: dict) -> None:
+    """The function trainable: build and check the trial's config (an invalid proposal is
+    refused), train it (a TorchTrainer whose reports reach Tune), evaluate its final checkpoint
+    in a Ray task with its own resources, report the evaluation as the trial's last result."""
     from massl_ray.train.trainer import run_dir_of, setup_logging, train
 
     setup_logging(0)
     sp = SweepSpec(**spec)
-    index, variant = config["trial"]["index"], config["trial"]["overrides"]
-    cfg = trial_config(base, variant, sp, index)
+    trial = tune.get_context().get_trial_id()
+    variant = dict(config["overrides"])
+    try:
+        cfg = _check_one(base, variant, sp, trial)
+    except (ConfigError, DataSourceError) as e:
+        raise TrialRefused(f"trial {trial} {_fmt_variant(variant)} refused: "
+                           f"{str(e).replace(chr(10), ' ')}") from None
     started = time.time()
     _append_jsonl(run_dir_of(cfg) / "attempts.jsonl", {"started_at": started, "pid": os.getpid()})
-    result = train(cfg, callbacks=[TuneReportCallback()])
+    result = train(cfg, callbacks=[_report_callback()])
     m = dict(result.get("metrics") or {})
     if "loss" not in m:  # resumed after the last step: nothing trained now, take the logged end
         m.update(_last_logged(run_dir_of(cfg) / "metrics.jsonl"))
-    out = {
-        "trial": trial_name(index),
-        "final_loss": m.get("loss"),
-        "step": m.get("step"),
-        "train_wall_s": result.get("wall_s"),
-        "checkpoint": result.get("checkpoint"),
-        "skipped_images": result.get("skipped_images"),
-        "trial_started_at": started,
-        "trial_ended_at": time.time(),
-        "training_done": True,
-    }
+    out = {"final_loss": m.get("loss"), "step": m.get("step"), "train_wall_s": result.get("wall_s"),
+           "checkpoint": result.get("checkpoint"), "trial_started_at": started,
+           "trial_ended_at": time.time(), "training_done": True}
     for k in ("online_knn_top1", "online_knn_step"):
         if k in m:
             out[k] = m[k]
-    return out
+    if not out["checkpoint"]:
+        from massl_ray.method.checkpoint import latest_valid_checkpoint
+
+        found = latest_valid_checkpoint(run_dir_of(cfg))
+        out["checkpoint"] = str(found) if found else None
+    ev = evaluate(trial, out["checkpoint"], settings, eval_res, sp.dir) if out["checkpoint"] else {}
+    out.update({k: ev.get(k, float("nan")) for k in EVAL_METRICS})
+    out.update({k: ev.get(k) for k in ("eval_s", "eval_started_at", "eval_ended_at")})
+    out["eval_status"] = ev.get("status", "no checkpoint")
+    tune.report(out)
 
 
 def _last_logged(path: Path) -> dict:
@@ -396,209 +541,101 @@ def _last_logged(path: Path) -> dict:
         return {}
 
 
-# ---- dependent evaluations -----------------------------------------------------------------
+def evaluate(trial: str, checkpoint: str, settings: dict, res: dict, sweep_dir: Path) -> dict:
+    """The trial's evaluation: a recorded one of this checkpoint, else a Ray task with its own
+    resources (outside the trial's placement group), awaited."""
+    import ray
 
-def _evaluate_trial(trial: str, checkpoint: str, settings: dict, out_dir: str) -> dict:
-    """Body of the evaluation Ray task (see :class:`EvalScheduler`)."""
+    record = sweep_dir / "evaluations" / f"{trial}.json"
+    old = _read(record)
+    if old.get("status") == "ok" and old.get("checkpoint") == checkpoint:
+        log.info("sweep: %s already evaluated (%s)", trial, record)
+        return old
+    task = ray.remote(_evaluate_task).options(
+        num_cpus=res["num_cpus"], num_gpus=res["num_gpus"] or None, scheduling_strategy="DEFAULT",
+        name=f"evaluate:{trial}", max_retries=1)
+    submitted = time.time()
+    try:
+        rec = ray.get(task.remote(trial, checkpoint, settings, str(sweep_dir / "eval" / trial),
+                                  str(record)))
+    except ray.exceptions.RayTaskError as e:  # recorded, not fatal: the trial keeps its training
+        rec = {"trial": trial, "status": "error", "error": f"{type(e.cause).__name__}: {e.cause}"}
+        log.error("sweep: evaluation of %s failed: %s", trial, e.cause)
+        _write_json(record, rec)
+    rec["eval_submitted_at"] = submitted
+    return rec
+
+
+def _evaluate_task(trial: str, checkpoint: str, settings: dict, out_dir: str, record: str) -> dict:
+    """Body of the evaluation Ray task: evaluate, record (so a restarted trial reuses it)."""
     from massl_ray.evaluate.jobs import evaluate_checkpoint
     from massl_ray.train.trainer import setup_logging
 
     setup_logging(0)
     started = time.time()
     res = evaluate_checkpoint(checkpoint, EvalSettings.from_dict(settings), out_dir)
-    return {"trial": trial, "status": "ok", "eval_started_at": started, "eval_ended_at": time.time(),
-            "eval_s": time.time() - started, "knn_top1": res["knn_top1"],
-            "linear_top1": res["linear_top1"], "result": res}
+    import ray
+
+    ctx = ray.get_runtime_context()
+    rec = {"trial": trial, "status": "ok", "checkpoint": checkpoint, "pid": os.getpid(),
+           "resources": ctx.get_assigned_resources(), "placement_group": ctx.get_placement_group_id(),
+           "eval_started_at": started,
+           "eval_ended_at": time.time(), "eval_s": time.time() - started,
+           "knn_top1": res["knn_top1"], "linear_top1": res["linear_top1"], "result": res}
+    _write_json(Path(record), rec)
+    return rec
 
 
-class EvalScheduler(tune.Callback):
-    """Launches each completed trial's evaluation as a Ray task, records results on the driver.
+# ---- results --------------------------------------------------------------------------------
 
-    State lives in files under the sweep directory, so a restored experiment (whose callbacks
-    Tune unpickles from the original Tuner) picks up where the last one stopped: on ``setup``
-    it schedules the evaluations of trials completed earlier but not evaluated yet.
-    """
-
-    def __init__(self, sweep_dir: str, sweep_name: str, settings: dict, resources: dict):
-        self.sweep_dir = sweep_dir
-        self.sweep_name = sweep_name
-        self.settings = settings
-        self.resources = resources
-        self._inflight: dict = {}
-
-    def __getstate__(self) -> dict:
-        d = self.__dict__.copy()
-        d["_inflight"] = {}
-        return d
-
-    # -- files
-    @property
-    def _dir(self) -> Path:
-        return Path(self.sweep_dir)
-
-    def completed_path(self, trial: str) -> Path:
-        return self._dir / "completed" / f"{trial}.json"
-
-    def eval_path(self, trial: str) -> Path:
-        return self._dir / "evaluations" / f"{trial}.json"
-
-    def evaluated(self, trial: str) -> bool:
-        p = self.eval_path(trial)
-        if not p.is_file():
-            return False
+def collect_rows(grid, base: dict, spec: SweepSpec) -> list[dict]:
+    """One row per trial of the ResultGrid: swept values, memory size / blocks, status, loss,
+    the evaluation's metrics."""
+    rows = []
+    for r in grid:
+        m, conf = dict(r.metrics or {}), dict((r.config or {}).get("overrides", {}))
+        cfg = trial_config(base, conf, spec, "row", validate=False)
         try:
-            return json.loads(p.read_text()).get("status") == "ok"
-        except ValueError:
-            return False
-
-    # -- Tune hooks
-    def setup(self, **info) -> None:
-        self._inflight = {}
-        d = self._dir / "completed"
-        for p in sorted(d.glob("*.json")) if d.is_dir() else []:
-            rec = json.loads(p.read_text())
-            if rec.get("status") == "ok" and not self.evaluated(rec["trial"]):
-                log.info("sweep: scheduling the missing evaluation of %s", rec["trial"])
-                self._submit(rec)
-
-    def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
-        rec = self._trial_record(trial, "ok")
-        _write_json(self.completed_path(rec["trial"]), rec)
-        if self.evaluated(rec["trial"]):
-            return
-        if rec.get("checkpoint"):
-            self._submit(rec)
+            blocks, bsize = cfg.num_blocks, cfg.block_size
+        except Exception:  # noqa: BLE001 - a refused trial's values need not divide
+            blocks, bsize = cfg.massl.num_blocks, cfg.massl.block_size
+        if r.error is not None:
+            status = "refused" if "refused:" in str(r.error) else "error"
+        elif m.get("training_done"):
+            status = "ok"
         else:
-            log.warning("sweep: trial %s finished without a checkpoint; not evaluated", rec["trial"])
+            status = "stopped early" if m.get("done") else "not finished"
+        num = (lambda k: m.get(k) if isinstance(m.get(k), (int, float)) and
+               math.isfinite(m[k]) else None)
+        rows.append({
+            "trial": m.get("trial_id") or Path(r.path).name,
+            **{k: v for k, v in conf.items() if k not in DERIVED_COLUMNS},
+            "memory_size": cfg.massl.memory_size, "num_blocks": blocks, "block_size": bsize,
+            "status": status, "step": m.get("step"), "final_loss": num("final_loss"),
+            "online_knn_top1": num("online_knn_top1"), "knn_top1": num("knn_top1"),
+            "linear_top1": num("linear_top1"), "train_wall_s": num("train_wall_s"),
+            "eval_s": num("eval_s"), "trial_ended_at": m.get("trial_ended_at"),
+            "eval_started_at": m.get("eval_started_at"), "eval_ended_at": m.get("eval_ended_at"),
+            "eval_status": m.get("eval_status", "not run"),
+            "error": str(r.error).strip().splitlines()[-1][:500] if r.error is not None else None,
+        })
+    return sorted(rows, key=lambda row: row["trial"])
 
-    def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
-        rec = self._trial_record(trial, "error")
-        rec["error"] = str(getattr(trial, "error_file", "") or "")
-        _write_json(self.completed_path(rec["trial"]), rec)
-
-    def on_step_end(self, iteration: int, trials: list, **info) -> None:
-        self.harvest(timeout=0)
-
-    def on_experiment_end(self, trials: list, **info) -> None:
-        if self._inflight:
-            log.info("sweep: waiting for %d evaluation(s) still running", len(self._inflight))
-        self.harvest(timeout=None)
-
-    # -- internals
-    def _trial_record(self, trial, status: str) -> dict:
-        from massl_ray.method.checkpoint import latest_valid_checkpoint
-
-        cfg = trial.config["trial"]
-        name = trial_name(cfg["index"])
-        last = dict(trial.last_result or {})
-        ckpt = last.get("checkpoint") or last.get("checkpoint_path")
-        if not ckpt:  # stopped early (ASHA) or no final report: its newest valid checkpoint
-            found = latest_valid_checkpoint(self._dir / "trials" / f"{self.sweep_name}-{name}")
-            ckpt = str(found) if found else None
-        return {
-            "trial": name, "index": cfg["index"], "overrides": cfg["overrides"], "status": status,
-            "tune_trial_id": trial.trial_id, "checkpoint": ckpt,
-            "final_loss": last.get("final_loss", last.get("loss")),
-            "step": last.get("step"), "train_wall_s": last.get("train_wall_s", last.get("wall_s")),
-            "stopped_early": not last.get("training_done", False),
-            "online_knn_top1": last.get("online_knn_top1"),
-            "trial_started_at": last.get("trial_started_at"),
-            "trial_ended_at": last.get("trial_ended_at") or time.time(),
-            "completion_seen_at": time.time(),
-        }
-
-    def _submit(self, rec: dict) -> None:
-        import ray
-
-        task = ray.remote(_evaluate_trial).options(
-            num_cpus=self.resources["num_cpus"], num_gpus=self.resources["num_gpus"] or None,
-            name=f"evaluate:{self.sweep_name}-{rec['trial']}", max_retries=1)
-        out_dir = str(self._dir / "eval" / rec["trial"])
-        ref = task.remote(rec["trial"], rec["checkpoint"], self.settings, out_dir)
-        self._inflight[ref] = {"trial": rec["trial"], "submitted_at": time.time(),
-                               "trial_ended_at": rec.get("trial_ended_at")}
-        log.info("sweep: evaluation of %s submitted (checkpoint %s)", rec["trial"], rec["checkpoint"])
-
-    def harvest(self, timeout: Optional[float]) -> int:
-        """Record finished evaluations; ``timeout=None`` waits for all. Returns how many."""
-        import ray
-
-        if not self._inflight:
-            return 0
-        refs = list(self._inflight)
-        if timeout is None:
-            done = refs
-        else:
-            done, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout)
-        for ref in done:
-            meta = self._inflight.pop(ref)
-            try:
-                rec = ray.get(ref)
-            except Exception as e:  # noqa: BLE001 - an evaluation failure is recorded, not fatal
-                rec = {"trial": meta["trial"], "status": "error", "error": f"{type(e).__name__}: {e}"}
-                log.error("sweep: evaluation of %s failed: %s", meta["trial"], e)
-            rec["eval_submitted_at"] = meta["submitted_at"]
-            rec["trial_ended_at"] = meta["trial_ended_at"]
-            _write_json(self.eval_path(meta["trial"]), rec)
-            if rec.get("status") == "ok":
-                log.info("sweep: %s evaluated: k-NN top-1 %.2f%%, linear top-1 %s (%.0fs)",
-                         meta["trial"], rec["knn_top1"],
-                         "-" if rec["linear_top1"] is None else f"{rec['linear_top1']:.2f}%",
-                         rec["eval_s"])
-        return len(done)
-
-
-# ---- results -------------------------------------------------------------------------------
 
 # Swept keys shown through the derived columns memory_size / num_blocks / block_size.
 DERIVED_COLUMNS = ("massl.memory_size", "massl.num_blocks", "massl.block_size")
-
-
-def collect_rows(sweep_dir: Path, variants: list[dict], cfgs: list[Config]) -> list[dict]:
-    rows = []
-    for i, (v, cfg) in enumerate(zip(variants, cfgs)):
-        name = trial_name(i)
-        c = _read(sweep_dir / "completed" / f"{name}.json")
-        e = _read(sweep_dir / "evaluations" / f"{name}.json")
-        status = c.get("status", "not run") if c else "not run"
-        stop = cfg.run.max_steps or cfg.total_steps()
-        if c and c.get("stopped_early") and status == "ok" and (c.get("step") or 0) < stop:
-            status = "stopped early"  # by the scheduler (ASHA), before the end of its schedule
-        rows.append({
-            "trial": name, **{k: v[k] for k in v if k not in DERIVED_COLUMNS},
-            "memory_size": cfg.massl.memory_size, "num_blocks": cfg.num_blocks,
-            "block_size": cfg.block_size, "status": status,
-            "step": c.get("step") if c else None,
-            "final_loss": c.get("final_loss") if c else None,
-            "knn_top1": e.get("knn_top1") if e.get("status") == "ok" else None,
-            "linear_top1": e.get("linear_top1") if e.get("status") == "ok" else None,
-            "train_wall_s": c.get("train_wall_s") if c else None,
-            "eval_s": e.get("eval_s"),
-            "trial_ended_at": c.get("trial_ended_at") if c else None,
-            "eval_started_at": e.get("eval_started_at"),
-            "eval_ended_at": e.get("eval_ended_at"),
-            "eval_status": e.get("status", "not run"),
-        })
-    return rows
-
-
-def _read(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
+HIDDEN_MD = ("trial_ended_at", "eval_started_at", "eval_ended_at", "eval_status", "error")
 
 
 def write_table(rows: list[dict], sweep_dir: Path) -> tuple[Path, Path]:
-    cols = list(rows[0]) if rows else []
+    cols = list(dict.fromkeys(c for r in rows for c in r))
     csv_path, md_path = sweep_dir / "results.csv", sweep_dir / "results.md"
     with open(csv_path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols)
         w.writeheader()
         for r in rows:
-            w.writerow({k: ("" if r[k] is None else r[k]) for k in cols})
-    shown = [c for c in cols if c not in ("trial_ended_at", "eval_started_at", "eval_ended_at",
-                                           "eval_status")]
+            w.writerow({k: ("" if r.get(k) is None else r[k]) for k in cols})
+    shown = [c for c in cols if c not in HIDDEN_MD]
 
     def cell(v: Any) -> str:
         if v is None:
@@ -608,7 +645,7 @@ def write_table(rows: list[dict], sweep_dir: Path) -> tuple[Path, Path]:
         return str(v)
 
     lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
-    lines += ["| " + " | ".join(cell(r[c]) for c in shown) + " |" for r in rows]
+    lines += ["| " + " | ".join(cell(r.get(c)) for c in shown) + " |" for r in rows]
     md_path.write_text("\n".join(lines) + "\n")
     return csv_path, md_path
 
@@ -624,8 +661,11 @@ def write_heatmap(rows: list[dict], path: Path, title: str) -> Optional[Path]:
     except ImportError:
         log.warning("matplotlib is not installed: no heatmap (pip install matplotlib)")
         return None
+    rows = [r for r in rows if isinstance(r["num_blocks"], int)]
     mems = sorted({r["memory_size"] for r in rows})
     blocks = sorted({r["num_blocks"] for r in rows})
+    if not mems or not blocks:
+        return None
     grid = np.full((len(mems), len(blocks)), np.nan)
     for i, m in enumerate(mems):
         for j, b in enumerate(blocks):
@@ -654,46 +694,55 @@ def write_heatmap(rows: list[dict], path: Path, title: str) -> Optional[Path]:
     return path
 
 
-# ---- the driver ----------------------------------------------------------------------------
+def write_hparams(rows: list[dict], tb_dir: Path) -> Optional[Path]:
+    """TensorBoard's HPARAMS view of the sweep: one run per trial under ``tb/``, its swept and
+    derived values as hyperparameters, the loss and the evaluation as metrics."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard.summary import hparams
+    except ImportError:
+        log.warning("tensorboard is not installed: no hparams")
+        return None
+    metric_keys = ("final_loss", "online_knn_top1", "knn_top1", "linear_top1")
+    for r in rows:
+        hp = {k: v for k, v in r.items() if k not in metric_keys and k not in HIDDEN_MD
+              and k not in ("trial", "step", "train_wall_s", "eval_s")
+              and isinstance(v, (int, float, str, bool))}
+        metrics = {f"sweep/{k}": float(r[k]) for k in metric_keys if r.get(k) is not None}
+        with SummaryWriter(str(tb_dir / r["trial"])) as w:  # one event file per trial
+            for summary in hparams(hp, metrics):
+                w.file_writer.add_summary(summary)
+            for k, v in metrics.items():
+                w.add_scalar(k, v)
+    return tb_dir
 
-def _sweep_record(base: dict, spec: SweepSpec, variants: list[dict]) -> dict:
-    return {"name": spec.name, "variants": variants, "base": base,
-            "spec": {k: getattr(spec, k) for k in SWEEP_KEYS}}
 
+# ---- the driver -----------------------------------------------------------------------------
 
 def _check_same_sweep(sweep_dir: Path, record: dict) -> None:
-    p = sweep_dir / SWEEP_FILE
-    if not p.is_file():
+    old = _read(sweep_dir / SWEEP_FILE)
+    if not old:
         return
-    old = json.loads(p.read_text())
     same = json.loads(json.dumps(record, default=str))
-    diffs = [k for k in ("variants", "base") if old.get(k) != same.get(k)]
+    diffs = [k for k in ("space", "base") if old.get(k) != same.get(k)]
     if diffs:
         raise ConfigError(
             f"sweep {record['name']!r} in {sweep_dir} was started with a different "
-            f"{' and '.join('search space' if d == 'variants' else 'base config' for d in diffs)}; "
+            f"{' and '.join('search space' if d == 'space' else 'base config' for d in diffs)}; "
             f"a resume must use the same sweep file: choose another sweep.name for a new sweep")
 
 
-def run_sweep(config_path: str | os.PathLike, overrides: Optional[list[str]] = None,
+def run_sweep(config_path: Union[str, os.PathLike], overrides: Optional[list[str]] = None,
               retry_errored: bool = False, extra_callbacks: Optional[list] = None) -> dict:
-    """Validate, launch (or resume) the sweep, wait for the evaluations, write the results."""
+    """Validate, launch (or resume) the sweep, write the results from Tune's ResultGrid."""
     base, spec = load_sweep(config_path, overrides)
-    variants = expand(spec)
-    cfgs = check_variants(base, spec, variants)  # nothing launched yet
+    cfgs = check_grid(base, spec)  # nothing launched yet
     settings, eval_res = eval_settings(spec, cfgs[0])
-    asha_metric = (spec.asha or {}).get("metric", "online_knn_top1")
-    if spec.asha is not None and asha_metric.startswith("online_knn"):
-        off = [trial_name(i) for i, c in enumerate(cfgs)
-               if c.run.online_knn_every_steps <= 0]
-        if off:
-            raise ConfigError(f"sweep.asha uses {asha_metric}, but the online k-NN monitor is off "
-                              f"(run.online_knn_every_steps) for {', '.join(off)}")
+    build_searcher(spec, 1)  # a missing package / bad argument refused before Ray starts
+    scheduler = build_scheduler(spec, cfgs)
     sweep_dir = spec.dir
-    record = _sweep_record(base, spec, variants)
+    record = {"name": spec.name, "space": spec.space, "base": base, "spec": spec.as_dict()}
     _check_same_sweep(sweep_dir, record)
-    sweep_dir.mkdir(parents=True, exist_ok=True)
-    _write_json(sweep_dir / SWEEP_FILE, record)
 
     import ray
 
@@ -701,14 +750,20 @@ def run_sweep(config_path: str | os.PathLike, overrides: Optional[list[str]] = N
 
     init_ray()
     cluster = ray.cluster_resources()
-    conc = derive_concurrency(cluster, [trial_resources(c) for c in cfgs], eval_res,
-                              spec.max_concurrent, len(cfgs))
-    log.info("sweep %r: %d trial(s), %d at a time (cluster %g CPU / %g GPU; a trial holds %s; "
-             "an evaluation %s) -> %s", spec.name, len(cfgs), conc, cluster.get("CPU", 0),
-             cluster.get("GPU", 0), trial_resources(cfgs[0]), eval_res, sweep_dir)
+    per_trial, per_eval = trial_resources(cfgs[0]), eval_resources(settings, eval_res)
+    n_trials = len(cfgs) * spec.num_samples if _named(spec.search, "search")[0] in (
+        "grid", "random") else spec.num_samples
+    conc = derive_concurrency(cluster, [trial_resources(c) for c in cfgs], per_eval,
+                              spec.max_concurrent, n_trials)
+    log.info("sweep %r: %d trial(s), %d at a time (cluster %g CPU / %g GPU; a training trial "
+             "holds %s, an evaluating one %s) -> %s", spec.name, n_trials, conc,
+             cluster.get("CPU", 0), cluster.get("GPU", 0), per_trial, per_eval, sweep_dir)
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    _write_json(sweep_dir / SWEEP_FILE, record)
 
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, base=base, spec={k: getattr(spec, k) for k in SWEEP_KEYS}),
+        tune.with_parameters(run_trial, base=base, spec=spec.as_dict(), settings=settings.to_dict(),
+                             eval_res=eval_res),
         {"CPU": TRIAL_CPU})
     tune_path = sweep_dir / "tune"
     t0 = time.time()
@@ -717,40 +772,38 @@ def run_sweep(config_path: str | os.PathLike, overrides: Optional[list[str]] = N
         tuner = tune.Tuner.restore(str(tune_path), trainable=trainable, resume_unfinished=True,
                                    restart_errored=retry_errored)
     else:
-        scheduler, metric, mode = None, None, None
-        if spec.asha is not None:
-            from ray.tune.schedulers import ASHAScheduler
-
-            metric, mode = asha_metric, spec.asha.get("mode", "max")
-            max_t = spec.asha.get("max_t") or max(c.run.max_steps or c.total_steps() for c in cfgs)
-            scheduler = ASHAScheduler(time_attr="step", max_t=max_t,
-                                      grace_period=spec.asha.get("grace_period", 1),
-                                      reduction_factor=spec.asha.get("reduction_factor", 2))
-        callback = EvalScheduler(str(sweep_dir), spec.name, settings.to_dict(), eval_res)
         tuner = tune.Tuner(
-            trainable,
-            param_space={"trial": tune.grid_search(
-                [{"index": i, "overrides": v} for i, v in enumerate(variants)])},
-            tune_config=tune.TuneConfig(max_concurrent_trials=conc, scheduler=scheduler,
-                                        metric=metric, mode=mode),
+            trainable, param_space=param_space(spec),
+            tune_config=tune.TuneConfig(search_alg=build_searcher(spec, conc), scheduler=scheduler,
+                                        num_samples=spec.num_samples),
             run_config=tune.RunConfig(name="tune", storage_path=str(sweep_dir),
-                                      callbacks=[callback, *(extra_callbacks or [])], verbose=1),
-        )
-    tuner.fit()
-    rows = collect_rows(sweep_dir, variants, cfgs)
+                                      callbacks=list(extra_callbacks or []), verbose=1))
+    grid = tuner.fit()
+    rows = collect_rows(grid, base, spec)
     csv_path, md_path = write_table(rows, sweep_dir)
     png = write_heatmap(rows, sweep_dir / "knn_heatmap.png",
                         f"{spec.name}: k-NN top-1 (k={settings.ks[0] if 20 not in settings.ks else 20})")
+    tb = write_hparams(rows, sweep_dir / "tb")
+    best = None
+    if any(r[spec.metric] is not None for r in rows if spec.metric in r):
+        b = grid.get_best_result(metric=spec.metric, mode=spec.mode)
+        best = {"trial": b.metrics.get("trial_id"), spec.metric: b.metrics.get(spec.metric),
+                "overrides": (b.config or {}).get("overrides"), "checkpoint": b.metrics.get("checkpoint")}
     finished = [r for r in rows if r["status"] in ("ok", "stopped early")]
-    interrupted = len(finished) + sum(r["status"] == "error" for r in rows) < len(rows)
+    interrupted = any(r["status"] == "not finished" for r in rows) or len(rows) < n_trials
     summary = {"sweep_dir": str(sweep_dir), "trials": len(rows), "finished": len(finished),
                "evaluated": sum(r["eval_status"] == "ok" for r in rows),
                "errors": [r["trial"] for r in rows if r["status"] == "error"],
+               "refused": [r["trial"] for r in rows if r["status"] == "refused"],
                "interrupted": interrupted, "concurrency": conc, "wall_s": time.time() - t0,
-               "results_csv": str(csv_path), "results_md": str(md_path),
-               "heatmap": str(png) if png else None, "rows": rows}
+               "best": best, "results_csv": str(csv_path), "results_md": str(md_path),
+               "heatmap": str(png) if png else None, "tensorboard": str(tb) if tb else None,
+               "rows": rows}
     _write_json(sweep_dir / "summary.json", summary)
+    if best:
+        log.info("sweep %r: best %s = %s: %s %s", spec.name, spec.metric, best[spec.metric],
+                 best["trial"], best["overrides"])
     if interrupted:
         log.warning("sweep %r interrupted (%d of %d trials finished): run the same command to "
-                    "resume", spec.name, len(finished), len(rows))
+                    "resume", spec.name, len(finished), n_trials)
     return summary
