@@ -86,7 +86,7 @@ def runtime_env(local: bool) -> dict:
         env["py_modules"] = [str(package_dir())]
         env["excludes"] = list(_EXCLUDES)
     if local:
-        env["worker_process_setup_hook"] = "massl_ray.runtime.quiet_local_ray"
+        env["worker_process_setup_hook"] = "massl_ray.runtime.local_worker_setup"
         # Ray Train's preemption watcher polls node drains; one machine is not preempted node
         # by node, and the watcher's actor logs a core-worker error line at every start.
         env["env_vars"] = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
@@ -129,6 +129,19 @@ def train_log_level() -> str:
     process started (its INFO lines are about worker groups and checkpoint paths), INFO on a
     cluster, where they say what the run waits for."""
     return "WARNING" if _started_here else "INFO"
+
+
+def local_worker_setup() -> None:
+    """Worker-process setup hook of a local Ray: :func:`quiet_local_ray`, and this process
+    pointed at its own cluster. Ray Train's placement-group cleaner queries the State API with
+    no address; with a second Ray running on the same machine (another user's, a test's) that
+    lookup fails with a "Found multiple active Ray instances" traceback instead of the
+    harmless, silenced warning. The driver is left alone (its next run may start a new Ray)."""
+    import ray
+
+    quiet_local_ray()
+    if ray.is_initialized():
+        os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
 
 
 def init_ray(num_cpus: Optional[float] = None) -> None:
