@@ -64,6 +64,7 @@ for p in (str(REPO), str(BENCH)):
         sys.path.insert(0, p)
 
 import cost_model  # noqa: E402
+from benchmarks._shared import fill_defaults, proc_kib, reset_hwm  # noqa: E402
 from massl_ray.config import ConfigError, apply_overrides, load_config  # noqa: E402
 
 PAPER_CONFIG = REPO / "jobs" / "imagenet_vit_s16_800ep.yaml"
@@ -103,26 +104,6 @@ def detect_peak(name: str) -> Optional[float]:
 
 
 # ------------------------------------------------------------------------------------ worker
-def _proc_kib(field: str) -> Optional[int]:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _reset_hwm() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def build_config(a, variant: Optional[str] = None):
     cfg = load_config(a.config, a.overrides_list, validate=False)
     if variant == "massl_ray_compile":
@@ -229,8 +210,8 @@ def run_worker(a) -> dict:
         base = torch.cuda.memory_allocated(device)
         mem_method = "torch.cuda.max_memory_allocated over the timed steps"
     else:
-        ok = _reset_hwm()
-        base = (_proc_kib("VmRSS") or 0) * 1024
+        ok = reset_hwm()
+        base = (proc_kib("VmRSS") or 0) * 1024
         mem_method = ("process RSS high-water mark (VmHWM reset before the timed steps)" if ok
                       else "process ru_maxrss (VmHWM reset not permitted)")
     windows, cpu_windows, host = [], [], []
@@ -252,7 +233,7 @@ def run_worker(a) -> dict:
         info["peak_reserved_bytes"] = torch.cuda.max_memory_reserved(device)
         info["mem_before_timed_bytes"] = base
     else:
-        hwm = _proc_kib("VmHWM")
+        hwm = proc_kib("VmHWM")
         info["peak_mem_bytes"] = (hwm or 0) * 1024
         info["mem_before_timed_bytes"] = base
     info["mem_method"] = mem_method
@@ -379,12 +360,7 @@ def parse_args(argv=None):
         a.overrides_list = list(a.overrides)
     if a.threads is None:
         a.threads = 0 if a.device.startswith("cuda") else 1
-    if a.warmup is None:
-        a.warmup = 1 if a.tiny else 5
-    if a.steps is None:
-        a.steps = 3 if a.tiny else 10
-    if a.windows is None:
-        a.windows = 2 if a.tiny else 3
+    fill_defaults(a, a.tiny, {"warmup": (1, 5), "steps": (3, 10), "windows": (2, 3)})
     if a.variants is None:
         a.variants = list(VARIANTS) if a.device.startswith("cuda") else ["reference", "massl_ray"]
     else:

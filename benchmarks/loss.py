@@ -59,6 +59,7 @@ if str(REPO) not in sys.path:
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from benchmarks._shared import proc_kib, reset_hwm  # noqa: E402
 from massl_ray.method.loss import massl_loss  # noqa: E402
 from massl_ray.method.memory import MemoryBank, block_permutation  # noqa: E402
 
@@ -153,26 +154,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _proc_kib(field: str) -> Optional[int]:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _reset_hwm() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def run_worker(a) -> dict:
     """Time and measure one path in this (fresh) process."""
     device = torch.device(a.device)
@@ -186,8 +167,8 @@ def run_worker(a) -> dict:
         base = torch.cuda.memory_allocated(device)
         method = "torch.cuda.max_memory_allocated - memory_allocated before the first step"
     else:
-        if _reset_hwm() and _proc_kib("VmHWM") is not None:
-            base = _proc_kib("VmRSS") * 1024
+        if reset_hwm() and proc_kib("VmHWM") is not None:
+            base = proc_kib("VmRSS") * 1024
             method = "RSS high-water (VmHWM, reset via /proc/self/clear_refs) - VmRSS before the first step"
         else:
             base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -204,7 +185,7 @@ def run_worker(a) -> dict:
     if device.type == "cuda":
         peak_abs = torch.cuda.max_memory_allocated(device)
     elif method.startswith("RSS"):
-        peak_abs = _proc_kib("VmHWM") * 1024
+        peak_abs = proc_kib("VmHWM") * 1024
     else:
         peak_abs = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {

@@ -57,7 +57,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks._results import finite  # noqa: E402
+from benchmarks._shared import fill_defaults, finite  # noqa: E402
 
 QUICKSTART = REPO / "jobs" / "quickstart.yaml"
 CIFAR = REPO / "jobs" / "data" / "cifar10-quick" / "train.parquet"
@@ -328,16 +328,8 @@ def parse_args(argv=None):
     a = p.parse_args(argv)
     if a.config is None:
         a.config = str(QUICKSTART)
-    if a.steps is None:
-        a.steps = 12 if a.quick else 160
-    if a.log_every is None:
-        a.log_every = 4 if a.quick else 10
-    if a.rounds is None:
-        a.rounds = 1 if a.quick else 2
-    if a.plain_steps is None:
-        a.plain_steps = 4 if a.quick else 30
-    if a.plain_warmup is None:
-        a.plain_warmup = 1 if a.quick else 3
+    fill_defaults(a, a.quick, {"steps": (12, 160), "log_every": (4, 10), "rounds": (1, 2),
+                               "plain_steps": (4, 30), "plain_warmup": (1, 3)})
     if a.steps < 2 * a.log_every:
         p.error("--steps must cover at least two --log-every windows (the first is dropped)")
     return a
