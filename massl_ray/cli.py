@@ -55,10 +55,61 @@ def _eval(args: argparse.Namespace) -> int:
     if not settings.local:
         init_ray()
     r = evaluate_checkpoint(args.checkpoint, settings, args.out)
-    print(f"k-NN top-1 (k={r['knn_k']}): {r['knn_top1']:.2f}% | linear top-1: "
-          f"{'-' if r['linear_top1'] is None else format(r['linear_top1'], '.2f') + '%'} | "
-          f"{r['timings']['total_s']:.0f}s -> {Path(r['checkpoint']).parent / 'eval' if not args.out else args.out}")
+    from massl_ray.evaluate.jobs import default_out_dir, headline
+
+    print(f"{headline(r)} | {r['timings']['total_s']:.0f}s -> "
+          f"{args.out or default_out_dir(Path(r['checkpoint']))}")
     return 0
+
+
+def _embed(args: argparse.Namespace) -> int:
+    from massl_ray.evaluate.jobs import EvalSettings, embed_source
+    from massl_ray.runtime import init_ray
+    from massl_ray.train.trainer import setup_logging
+
+    setup_logging(0)
+    given = {k: v for k, v in vars(args).items() if k in EMBED_FLAGS and v is not None}
+    settings = EvalSettings.from_dict(given, what="embed")
+    if args.rows_per_shard <= 0 or (args.limit is not None and args.limit <= 0):
+        raise ConfigError("embed: --rows-per-shard and --limit must be positive")
+    if not settings.local:
+        init_ray()
+    m = embed_source(args.checkpoint, args.data, args.out, settings, blocks=args.blocks,
+                     limit=args.limit, rows_per_shard=args.rows_per_shard)
+    print(f"wrote {m['rows']} embeddings (dim {m['dim']}, {m['feature']}) in {len(m['shards'])} "
+          f"shard(s), {m['skipped']} undecodable skipped, {m['wall_s']:.0f}s ({m['mode']}) -> {args.out}")
+    return 0
+
+
+# ``embed`` flags -> EvalSettings keys.
+EMBED_FLAGS = ("format", "image_column", "label_column", "image_size", "batch_size", "concurrency",
+               "cpus_per_actor", "gpus_per_actor", "decode_cpus", "device", "threads", "local")
+
+
+def _add_embed_parser(sub) -> None:
+    m = sub.add_parser("embed", help="teacher embeddings of a source as sharded Parquet "
+                                     "(Ray Data batch inference, or --local)")
+    m.add_argument("--checkpoint", required=True,
+                   help="a checkpoint or run directory, or an exported .safetensors backbone")
+    m.add_argument("--data", required=True, help="Parquet file/folder or image folder (labels optional)")
+    m.add_argument("--out", required=True, help="output directory (part-*.parquet + _embed.json)")
+    m.add_argument("--local", action="store_true", default=None,
+                   help="run the backbone in this process (no Ray)")
+    m.add_argument("--blocks", type=int, default=1,
+                   help="concatenate the [CLS] of the last N blocks (default 1: the k-NN feature)")
+    m.add_argument("--limit", type=int, default=None, help="only the first N rows")
+    m.add_argument("--rows-per-shard", type=int, default=50_000, help="rows per Parquet file")
+    for flag, kind, hint in (
+            ("--image-size", int, "eval view size (default: the model's)"),
+            ("--batch-size", int, "images per inference batch"),
+            ("--concurrency", int, "feature actors"), ("--cpus-per-actor", float, None),
+            ("--gpus-per-actor", float, "> 0: actors on GPU"), ("--decode-cpus", float, None),
+            ("--device", str, "in-process device: auto|cpu|cuda"),
+            ("--threads", int, "torch threads in this process"),
+            ("--format", str, "auto|parquet|folder"), ("--image-column", str, None),
+            ("--label-column", str, None)):
+        m.add_argument(flag, type=kind, default=None, help=hint)
+    m.set_defaults(fn=_embed)
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -86,20 +137,32 @@ def _tune(args: argparse.Namespace) -> int:
 EVAL_FLAGS = ("train_data", "test_data", "format", "image_column", "label_column", "limit_train",
               "limit_test", "image_size", "ks", "linear_epochs", "linear_lrs", "linear_blocks",
               "few_shot", "few_shot_draws", "seed", "batch_size", "concurrency", "cpus_per_actor",
-              "gpus_per_actor", "decode_cpus", "device", "threads", "cache_dir", "local", "linear")
+              "gpus_per_actor", "decode_cpus", "device", "threads", "cache_dir", "local", "linear",
+              "low_shot", "low_shot_shots", "low_shot_fractions", "low_shot_draws", "low_shot_c",
+              "retrieval", "retrieval_ks", "revisited", "revisited_imsize", "revisited_scales")
 
 
 def _add_eval_parser(sub) -> None:
-    e = sub.add_parser("eval", help="k-NN, linear probe and few-shot of a checkpoint's teacher")
+    e = sub.add_parser("eval", help="k-NN, linear probe, few-/low-shot and retrieval of a "
+                                    "checkpoint's teacher (or an exported backbone)")
     e.add_argument("--checkpoint", required=True,
-                   help="a checkpoint directory, or a run directory (its newest valid checkpoint)")
-    e.add_argument("--train-data", required=True, help="labeled bank / probe training set")
-    e.add_argument("--test-data", required=True, help="labeled test set")
+                   help="a checkpoint directory, a run directory (its newest valid checkpoint), or "
+                        "an exported .safetensors backbone (with its .json sidecar)")
+    e.add_argument("--train-data", default=None,
+                   help="labeled bank / probe training set / retrieval database")
+    e.add_argument("--test-data", default=None, help="labeled test set / retrieval queries")
     e.add_argument("--out", default=None, help="output directory (default <run>/eval/<checkpoint>)")
     e.add_argument("--local", action="store_true", default=None,
                    help="features in this process (no Ray); default: Ray Data batch inference")
     e.add_argument("--no-linear", dest="linear", action="store_false", default=None,
                    help="skip the linear probe")
+    e.add_argument("--low-shot", action="store_true", default=None,
+                   help="low-shot: 1/2/5 per class and 1%%/10%% of the labels, seeded splits")
+    e.add_argument("--retrieval", action="store_true", default=None,
+                   help="class-level retrieval: test queries against the train images (mAP, P@k)")
+    e.add_argument("--revisited", default=None,
+                   help="revisited Oxford/Paris data set directories (gnd_<name>.pkl + jpg/), "
+                        "comma-separated; without --train-data/--test-data only these run")
     for flag, kind, hint in (
             ("--limit-train", int, "use at most N train rows"), ("--limit-test", int, "at most N test rows"),
             ("--image-size", int, "eval view size (default: the run's crops.global_size)"),
@@ -109,6 +172,13 @@ def _add_eval_parser(sub) -> None:
             ("--linear-blocks", int, "concatenate the [CLS] of the last N blocks (default 4)"),
             ("--few-shot", str, "shots per class, comma-separated (default 1,5,10; '' disables)"),
             ("--few-shot-draws", int, "random draws per shot count (default 5)"),
+            ("--low-shot-shots", str, "low-shot images per class, comma-separated (default 1,2,5)"),
+            ("--low-shot-fractions", str, "low-shot label fractions (default 0.01,0.1)"),
+            ("--low-shot-draws", int, "low-shot seeded splits per setting (default 3)"),
+            ("--low-shot-c", float, "inverse L2 penalty of the low-shot logistic regression (1)"),
+            ("--retrieval-ks", str, "k of precision@k / mP@k, comma-separated (default 1,5,10)"),
+            ("--revisited-imsize", int, "revisited: longer image side at most N px (default 224)"),
+            ("--revisited-scales", str, "revisited: scales (default 1,0.7071,0.5)"),
             ("--seed", int, "seed of the few-shot draws and the probe"),
             ("--batch-size", int, "images per inference batch"),
             ("--concurrency", int, "feature actors (default: 1 per GPU, or from the CPUs)"),
@@ -137,6 +207,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     c.add_argument("overrides", nargs="*")
     c.set_defaults(fn=_show_config)
     _add_eval_parser(sub)
+    _add_embed_parser(sub)
     x = sub.add_parser("export", help="write the teacher backbone as timm-loadable safetensors")
     x.add_argument("--checkpoint", required=True, help="a checkpoint directory or a run directory")
     x.add_argument("--out", required=True, help="output .safetensors file (+ .json next to it)")

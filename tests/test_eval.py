@@ -339,3 +339,72 @@ def test_ray_data_batch_inference_equals_in_process(ray_instance, tiny_checkpoin
     r_fl = evaluate_checkpoint(tiny_checkpoint, EvalSettings.from_dict(
         {**base, "test_data": folder, "limit_test": None, "local": True}), tmp_path / "local")
     assert r_f["knn"] == r_fl["knn"]
+
+
+# ---- low-shot, retrieval and revisited selected in eval ------------------------------------
+
+@pytest.mark.timeout(30)
+def test_eval_settings_parse_the_new_evaluations():
+    s = EvalSettings.from_dict({"train_data": "a", "test_data": "b", "low_shot": "true",
+                                "low_shot_shots": "1,2", "low_shot_fractions": 0.05,
+                                "retrieval": True, "retrieval_ks": [1, 3],
+                                "revisited": "x/roxford5k,y/rparis6k", "revisited_scales": "1,0.5"})
+    assert s.low_shot and s.low_shot_shots == (1, 2) and s.low_shot_fractions == (0.05,)
+    assert s.retrieval_ks == (1, 3) and s.revisited == ("x/roxford5k", "y/rparis6k")
+    assert s.revisited_scales == (1.0, 0.5)
+    assert EvalSettings.from_dict(s.to_dict()).to_dict() == s.to_dict()  # round trip (sweeps)
+    from massl_ray.config import ConfigError
+
+    with pytest.raises(ConfigError, match="low_shot_fractions"):
+        EvalSettings.from_dict({"low_shot": True, "low_shot_fractions": [1.5]})
+    with pytest.raises(ConfigError, match="retrieval_ks"):
+        EvalSettings.from_dict({"retrieval": True, "retrieval_ks": [0]})
+    with pytest.raises(ConfigError, match="nothing to evaluate"):
+        evaluate_checkpoint("unused", EvalSettings())
+
+
+@pytest.mark.timeout(180)
+def test_eval_runs_low_shot_retrieval_and_revisited(tiny_checkpoint, tmp_path):
+    from test_retrieval import EASY_A, HARD_A, MEDIUM_A, write_synthetic_revisited
+
+    from massl_ray.evaluate.lowshot import low_shot
+    from massl_ray.evaluate.retrieval import class_retrieval
+
+    rsynth = write_synthetic_revisited(tmp_path / "rsynth")
+    out = tmp_path / "eval"
+    rc = cli_main(["eval", "--checkpoint", str(tiny_checkpoint), "--train-data", str(QUICK_TRAIN),
+                   "--test-data", str(QUICK_TEST), "--out", str(out), "--local",
+                   "--limit-train", "300", "--limit-test", "80", "--no-linear", "--few-shot", "",
+                   "--low-shot", "--low-shot-shots", "1,2", "--low-shot-fractions", "0.1",
+                   "--low-shot-draws", "2", "--retrieval", "--retrieval-ks", "1,10",
+                   "--revisited", str(rsynth), "--revisited-imsize", "64"])
+    assert rc == 0
+    r = json.loads((out / "eval.json").read_text())
+    assert r["linear"] is None and r["few_shot"] is None
+    # The numbers are those of the metric functions on the evaluation's own (cached) features.
+    cache = FeatureCache(out / "features")
+    teacher = load_teacher(tiny_checkpoint)
+    ftr = cache.load("train", cache_key(teacher.sha256, open_source(str(QUICK_TRAIN), require_labels=True), 300, 32, 4))
+    fte = cache.load("test", cache_key(teacher.sha256, open_source(str(QUICK_TEST), require_labels=True), 80, 32, 4))
+    assert r["retrieval"] == json.loads(json.dumps(
+        class_retrieval(fte.cls, fte.labels, ftr.cls, ftr.labels, ks=(1, 10))))
+    ls = low_shot(ftr.cls, ftr.labels, fte.cls, fte.labels, (1, 2), (0.1,), 2, 0, 1.0, 10)
+    assert r["low_shot"] == json.loads(json.dumps(ls))
+    assert r["low_shot"]["10%"]["train_rows"] == sum(max(1, round(0.1 * n))
+                                                     for n in np.bincount(ftr.labels.numpy()))
+    # The synthetic revisited set: mAP known by construction, whatever the backbone.
+    rv = r["revisited"]["rsynth"]
+    assert rv["medium"]["map"] == pytest.approx(100 * (MEDIUM_A + 1) / 2, abs=1e-6)
+    assert rv["hard"]["map"] == pytest.approx(100 * (HARD_A + 1) / 2, abs=1e-6)
+    assert rv["easy"]["map"] == pytest.approx(100 * EASY_A, abs=1e-6)
+    assert not rv["features_cached"]
+    md = (out / "eval.md").read_text()
+    assert "Low-shot" in md and "Class-level retrieval" in md and "Revisited rsynth" in md
+    # Revisited alone (no classification data); its features come from the cache now.
+    rc = cli_main(["eval", "--checkpoint", str(tiny_checkpoint), "--out", str(out), "--local",
+                   "--revisited", str(rsynth), "--revisited-imsize", "64"])
+    r2 = json.loads((out / "eval.json").read_text())
+    assert rc == 0 and r2["knn"] is None and r2["revisited"]["rsynth"]["features_cached"]
+    for setting in ("easy", "medium", "hard"):
+        assert r2["revisited"]["rsynth"][setting]["ap_per_query"] == rv[setting]["ap_per_query"]
+    assert set(r2["revisited"]["rsynth"]["medium"]["mp_at"]) == {"1", "5", "10"}  # default ks

@@ -22,7 +22,7 @@ from typing import Union
 
 import torch.nn as nn
 
-from massl_ray.evaluate.features import load_teacher
+from massl_ray.evaluate.features import is_exported, load_teacher
 from massl_ray.method.model import backbone_kwargs
 
 EXPORT_FORMAT = "massl_ray/teacher-backbone/1"
@@ -39,6 +39,8 @@ def export_teacher(checkpoint: Union[str, os.PathLike], out: Union[str, os.PathL
     out = Path(out)
     if out.suffix != ".safetensors":
         raise ValueError(f"--out {str(out)!r} must end in .safetensors")
+    if is_exported(checkpoint):
+        raise ValueError(f"--checkpoint {str(checkpoint)!r} is already an exported backbone")
     teacher = load_teacher(checkpoint)
     name, kwargs = backbone_kwargs(teacher.cfg.model, teacher.cfg.crops.global_size, 0.0)
     # Check before writing: the state dict must load into a fresh timm model of that name.

@@ -1,7 +1,8 @@
 """Teacher features of labeled images, for the evaluation jobs. Ray-free.
 
 - :func:`load_teacher`: the teacher backbone of a checkpoint (eval mode, no head) and the
-  run's configuration.
+  run's configuration; or of an exported ``.safetensors`` file (ours from ``export``, or any
+  timm ViT's weights) described by its ``.json`` sidecar (:func:`load_exported_teacher`).
 - :class:`TeacherFeatures`: uint8 eval views -> the normalised [CLS] token of the last ``n``
   blocks, ``[B, n, D]``. The last one is exactly ``backbone(x)`` (the k-NN feature); the
   concatenation of the ``n`` is the linear-probe feature (DINO: n = 4 for ViT-S).
@@ -34,7 +35,7 @@ from massl_ray.data.images import try_decode
 from massl_ray.method.learner import config_of_state, normalize
 from massl_ray.method.model import build_backbone
 from massl_ray.data.multicrop import eval_transform
-from massl_ray.data.sources import Source, iter_rows
+from massl_ray.data.sources import Source, iter_rows, row_id
 
 CACHE_FORMAT = "massl_ray/features/1"
 
@@ -68,25 +69,127 @@ def build_teacher_backbone(cfg: Config, weights: dict[str, torch.Tensor]) -> nn.
     return bb
 
 
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
 @dataclass
 class Teacher:
     backbone: nn.Module
-    cfg: Config
+    cfg: Optional[Config]  # None for an exported backbone
     weights: dict[str, torch.Tensor]
-    checkpoint: Path
-    global_step: int
-    sha256: str  # of the checkpoint's state.pt: identifies the weights (cache key)
+    checkpoint: Path  # the checkpoint directory, or the .safetensors file
+    global_step: Optional[int]
+    sha256: str  # identifies the weights (cache key): state.pt's, or the exported file's + sidecar
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    image_size: int = 224  # the default eval view size
+    # How to rebuild the backbone elsewhere (a Ray actor): {"config": dict} or
+    # {"timm_name": str, "timm_kwargs": dict}.
+    model_spec: Optional[dict] = None
+    kind: str = "checkpoint"  # checkpoint | exported
+
+
+def build_from_spec(spec: dict, weights: dict[str, torch.Tensor]) -> nn.Module:
+    """The backbone of :attr:`Teacher.model_spec` with ``weights``, eval mode, frozen."""
+    if "config" in spec:
+        return build_teacher_backbone(config_from_dict(spec["config"], validate=False), weights)
+    import timm
+
+    model = timm.create_model(spec["timm_name"], **spec["timm_kwargs"])
+    model.load_state_dict(weights, strict=True)
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def is_exported(path: Union[str, os.PathLike]) -> bool:
+    return str(path).endswith(".safetensors")
 
 
 def load_teacher(checkpoint: Union[str, os.PathLike]) -> Teacher:
-    """Verify and load a checkpoint; build its teacher backbone on CPU."""
+    """Verify and load a checkpoint (directory, or run directory), or an exported
+    ``.safetensors`` backbone; build its teacher backbone on CPU."""
+    if is_exported(checkpoint):
+        return load_exported_teacher(checkpoint)
     d = resolve_checkpoint(checkpoint)
     state = load_checkpoint(d)  # verifies the sha256 first
     meta = read_meta(d)
     cfg = config_of_state(state)
     weights = teacher_backbone_state(state)
     return Teacher(build_teacher_backbone(cfg, weights), cfg, weights, d,
-                   int(state["global_step"]), str(meta["sha256"]))
+                   int(state["global_step"]), str(meta["sha256"]), tuple(cfg.crops.mean),
+                   tuple(cfg.crops.std), cfg.crops.global_size, {"config": cfg.to_dict()})
+
+
+def load_exported_teacher(path: Union[str, os.PathLike]) -> Teacher:
+    """A backbone as safetensors + its sidecar ``<name>.json`` (``export`` writes both).
+
+    The sidecar needs ``timm_name``; optional ``timm_kwargs`` (default ``{}``), ``mean`` and
+    ``std`` (default ImageNet's), ``image_size`` (default ``timm_kwargs["img_size"]`` or 224),
+    ``global_step``. Without a sidecar the safetensors header must hold ``timm_name`` /
+    ``timm_kwargs`` (ours does). The model is built with ``pretrained=False``,
+    ``num_classes=0`` (features only: a classifier ``head.*`` in the file is dropped) and, unless
+    the sidecar says otherwise, ``dynamic_img_size=True`` (other resolutions interpolate the
+    position embedding). Every other key must match the model exactly.
+    """
+    import timm
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"exported backbone {p} does not exist")
+    side = p.with_suffix(".json")
+    try:
+        with safe_open(str(p), "pt") as f:
+            header = f.metadata() or {}
+        weights = load_file(str(p))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{p} is not a readable safetensors file: {e}") from None
+    if side.is_file():
+        try:
+            meta = json.loads(side.read_text())
+        except ValueError as e:
+            raise CheckpointError(f"sidecar {side} is not JSON: {e}") from None
+    elif "timm_name" in header:
+        meta = {"timm_name": header["timm_name"],
+                "timm_kwargs": json.loads(header.get("timm_kwargs", "{}"))}
+    else:
+        raise CheckpointError(f"{p}: no sidecar {side.name} and no timm_name in the header: "
+                              f"write {side.name} with timm_name (and timm_kwargs, mean, std)")
+    if "timm_name" not in meta:
+        raise CheckpointError(f"sidecar {side} has no timm_name")
+    kwargs = dict(meta.get("timm_kwargs") or {})
+    kwargs.update(pretrained=False, num_classes=0)
+    kwargs.setdefault("dynamic_img_size", True)
+    dropped = sorted(k for k in weights if k.startswith("head."))
+    for k in dropped:
+        del weights[k]
+    try:
+        model = timm.create_model(meta["timm_name"], **kwargs)
+    except (RuntimeError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{p}: timm cannot build {meta['timm_name']!r} with {kwargs}: {e}") from None
+    if not hasattr(model, "blocks") or not hasattr(model, "forward_intermediates"):
+        raise CheckpointError(f"{p}: {meta['timm_name']!r} is not a timm ViT (no blocks)")
+    try:
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{p}: the weights do not fit {meta['timm_name']!r}: {e}") from None
+    model.eval()
+    model.requires_grad_(False)
+    mean = tuple(float(v) for v in meta.get("mean", IMAGENET_MEAN))
+    std = tuple(float(v) for v in meta.get("std", IMAGENET_STD))
+    size = int(meta.get("image_size") or kwargs.get("img_size") or 224)
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    spec = {"timm_name": meta["timm_name"], "timm_kwargs": kwargs}
+    h.update(json.dumps({**spec, "mean": mean, "std": std}, sort_keys=True).encode())
+    step = meta.get("global_step")
+    return Teacher(model, None, weights, p.absolute(), None if step is None else int(step),
+                   h.hexdigest(), mean, std, size, spec, kind="exported")
 
 
 class TeacherFeatures:
@@ -153,42 +256,65 @@ class EvalViewsFn:
     """
 
     def __init__(self, size: int, image_column: str = "image", label_column: Optional[str] = "label",
-                 classes: Optional[list[str]] = None):
+                 classes: Optional[list[str]] = None, with_ids: bool = False,
+                 require_labels: bool = True):
         self.size = size
         self.image_column = image_column
         self.label_column = label_column
         self.classes = classes
+        self.with_ids = with_ids  # add "id": the path (folders) or sources.row_id of the bytes
+        self.require_labels = require_labels  # False: label -1 where a source has none
 
     def __call__(self, batch: dict) -> dict:
         images = batch[self.image_column]
         views, ok, _ = decode_views(images, self.size)
         full = np.zeros((len(images), 3, self.size, self.size), dtype=np.uint8)
         full[ok] = views.numpy()
-        return {"view": full, "label": batch_labels(batch, self.label_column, self.classes), "ok": ok}
+        if self.require_labels or (self.label_column and self.label_column in batch) or (
+                self.classes is not None and "path" in batch):
+            labels = batch_labels(batch, self.label_column, self.classes)
+        else:
+            labels = np.full(len(images), -1, dtype=np.int64)
+        out = {"view": full, "label": labels, "ok": ok}
+        if self.with_ids:
+            paths = batch.get("path")
+            out["id"] = np.asarray([str(p) for p in paths] if paths is not None
+                                   else [row_id(bytes(b)) for b in images], dtype=object)
+        return out
 
 
 class FeatureFn:
-    """``map_batches`` stage 2 (an actor pool): ``{view, label, ok}`` -> ``{features, label, ok}``.
+    """``map_batches`` stage 2 (an actor pool): ``{view, label, ok[, id]}`` ->
+    ``{features, label, ok[, id]}``.
 
     ``weights`` is the teacher backbone state dict, or a zero-argument callable returning it
-    (the Ray shell passes one that fetches it from the object store once per actor).
+    (the Ray shell passes one that fetches it from the object store once per actor); ``model``
+    is :attr:`Teacher.model_spec` (or pass ``config``, a training config dict).
     """
 
-    def __init__(self, weights: Union[dict, Callable[[], dict]], config: dict, blocks: int = 1,
-                 device: str = "cpu", threads: Optional[int] = None, batch_size: int = 256):
+    def __init__(self, weights: Union[dict, Callable[[], dict]], config: Optional[dict] = None,
+                 blocks: int = 1, device: str = "cpu", threads: Optional[int] = None,
+                 batch_size: int = 256, model: Optional[dict] = None,
+                 mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None):
         if threads:
             torch.set_num_threads(max(1, int(threads)))
         if callable(weights):
             weights = weights()
-        cfg = config_from_dict(config, validate=False)
+        spec = model if model is not None else {"config": config}
+        if mean is None or std is None:
+            cfg = config_from_dict(spec["config"], validate=False)
+            mean, std = cfg.crops.mean, cfg.crops.std
         if device == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("FeatureFn was given device='cuda' but this worker has no GPU")
-        self.embed = TeacherFeatures(build_teacher_backbone(cfg, weights), cfg.crops.mean,
-                                     cfg.crops.std, blocks, device, batch_size)
+        self.embed = TeacherFeatures(build_from_spec(spec, weights), mean, std, blocks, device,
+                                     batch_size)
 
     def __call__(self, batch: dict) -> dict:
         feats = self.embed(torch.from_numpy(np.ascontiguousarray(batch["view"]))).numpy()
-        return {"features": feats, "label": np.asarray(batch["label"]), "ok": np.asarray(batch["ok"])}
+        out = {"features": feats, "label": np.asarray(batch["label"]), "ok": np.asarray(batch["ok"])}
+        if "id" in batch:
+            out["id"] = batch["id"]
+        return out
 
 
 # ---- feature sets and the in-process path --------------------------------------------------

@@ -1,5 +1,7 @@
 """Evaluation jobs: features by Ray Data batch inference (or in-process), then k-NN, linear
-probe and few-shot on a checkpoint's teacher, written as JSON and a markdown summary.
+probe, few-shot, low-shot and retrieval on a checkpoint's (or an exported backbone's) teacher,
+written as JSON and a markdown summary; and the ``embed`` job (features of a source written as
+sharded Parquet).
 
 Shell module (Ray Data for the batch inference; ``local=True`` runs without Ray).
 ``python -m massl_ray eval --checkpoint <dir> --train-data ... --test-data ...`` calls
@@ -16,7 +18,7 @@ import os
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import numpy as np
 import torch
@@ -24,8 +26,13 @@ import torch
 from massl_ray.config import ConfigError, _coerce
 from massl_ray.evaluate.features import (EvalViewsFn, FeatureCache, FeatureFn, FeatureSet, Teacher,
                        TeacherFeatures, cache_key, extract_in_process, load_teacher)
+from massl_ray.evaluate.embed import ShardWriter, embed_in_process, print_progress, select_blocks
 from massl_ray.evaluate.knn import DEFAULT_KS, knn_accuracy
+from massl_ray.evaluate.lowshot import DEFAULT_FRACTIONS, DEFAULT_SHOTS, low_shot
 from massl_ray.evaluate.probe import DEFAULT_LRS, few_shot, linear_probe
+from massl_ray.evaluate.retrieval import (DEFAULT_RETRIEVAL_KS, DINO_SCALES, MultiScaleFeatures,
+                                          class_retrieval, evaluate_revisited, load_revisited,
+                                          revisited_cache_key, revisited_features)
 from massl_ray.data.sources import Source, open_source
 
 log = logging.getLogger("massl_ray")
@@ -55,6 +62,19 @@ class EvalSettings:
     linear_batch_size: int = 256
     few_shot: tuple[int, ...] = (1, 5, 10)  # () disables
     few_shot_draws: int = 5
+    # Low-shot (MSN / DINO splits): n per class and fractions of the labels, seeded splits.
+    low_shot: bool = False
+    low_shot_shots: tuple[int, ...] = DEFAULT_SHOTS
+    low_shot_fractions: tuple[float, ...] = DEFAULT_FRACTIONS
+    low_shot_draws: int = 3
+    low_shot_c: float = 1.0
+    # Class-level retrieval: test images as queries against the train images as the database.
+    retrieval: bool = False
+    retrieval_ks: tuple[int, ...] = DEFAULT_RETRIEVAL_KS
+    # Revisited Oxford / Paris: data set directories (gnd_<name>.pkl + jpg/), multi-scale.
+    revisited: tuple[str, ...] = ()
+    revisited_imsize: int = 224  # longer side at most this many pixels
+    revisited_scales: tuple[float, ...] = DINO_SCALES
     seed: int = 0
     batch_size: int = 256  # images per inference batch
     # Where features are computed: in this process (local) or by Ray Data batch inference.
@@ -75,12 +95,12 @@ class EvalSettings:
         for k, v in (data or {}).items():
             if k not in known:
                 raise ConfigError(f"unknown key {what}.{k}; known keys: {', '.join(known)}")
-            if k in ("ks", "linear_lrs", "few_shot") and isinstance(v, (int, float)):
-                v = [v]
-            if k in ("ks", "linear_lrs", "few_shot"):
-                elem = int if k != "linear_lrs" else float
+            elem = _list_elem(hints[k])
+            if elem is not None:  # a list: a YAML list, one value, or "a,b,c"
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    v = [v]
                 if isinstance(v, str):
-                    v = [x for x in v.split(",") if x.strip()]
+                    v = [x.strip() for x in v.split(",") if x.strip()]
                 if not isinstance(v, (list, tuple)):
                     raise ConfigError(f"{what}.{k}: expected a list, got {v!r}")
                 v = tuple(_coerce(x, elem, f"{what}.{k}") for x in v)
@@ -102,6 +122,17 @@ class EvalSettings:
             errs.append(f"{what}.linear_blocks must be positive")
         if any(n <= 0 for n in self.few_shot) or self.few_shot_draws <= 0:
             errs.append(f"{what}.few_shot and few_shot_draws must be positive")
+        if self.low_shot and (any(n <= 0 for n in self.low_shot_shots) or self.low_shot_draws <= 0
+                              or self.low_shot_c <= 0
+                              or any(not 0 < f <= 1 for f in self.low_shot_fractions)
+                              or not (self.low_shot_shots or self.low_shot_fractions)):
+            errs.append(f"{what}.low_shot_shots / low_shot_draws / low_shot_c must be positive and "
+                        f"low_shot_fractions in (0, 1] (at least one split)")
+        if self.retrieval and (not self.retrieval_ks or any(k <= 0 for k in self.retrieval_ks)):
+            errs.append(f"{what}.retrieval_ks ({list(self.retrieval_ks)}) must be positive integers")
+        if self.revisited and (self.revisited_imsize <= 0 or not self.revisited_scales
+                               or any(x <= 0 for x in self.revisited_scales)):
+            errs.append(f"{what}.revisited_imsize and revisited_scales must be positive")
         for k in ("limit_train", "limit_test", "image_size", "concurrency", "threads"):
             v = getattr(self, k)
             if v is not None and v <= 0:
@@ -120,6 +151,16 @@ class EvalSettings:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
 
+def _list_elem(hint: Any) -> Optional[type]:
+    """``X`` for a ``tuple[X, ...]`` hint, else None."""
+    from typing import get_args, get_origin
+
+    args = get_args(hint)
+    if get_origin(hint) is tuple and len(args) == 2 and args[1] is Ellipsis:
+        return args[0]
+    return None
+
+
 @functools.lru_cache(maxsize=1)
 def _hints() -> dict:
     from typing import get_type_hints
@@ -129,8 +170,9 @@ def _hints() -> dict:
 
 def default_out_dir(checkpoint: Path) -> Path:
     """``<run dir>/eval/<checkpoint name>``: next to the run, not inside the checkpoint (Ray
-    deletes old checkpoint directories)."""
-    return checkpoint.parent / "eval" / checkpoint.name
+    deletes old checkpoint directories); for an exported ``x.safetensors``: ``eval/x`` next to it."""
+    name = checkpoint.stem if checkpoint.suffix == ".safetensors" else checkpoint.name
+    return checkpoint.parent / "eval" / name
 
 
 # ---- features ------------------------------------------------------------------------------
@@ -143,7 +185,7 @@ def _device(setting: str) -> str:
 
 def features_in_process(teacher: Teacher, src: Source, size: int, limit: Optional[int],
                         s: EvalSettings) -> FeatureSet:
-    embed = TeacherFeatures(teacher.backbone, teacher.cfg.crops.mean, teacher.cfg.crops.std,
+    embed = TeacherFeatures(teacher.backbone, teacher.mean, teacher.std,
                             s.linear_blocks, _device(s.device), s.batch_size)
     return extract_in_process(embed, src, size, limit, batch_rows=s.batch_size)
 
@@ -199,7 +241,8 @@ def features_ray_data(teacher: Teacher, jobs: list[tuple[Source, Optional[int]]]
             FeatureFn,
             fn_constructor_kwargs={
                 "weights": functools.partial(ray.get, weights_ref),
-                "config": teacher.cfg.to_dict(), "blocks": s.linear_blocks,
+                "model": teacher.model_spec, "mean": list(teacher.mean), "std": list(teacher.std),
+                "blocks": s.linear_blocks,
                 "device": "cuda" if gpu else "cpu",
                 "threads": max(1, int(s.cpus_per_actor)), "batch_size": s.batch_size},
             batch_size=s.batch_size, batch_format="numpy",
@@ -280,10 +323,58 @@ def get_features(teacher: Teacher, splits: dict[str, tuple[Source, Optional[int]
 
 # ---- the evaluation ------------------------------------------------------------------------
 
+def revisited_eval(teacher: Teacher, path: str, s: EvalSettings, cache_dir: Path) -> dict:
+    """One revisited Oxford/Paris data set: multi-scale features (cached as
+    ``revisited-<name>-<key>.npz``), rankings, mAP / mP@k per setting. The images differ in
+    size, so their features are computed one at a time in this process (``device``)."""
+    t0 = time.perf_counter()
+    ds = load_revisited(path)
+    key = revisited_cache_key(teacher.sha256, ds, s.revisited_imsize, s.revisited_scales)
+    f = cache_dir / f"revisited-{ds.name}-{key}.npz"
+    feats, cached = None, False
+    if f.is_file():
+        try:
+            with np.load(f) as z:
+                feats = (torch.from_numpy(z["database"].copy()), torch.from_numpy(z["queries"].copy()))
+            cached = True
+        except (OSError, ValueError, KeyError):
+            feats = None
+    if feats is None:
+        embed = MultiScaleFeatures(teacher.backbone, teacher.mean, teacher.std,
+                                   s.revisited_scales, _device(s.device))
+        total = len(ds.imlist) + len(ds.qimlist)
+        step = max(1, total // 10)
+
+        def progress(done: int, n: int) -> None:
+            if done % step == 0 or done == n:
+                log.info("revisited %s: %d/%d images (%.0fs)", ds.name, done, n,
+                         time.perf_counter() - t0)
+
+        feats = revisited_features(embed, ds, s.revisited_imsize, progress)
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = f.with_name(f".{f.name}.tmp")
+        with open(tmp, "wb") as fh:
+            np.savez(fh, database=feats[0].numpy(), queries=feats[1].numpy())
+        os.replace(tmp, f)
+    t1 = time.perf_counter()
+    res = evaluate_revisited(None, ds, s.revisited_imsize, s.retrieval_ks, features=feats)
+    res.update(features_s=t1 - t0, features_cached=cached, metrics_s=time.perf_counter() - t1,
+               source=str(ds.gnd_file), imsize=s.revisited_imsize,
+               scales=[float(x) for x in s.revisited_scales])
+    return res
+
+
 def evaluate_checkpoint(checkpoint: Union[str, os.PathLike], settings: EvalSettings,
                         out_dir: Optional[Union[str, os.PathLike]] = None) -> dict:
-    """Features (cached) -> k-NN, linear probe, few-shot. Writes ``eval.json`` + ``eval.md``."""
+    """Features (cached) -> k-NN, linear probe, few-shot, low-shot, class-level retrieval (on
+    train/test data) and revisited Oxford/Paris retrieval, as the settings select. Writes
+    ``eval.json`` + ``eval.md``. ``checkpoint``: a checkpoint or run directory, or an exported
+    ``.safetensors`` backbone."""
     s = settings.validate()
+    if bool(s.train_data) != bool(s.test_data):
+        raise ConfigError("evaluation: give both train_data and test_data (or neither, with revisited)")
+    if not s.train_data and not s.revisited:
+        raise ConfigError("evaluation: nothing to evaluate: give train_data and test_data, or revisited")
     t_start = time.time()
     t0 = time.perf_counter()
     if s.threads:
@@ -291,67 +382,93 @@ def evaluate_checkpoint(checkpoint: Union[str, os.PathLike], settings: EvalSetti
     teacher = load_teacher(checkpoint)
     out = Path(out_dir) if out_dir else default_out_dir(teacher.checkpoint)
     out.mkdir(parents=True, exist_ok=True)
-    cache = FeatureCache(Path(s.cache_dir) if s.cache_dir else out / "features")
-    tr = open_source(s.train_data, s.format, s.image_column, s.label_column, require_labels=True,
-                     what="train data")
-    te = open_source(s.test_data, s.format, s.image_column, s.label_column, require_labels=True,
-                     what="test data")
-    size = s.image_size or teacher.cfg.crops.global_size
+    cache_dir = Path(s.cache_dir) if s.cache_dir else out / "features"
+    cache = FeatureCache(cache_dir)
+    size = s.image_size or teacher.image_size
     timings: dict[str, Any] = {"load_s": time.perf_counter() - t0}
-    log.info("evaluating %s (step %d) at %d px: train %s, test %s -> %s", teacher.checkpoint,
-             teacher.global_step, size, tr.uri, te.uri, out)
+    result: dict[str, Any] = {
+        "checkpoint": str(teacher.checkpoint), "kind": teacher.kind,
+        "global_step": teacher.global_step, "checkpoint_sha256": teacher.sha256,
+        "image_size": size, "train": None, "test": None, "num_classes": None,
+        "knn_top1": None, "knn_k": None, "knn": None, "linear_top1": None, "linear": None,
+        "few_shot": None, "low_shot": None, "retrieval": None, "revisited": None}
+    if s.train_data:
+        tr = open_source(s.train_data, s.format, s.image_column, s.label_column,
+                         require_labels=True, what="train data")
+        te = open_source(s.test_data, s.format, s.image_column, s.label_column,
+                         require_labels=True, what="test data")
+        log.info("evaluating %s (step %s) at %d px: train %s, test %s -> %s", teacher.checkpoint,
+                 teacher.global_step, size, tr.uri, te.uri, out)
+        feats, info = get_features(teacher, {"train": (tr, s.limit_train),
+                                             "test": (te, s.limit_test)}, size, s, cache)
+        ftr, fte = feats["train"], feats["test"]
+        timings["features_train"] = info["train"]
+        timings["features_test"] = info["test"]
+        num_classes = int(max(ftr.labels.max(), fte.labels.max())) + 1
 
-    feats, info = get_features(teacher, {"train": (tr, s.limit_train), "test": (te, s.limit_test)},
-                               size, s, cache)
-    ftr, fte = feats["train"], feats["test"]
-    timings["features_train"] = info["train"]
-    timings["features_test"] = info["test"]
-    num_classes = int(max(ftr.labels.max(), fte.labels.max())) + 1
-
-    t = time.perf_counter()
-    knn = knn_accuracy(ftr.cls, ftr.labels, fte.cls, fte.labels, ks=s.ks,
-                       temperature=s.temperature, num_classes=num_classes)
-    timings["knn_s"] = time.perf_counter() - t
-    linear = None
-    if s.linear:
         t = time.perf_counter()
-        linear = linear_probe(ftr.concat(s.linear_blocks), ftr.labels, fte.concat(s.linear_blocks),
-                              fte.labels, num_classes, s.linear_lrs, s.linear_epochs,
-                              s.linear_batch_size, seed=s.seed)
-        linear["linear_feature_dim"] = int(ftr.concat(s.linear_blocks).shape[1])
-        timings["linear_s"] = time.perf_counter() - t
-    fewshot = None
-    if s.few_shot:
+        knn = knn_accuracy(ftr.cls, ftr.labels, fte.cls, fte.labels, ks=s.ks,
+                           temperature=s.temperature, num_classes=num_classes)
+        timings["knn_s"] = time.perf_counter() - t
+        k_main = 20 if 20 in s.ks else s.ks[0]
+        result.update(train={"source": tr.uri, "rows": len(ftr), "skipped": ftr.skipped},
+                      test={"source": te.uri, "rows": len(fte), "skipped": fte.skipped},
+                      num_classes=num_classes, knn_top1=knn[f"knn_top1_k{k_main}"], knn_k=k_main,
+                      knn=knn)
+        if s.linear:
+            t = time.perf_counter()
+            linear = linear_probe(ftr.concat(s.linear_blocks), ftr.labels,
+                                  fte.concat(s.linear_blocks), fte.labels, num_classes,
+                                  s.linear_lrs, s.linear_epochs, s.linear_batch_size, seed=s.seed)
+            linear["linear_feature_dim"] = int(ftr.concat(s.linear_blocks).shape[1])
+            timings["linear_s"] = time.perf_counter() - t
+            result.update(linear=linear, linear_top1=linear["linear_top1"])
+        if s.few_shot:
+            t = time.perf_counter()
+            result["few_shot"] = few_shot(ftr.cls, ftr.labels, fte.cls, fte.labels, s.few_shot,
+                                          s.few_shot_draws, s.seed, num_classes)
+            timings["few_shot_s"] = time.perf_counter() - t
+        if s.low_shot:
+            t = time.perf_counter()
+            result["low_shot"] = low_shot(ftr.cls, ftr.labels, fte.cls, fte.labels,
+                                          s.low_shot_shots, s.low_shot_fractions,
+                                          s.low_shot_draws, s.seed, s.low_shot_c, num_classes)
+            timings["low_shot_s"] = time.perf_counter() - t
+        if s.retrieval:
+            t = time.perf_counter()
+            result["retrieval"] = class_retrieval(fte.cls, fte.labels, ftr.cls, ftr.labels,
+                                                  s.retrieval_ks)
+            timings["retrieval_s"] = time.perf_counter() - t
+    if s.revisited:
         t = time.perf_counter()
-        fewshot = few_shot(ftr.cls, ftr.labels, fte.cls, fte.labels, s.few_shot,
-                           s.few_shot_draws, s.seed, num_classes)
-        timings["few_shot_s"] = time.perf_counter() - t
+        result["revisited"] = {}
+        for path in s.revisited:
+            r = revisited_eval(teacher, path, s, cache_dir)
+            result["revisited"][r["dataset"]] = r
+        timings["revisited_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t0
-    k_main = 20 if 20 in s.ks else s.ks[0]
-    result = {
-        "checkpoint": str(teacher.checkpoint),
-        "global_step": teacher.global_step,
-        "checkpoint_sha256": teacher.sha256,
-        "image_size": size,
-        "train": {"source": tr.uri, "rows": len(ftr), "skipped": ftr.skipped},
-        "test": {"source": te.uri, "rows": len(fte), "skipped": fte.skipped},
-        "num_classes": num_classes,
-        "knn_top1": knn[f"knn_top1_k{k_main}"],
-        "knn_k": k_main,
-        "knn": knn,
-        "linear_top1": linear["linear_top1"] if linear else None,
-        "linear": linear,
-        "few_shot": fewshot,
-        "timings": timings,
-        "started_at": t_start,
-        "ended_at": time.time(),
-        "settings": s.to_dict(),
-    }
+    result.update(timings=timings, started_at=t_start, ended_at=time.time(), settings=s.to_dict())
     _write_json(out / RESULT_FILE, result)
     (out / SUMMARY_FILE).write_text(summary_markdown(result))
-    log.info("k-NN top-1 (k=%d) %.2f%% | linear top-1 %s | %.1fs", k_main, result["knn_top1"],
-             f"{result['linear_top1']:.2f}%" if linear else "-", timings["total_s"])
+    log.info("%s | %.1fs -> %s", headline(result), timings["total_s"], out)
     return result
+
+
+def headline(r: dict) -> str:
+    """One line: the main number of each evaluation that ran."""
+    parts = []
+    if r.get("knn") is not None:
+        parts.append(f"k-NN top-1 (k={r['knn_k']}): {r['knn_top1']:.2f}%")
+        parts.append("linear top-1: " + ("-" if r["linear_top1"] is None
+                                         else f"{r['linear_top1']:.2f}%"))
+    if r.get("low_shot"):
+        parts.append("low-shot " + ", ".join(f"{k}: {_fmt(v['mean'])}"
+                                             for k, v in r["low_shot"].items()))
+    if r.get("retrieval"):
+        parts.append(f"retrieval mAP: {r['retrieval']['map']:.2f}")
+    for name, v in (r.get("revisited") or {}).items():
+        parts.append(f"{name} mAP M/H: {_fmt(v['medium']['map'])}/{_fmt(v['hard']['map'])}")
+    return " | ".join(parts)
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -365,33 +482,60 @@ def _fmt(v: Optional[float]) -> str:
 
 
 def summary_markdown(r: dict) -> str:
-    lines = [f"# Evaluation of `{r['checkpoint']}` (step {r['global_step']})", "",
-             f"Teacher backbone [CLS] features at {r['image_size']} px (resize + centre crop); "
-             f"train {r['train']['rows']} images ({r['train']['skipped']} undecodable skipped) "
-             f"from `{r['train']['source']}`, test {r['test']['rows']} images "
-             f"({r['test']['skipped']} skipped) from `{r['test']['source']}`, "
-             f"{r['num_classes']} classes.", "",
-             "## k-NN (cosine, votes weighted by exp(sim / 0.07))", "", "| k | top-1 | top-5 |",
-             "|---|---|---|"]
-    for k in r["settings"]["ks"]:
-        lines.append(f"| {k} | {_fmt(r['knn'].get(f'knn_top1_k{k}'))} | "
-                     f"{_fmt(r['knn'].get(f'knn_top5_k{k}'))} |")
+    st = r["settings"]
+    step = "" if r["global_step"] is None else f" (step {r['global_step']})"
+    lines = [f"# Evaluation of `{r['checkpoint']}`{step}", ""]
+    t = r["timings"]
+    if r["knn"] is not None:
+        lines += [f"Teacher backbone [CLS] features at {r['image_size']} px (resize + centre crop); "
+                  f"train {r['train']['rows']} images ({r['train']['skipped']} undecodable skipped) "
+                  f"from `{r['train']['source']}`, test {r['test']['rows']} images "
+                  f"({r['test']['skipped']} skipped) from `{r['test']['source']}`, "
+                  f"{r['num_classes']} classes.", "",
+                  "## k-NN (cosine, votes weighted by exp(sim / 0.07))", "", "| k | top-1 | top-5 |",
+                  "|---|---|---|"]
+        for k in st["ks"]:
+            lines.append(f"| {k} | {_fmt(r['knn'].get(f'knn_top1_k{k}'))} | "
+                         f"{_fmt(r['knn'].get(f'knn_top5_k{k}'))} |")
     if r["linear"]:
         li = r["linear"]
         lines += ["", f"## Linear probe ({li['linear_epochs']} epochs, SGD + cosine, features of "
-                      f"the last {r['settings']['linear_blocks']} block(s), dim "
+                      f"the last {st['linear_blocks']} block(s), dim "
                       f"{li['linear_feature_dim']})", "",
                   f"Best top-1 **{_fmt(li['linear_top1'])}** (top-5 {_fmt(li['linear_top5'])}) "
                   f"at lr {li['linear_best_lr']}; per lr: "
                   + ", ".join(f"{k}: {v:.2f}" for k, v in li["linear_per_lr"].items())]
     if r["few_shot"]:
-        lines += ["", f"## Few-shot (logistic regression, {r['settings']['few_shot_draws']} draws, "
-                      f"seed {r['settings']['seed']})", "", "| shots / class | top-1 mean | std |",
+        lines += ["", f"## Few-shot (logistic regression, {st['few_shot_draws']} draws, "
+                      f"seed {st['seed']})", "", "| shots / class | top-1 mean | std |",
                   "|---|---|---|"]
         for n, v in r["few_shot"].items():
             lines.append(f"| {n} | {_fmt(v['mean'])} | {_fmt(v['std'])} |"
                          + (f" skipped: {v['skipped']}" if v.get("skipped") else ""))
-    t = r["timings"]
+    if r["low_shot"]:
+        lines += ["", f"## Low-shot (logistic regression on frozen features, C = "
+                      f"{st['low_shot_c']}, {st['low_shot_draws']} seeded splits, seed {st['seed']})",
+                  "", "| labels | labeled rows | top-1 mean | std |", "|---|---|---|---|"]
+        for n, v in r["low_shot"].items():
+            lines.append(f"| {n} | {v['train_rows'] if v['train_rows'] is not None else '-'} | "
+                         f"{_fmt(v['mean'])} | {_fmt(v['std'])} |"
+                         + (f" skipped: {v['skipped']}" if v.get("skipped") else ""))
+    if r["retrieval"]:
+        rt = r["retrieval"]
+        lines += ["", f"## Class-level retrieval (test queries against the train images, cosine)",
+                  "", f"mAP **{rt['map']:.2f}** over {rt['queries']} queries; "
+                  + ", ".join(f"P@{k} {v:.2f}" for k, v in rt["precision_at"].items())]
+    for name, v in (r["revisited"] or {}).items():
+        lines += ["", f"## Revisited {name} ({v['database']} images, {v['num_queries']} queries, "
+                      f"longer side <= {v['imsize']} px, scales "
+                      f"{', '.join(f'{x:.3f}' for x in v['scales'])})", "",
+                  "| setting | mAP | " + " | ".join(f"mP@{k}" for k in st["retrieval_ks"]) + " |",
+                  "|---|---|" + "---|" * len(st["retrieval_ks"])]
+        for setting in ("easy", "medium", "hard"):
+            m = v[setting]
+            mp = m["mp_at"] or {}
+            lines.append(f"| {setting} | {_fmt(m['map'])} | "
+                         + " | ".join(_fmt(mp.get(str(k))) for k in st["retrieval_ks"]) + " |")
 
     def feat_time(name: str) -> str:
         i = t[f"features_{name}"]
@@ -399,10 +543,103 @@ def summary_markdown(r: dict) -> str:
             return f"{name} from the cache"
         return f"{name} {i['rows']} images {i['seconds']:.1f}s ({i['images_per_s']:.0f} img/s, {i['mode']})"
 
-    pipe = t["features_train"].get("pipeline_s") or t["features_test"].get("pipeline_s")
-    lines += ["", "## Time", "",
-              f"- features: {feat_time('train')}; {feat_time('test')}"
-              + (f" (one Ray Data pipeline, {pipe:.1f}s)" if pipe else ""),
-              f"- k-NN {t['knn_s']:.1f}s; linear {t.get('linear_s', 0):.1f}s; few-shot "
-              f"{t.get('few_shot_s', 0):.1f}s; total {t['total_s']:.1f}s", ""]
+    lines += ["", "## Time", ""]
+    if "features_train" in t:
+        pipe = t["features_train"].get("pipeline_s") or t["features_test"].get("pipeline_s")
+        lines.append(f"- features: {feat_time('train')}; {feat_time('test')}"
+                     + (f" (one Ray Data pipeline, {pipe:.1f}s)" if pipe else ""))
+    stages = [("k-NN", "knn_s"), ("linear", "linear_s"), ("few-shot", "few_shot_s"),
+              ("low-shot", "low_shot_s"), ("retrieval", "retrieval_s"),
+              ("revisited (features + metrics)", "revisited_s")]
+    lines.append("- " + "; ".join(f"{n} {t[k]:.1f}s" for n, k in stages if k in t)
+                 + f"; total {t['total_s']:.1f}s")
+    lines.append("")
     return "\n".join(lines)
+
+
+# ---- embed: features of a source as sharded Parquet ----------------------------------------
+
+def embed_source(checkpoint: Union[str, os.PathLike], data: str, out_dir: Union[str, os.PathLike],
+                 s: EvalSettings, blocks: int = 1, limit: Optional[int] = None,
+                 rows_per_shard: int = 50_000,
+                 progress: Optional[Callable[[str], None]] = print_progress) -> dict:
+    """Embeddings of every row of ``data`` (labeled or not) -> ``out_dir/part-*.parquet`` +
+    ``_embed.json`` (see :mod:`massl_ray.evaluate.embed`). ``s`` supplies the view size,
+    reader, batch size and where the backbone runs (``local``: this process; else Ray Data batch
+    inference with an actor pool). The backbone pass is the evaluation's (the [CLS] of the last
+    ``max(blocks, linear_blocks)`` blocks), so the final-[CLS] embedding is bit for bit the
+    evaluations' k-NN feature at the same batch size."""
+    s = s.validate("embed")
+    if blocks <= 0:
+        raise ConfigError("embed: --blocks must be positive")
+    if s.threads:
+        torch.set_num_threads(s.threads)
+    teacher = load_teacher(checkpoint)
+    src = open_source(data, s.format, s.image_column, s.label_column, what="embed data")
+    size = s.image_size or teacher.image_size
+    width = max(blocks, s.linear_blocks)
+    total = src.num_rows if limit is None else min(limit, src.num_rows)
+    writer = ShardWriter(out_dir, rows_per_shard, src.labeled, total, progress)
+    log.info("embedding %s (%d rows) with %s at %d px -> %s", src.uri, total, teacher.checkpoint,
+             size, out_dir)
+    t0 = time.perf_counter()
+    if s.local:
+        embed = TeacherFeatures(teacher.backbone, teacher.mean, teacher.std, width,
+                                _device(s.device), s.batch_size)
+        embed_in_process(embed, src, writer, size, blocks, limit, batch_rows=s.batch_size)
+        mode = "in_process"
+    else:
+        _embed_ray_data(teacher, src, limit, size, width, blocks, s, writer)
+        mode = "ray_data"
+    info = {"checkpoint": str(teacher.checkpoint), "kind": teacher.kind,
+            "checkpoint_sha256": teacher.sha256, "global_step": teacher.global_step,
+            "source": src.uri, "limit": limit, "image_size": size, "blocks": blocks,
+            "feature": "final [CLS]" if blocks == 1 else f"[CLS] of the last {blocks} blocks",
+            "mode": mode, "labeled": src.labeled}
+    manifest = writer.close(info)
+    manifest["wall_s"] = time.perf_counter() - t0
+    return manifest
+
+
+def _embed_ray_data(teacher: Teacher, src: Source, limit: Optional[int], size: int, width: int,
+                    blocks: int, s: EvalSettings, writer: ShardWriter) -> None:
+    """read -> decode + eval view (CPU tasks) -> backbone (actor pool) -> the driver writes the
+    shards as batches arrive, in row order."""
+    import ray
+
+    from massl_ray.data.pipeline import read_source
+
+    ctx = ray.data.DataContext.get_current()
+    saved = (ctx.execution_options.preserve_order, ctx.enable_progress_bars)
+    ctx.execution_options.preserve_order = True
+    ctx.enable_progress_bars = False
+    try:
+        weights_ref = ray.put(teacher.weights)
+        ds = read_source(src, limit).repartition(target_num_rows_per_block=4 * s.batch_size)
+        ds = ds.map_batches(
+            EvalViewsFn(size, src.image_column, src.label_column, src.classes, with_ids=True,
+                        require_labels=False),
+            batch_size=s.batch_size, batch_format="numpy", num_cpus=s.decode_cpus,
+            zero_copy_batch=True)
+        gpu = s.gpus_per_actor > 0
+        ds = ds.map_batches(
+            FeatureFn,
+            fn_constructor_kwargs={
+                "weights": functools.partial(ray.get, weights_ref), "model": teacher.model_spec,
+                "mean": list(teacher.mean), "std": list(teacher.std), "blocks": width,
+                "device": "cuda" if gpu else "cpu",
+                "threads": max(1, int(s.cpus_per_actor)), "batch_size": s.batch_size},
+            batch_size=s.batch_size, batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=_actor_pool_size(s)),
+            num_cpus=s.cpus_per_actor, num_gpus=s.gpus_per_actor if gpu else None)
+        start = 0
+        for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            n = len(b["ok"])
+            writer.add(np.arange(start, start + n), list(b["id"]),
+                       b["label"] if src.labeled else None, select_blocks(b["features"], blocks),
+                       b["ok"], n)
+            start += n
+    finally:
+        ctx.execution_options.preserve_order, ctx.enable_progress_bars = saved
+    if writer.seen != (src.num_rows if limit is None else min(limit, src.num_rows)):
+        raise RuntimeError(f"batch inference returned {writer.seen} rows for {writer.total} inputs")
