@@ -55,14 +55,13 @@ def reference_logistic(x, y, classes, c=1.0, steps=5000, lr=2.0):
 def test_low_shot_accuracies_match_an_independent_logistic_regression():
     x, y = clusters(400, seed=1, spread=1.5)  # overlapping clusters: accuracy well below 100
     xt, yt = clusters(300, seed=2, spread=1.5)
-    r = low_shot(x, y, xt, yt, shots=(1, 2, 5), fractions=(0.1,), draws=3, seed=5)
-    assert list(r) == ["1-shot", "2-shot", "5-shot", "10%"]
+    r = low_shot(x, y, xt, yt, shots=(1, 5), fractions=(0.1,), draws=2, seed=5)
+    assert list(r) == ["1-shot", "5-shot", "10%"]
     xtn = xt.numpy().astype(np.float64)
     xtn /= np.linalg.norm(xtn, axis=1, keepdims=True)
-    for name, n, frac in (("1-shot", 1, None), ("2-shot", 2, None), ("5-shot", 5, None),
-                          ("10%", None, 0.1)):
+    for name, n, frac in (("1-shot", 1, None), ("5-shot", 5, None), ("10%", None, 0.1)):
         runs = []
-        for d in range(3):
+        for d in range(2):
             idx = (few_shot_indices(y.numpy(), n, d, 5) if n else
                    fraction_indices(y.numpy(), frac, d, 5))
             w, b = reference_logistic(x.numpy()[idx].astype(np.float64), y.numpy()[idx], 4)
