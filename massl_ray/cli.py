@@ -139,7 +139,9 @@ EVAL_FLAGS = ("train_data", "test_data", "format", "image_column", "label_column
               "few_shot", "few_shot_draws", "seed", "batch_size", "concurrency", "cpus_per_actor",
               "gpus_per_actor", "decode_cpus", "device", "threads", "cache_dir", "local", "linear",
               "low_shot", "low_shot_shots", "low_shot_fractions", "low_shot_draws", "low_shot_c",
-              "retrieval", "retrieval_ks", "revisited", "revisited_imsize", "revisited_scales")
+              "retrieval", "retrieval_ks", "revisited", "revisited_imsize", "revisited_scales",
+              "finetune", "finetune_epochs", "finetune_lr", "finetune_batch_size",
+              "finetune_layer_decay", "finetune_weight_decay", "finetune_warmup_epochs")
 
 
 def _add_eval_parser(sub) -> None:
@@ -160,6 +162,9 @@ def _add_eval_parser(sub) -> None:
                    help="low-shot: 1/2/5 per class and 1%%/10%% of the labels, seeded splits")
     e.add_argument("--retrieval", action="store_true", default=None,
                    help="class-level retrieval: test queries against the train images (mAP, P@k)")
+    e.add_argument("--finetune", action="store_true", default=None,
+                   help="fine-tuning transfer: backbone + head, AdamW, layer-wise lr decay, "
+                        "warmup + cosine (in this process)")
     e.add_argument("--revisited", default=None,
                    help="revisited Oxford/Paris data set directories (gnd_<name>.pkl + jpg/), "
                         "comma-separated; without --train-data/--test-data only these run")
@@ -176,6 +181,12 @@ def _add_eval_parser(sub) -> None:
             ("--low-shot-fractions", str, "low-shot label fractions (default 0.01,0.1)"),
             ("--low-shot-draws", int, "low-shot seeded splits per setting (default 3)"),
             ("--low-shot-c", float, "inverse L2 penalty of the low-shot logistic regression (1)"),
+            ("--finetune-epochs", int, "fine-tune epochs (default 10)"),
+            ("--finetune-lr", float, "fine-tune base lr, x batch / 256 (default 5e-4)"),
+            ("--finetune-batch-size", int, "fine-tune batch (default 128)"),
+            ("--finetune-layer-decay", float, "layer-wise lr decay (default 0.75)"),
+            ("--finetune-weight-decay", float, "AdamW weight decay (default 0.05)"),
+            ("--finetune-warmup-epochs", float, "linear warmup epochs (default 1)"),
             ("--retrieval-ks", str, "k of precision@k / mP@k, comma-separated (default 1,5,10)"),
             ("--revisited-imsize", int, "revisited: longer image side at most N px (default 224)"),
             ("--revisited-scales", str, "revisited: scales (default 1,0.7071,0.5)"),

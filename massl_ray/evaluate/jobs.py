@@ -25,7 +25,9 @@ import torch
 
 from massl_ray.config import ConfigError, _coerce
 from massl_ray.evaluate.features import (EvalViewsFn, FeatureCache, FeatureFn, FeatureSet, Teacher,
-                       TeacherFeatures, cache_key, extract_in_process, load_teacher)
+                       TeacherFeatures, cache_key, extract_in_process, iter_eval_batches,
+                       load_teacher)
+from massl_ray.evaluate.finetune import fine_tune, views_and_labels
 from massl_ray.evaluate.embed import ShardWriter, embed_in_process, print_progress, select_blocks
 from massl_ray.evaluate.knn import DEFAULT_KS, knn_accuracy
 from massl_ray.evaluate.lowshot import DEFAULT_FRACTIONS, DEFAULT_SHOTS, low_shot
@@ -75,6 +77,14 @@ class EvalSettings:
     revisited: tuple[str, ...] = ()
     revisited_imsize: int = 224  # longer side at most this many pixels
     revisited_scales: tuple[float, ...] = DINO_SCALES
+    # Fine-tuning transfer (whole backbone + head; AdamW, layer-wise lr decay, warmup + cosine).
+    finetune: bool = False
+    finetune_epochs: int = 10
+    finetune_lr: float = 5e-4  # scaled by batch / 256
+    finetune_batch_size: int = 128
+    finetune_layer_decay: float = 0.75
+    finetune_weight_decay: float = 0.05
+    finetune_warmup_epochs: float = 1.0
     seed: int = 0
     batch_size: int = 256  # images per inference batch
     # Where features are computed: in this process (local) or by Ray Data batch inference.
@@ -130,6 +140,12 @@ class EvalSettings:
                         f"low_shot_fractions in (0, 1] (at least one split)")
         if self.retrieval and (not self.retrieval_ks or any(k <= 0 for k in self.retrieval_ks)):
             errs.append(f"{what}.retrieval_ks ({list(self.retrieval_ks)}) must be positive integers")
+        if self.finetune and (self.finetune_epochs <= 0 or self.finetune_lr <= 0
+                              or self.finetune_batch_size <= 0 or self.finetune_weight_decay < 0
+                              or self.finetune_warmup_epochs < 0
+                              or not 0 < self.finetune_layer_decay <= 1):
+            errs.append(f"{what}.finetune_epochs / lr / batch_size must be positive, weight decay "
+                        f"and warmup >= 0, layer_decay in (0, 1]")
         if self.revisited and (self.revisited_imsize <= 0 or not self.revisited_scales
                                or any(x <= 0 for x in self.revisited_scales)):
             errs.append(f"{what}.revisited_imsize and revisited_scales must be positive")
@@ -391,7 +407,8 @@ def evaluate_checkpoint(checkpoint: Union[str, os.PathLike], settings: EvalSetti
         "global_step": teacher.global_step, "checkpoint_sha256": teacher.sha256,
         "image_size": size, "train": None, "test": None, "num_classes": None,
         "knn_top1": None, "knn_k": None, "knn": None, "linear_top1": None, "linear": None,
-        "few_shot": None, "low_shot": None, "retrieval": None, "revisited": None}
+        "few_shot": None, "low_shot": None, "retrieval": None, "revisited": None,
+        "finetune": None}
     if s.train_data:
         tr = open_source(s.train_data, s.format, s.image_column, s.label_column,
                          require_labels=True, what="train data")
@@ -434,6 +451,15 @@ def evaluate_checkpoint(checkpoint: Union[str, os.PathLike], settings: EvalSetti
                                           s.low_shot_shots, s.low_shot_fractions,
                                           s.low_shot_draws, s.seed, s.low_shot_c, num_classes)
             timings["low_shot_s"] = time.perf_counter() - t
+        if s.finetune:
+            t = time.perf_counter()
+            tv, tl = views_and_labels(iter_eval_batches(tr, size, s.limit_train, s.batch_size))
+            qv, ql = views_and_labels(iter_eval_batches(te, size, s.limit_test, s.batch_size))
+            result["finetune"] = fine_tune(
+                teacher.backbone, tv, tl, qv, ql, teacher.mean, teacher.std, num_classes,
+                s.finetune_epochs, s.finetune_batch_size, s.finetune_lr, s.finetune_layer_decay,
+                s.finetune_weight_decay, s.finetune_warmup_epochs, s.seed, _device(s.device))
+            timings["finetune_s"] = time.perf_counter() - t
         if s.retrieval:
             t = time.perf_counter()
             result["retrieval"] = class_retrieval(fte.cls, fte.labels, ftr.cls, ftr.labels,
@@ -464,6 +490,8 @@ def headline(r: dict) -> str:
     if r.get("low_shot"):
         parts.append("low-shot " + ", ".join(f"{k}: {_fmt(v['mean'])}"
                                              for k, v in r["low_shot"].items()))
+    if r.get("finetune"):
+        parts.append(f"fine-tune top-1: {r['finetune']['finetune_top1']:.2f}%")
     if r.get("retrieval"):
         parts.append(f"retrieval mAP: {r['retrieval']['map']:.2f}")
     for name, v in (r.get("revisited") or {}).items():
@@ -520,6 +548,14 @@ def summary_markdown(r: dict) -> str:
             lines.append(f"| {n} | {v['train_rows'] if v['train_rows'] is not None else '-'} | "
                          f"{_fmt(v['mean'])} | {_fmt(v['std'])} |"
                          + (f" skipped: {v['skipped']}" if v.get("skipped") else ""))
+    if r.get("finetune"):
+        ft = r["finetune"]
+        lines += ["", f"## Fine-tuning ({ft['finetune_epochs']} epochs, AdamW, lr "
+                      f"{ft['finetune_lr']} x batch / 256, layer decay {ft['finetune_layer_decay']}, "
+                      f"warmup {ft['finetune_warmup_epochs']} epoch(s) + cosine, {ft['finetune_train_rows']} "
+                      f"train images)", "",
+                  f"Top-1 **{ft['finetune_top1']:.2f}**; per epoch: "
+                  + ", ".join(f"{a:.2f}" for a in ft["finetune_top1_per_epoch"])]
     if r["retrieval"]:
         rt = r["retrieval"]
         lines += ["", f"## Class-level retrieval (test queries against the train images, cosine)",
@@ -549,7 +585,7 @@ def summary_markdown(r: dict) -> str:
         lines.append(f"- features: {feat_time('train')}; {feat_time('test')}"
                      + (f" (one Ray Data pipeline, {pipe:.1f}s)" if pipe else ""))
     stages = [("k-NN", "knn_s"), ("linear", "linear_s"), ("few-shot", "few_shot_s"),
-              ("low-shot", "low_shot_s"), ("retrieval", "retrieval_s"),
+              ("low-shot", "low_shot_s"), ("fine-tune", "finetune_s"), ("retrieval", "retrieval_s"),
               ("revisited (features + metrics)", "revisited_s")]
     lines.append("- " + "; ".join(f"{n} {t[k]:.1f}s" for n, k in stages if k in t)
                  + f"; total {t['total_s']:.1f}s")
