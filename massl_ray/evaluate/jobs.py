@@ -1,7 +1,7 @@
 """Evaluation jobs: features by Ray Data batch inference (or in-process), then k-NN, linear
-probe, few-shot, low-shot and retrieval on a checkpoint's (or an exported backbone's) teacher,
-written as JSON and a markdown summary; and the ``embed`` job (features of a source written as
-sharded Parquet).
+probe, few-shot, low-shot, class-level and revisited Oxford/Paris retrieval and fine-tuning on
+a checkpoint's (or an exported backbone's) teacher, written as JSON and a markdown summary;
+and the ``embed`` job (features of a source written as sharded Parquet).
 
 Shell module (Ray Data for the batch inference; ``local=True`` runs without Ray).
 ``python -m massl_ray eval --checkpoint <dir> --train-data ... --test-data ...`` calls
