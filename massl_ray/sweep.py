@@ -383,7 +383,14 @@ def build_scheduler(spec: SweepSpec, cfgs: list[Config]):
         raise ConfigError(f"sweep.scheduler uses {kw['metric']}, but the online k-NN monitor is "
                           f"off (run.online_knn_every_steps)")
     if name == "asha":
-        kw.setdefault("max_t", max(c.run.max_steps or c.total_steps() for c in cfgs))
+        # ASHA stops a trial whose step reaches max_t: past the last step, so that a trial that
+        # trains to its end is still evaluated (its final report repeats the last step).
+        last = max(c.run.max_steps or c.total_steps() for c in cfgs)
+        kw.setdefault("max_t", last + 1)
+        if kw["max_t"] <= last:
+            raise ConfigError(f"sweep.scheduler.max_t ({kw['max_t']}) must exceed the trials' last "
+                              f"step ({last}): ASHA would stop them there, before their "
+                              f"evaluation (train less with run.max_steps)")
     from ray.tune import schedulers
 
     try:

@@ -141,7 +141,11 @@ def test_search_and_scheduler_by_name(monkeypatch):
             sweep.build_searcher(parse_sweep({"search": {"name": name}}), 1)
     a = sweep.build_scheduler(parse_sweep({"scheduler": {"name": "asha", "grace_period": 10}}), cfgs)
     assert isinstance(a, ASHAScheduler)
-    assert (a._time_attr, a.metric, a._max_t) == ("step", "online_knn_top1", 40)
+    # max_t past the last step (40): a trial that trains to its end is still evaluated
+    assert (a._time_attr, a.metric, a._max_t) == ("step", "online_knn_top1", 41)
+    with pytest.raises(ConfigError, match=r"sweep.scheduler.max_t \(40\) must exceed the trials' "
+                                          r"last step \(40\)"):
+        sweep.build_scheduler(parse_sweep({"scheduler": {"name": "asha", "max_t": 40}}), cfgs)
     m = sweep.build_scheduler(parse_sweep({"scheduler": {"name": "median_stopping",
                                                          "metric": "loss", "mode": "min"}}), cfgs)
     assert isinstance(m, MedianStoppingRule) and m.metric == "loss"
@@ -150,6 +154,21 @@ def test_search_and_scheduler_by_name(monkeypatch):
         sweep.build_scheduler(parse_sweep({"scheduler": "asha"}), [load_config(None, [])])
     with pytest.raises(ConfigError, match="sweep.scheduler asha: .*unexpected keyword.*colour"):
         sweep.build_scheduler(parse_sweep({"scheduler": {"name": "asha", "colour": 1}}), cfgs)
+
+
+@pytest.mark.timeout(60)
+def test_real_optuna_and_hyperopt_searchers_when_installed():
+    """With the tune-search extra installed (not in CI: skipped there), the real searchers."""
+    from ray.tune.search import ConcurrencyLimiter
+
+    from massl_ray.sweep import build_searcher
+
+    space = {"massl.num_blocks": {"choice": [2, 4]}}
+    for name, cls in (("optuna", "OptunaSearch"), ("hyperopt", "HyperOptSearch")):
+        pytest.importorskip(name)
+        s = build_searcher(parse_sweep({"search": name, "space": space}), 2)
+        assert isinstance(s, ConcurrencyLimiter) and type(s.searcher).__name__ == cls
+        assert (s.searcher.metric, s.searcher.mode) == ("knn_top1", "max")
 
 
 def test_relative_paths_resolve_against_the_driver_not_the_trial_dir(tmp_path, monkeypatch):
