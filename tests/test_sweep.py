@@ -270,7 +270,8 @@ def test_concurrency_counts_what_trials_hold_in_either_phase():
                                           r"cluster has 4 CPU"):
         derive_concurrency({"CPU": 4}, [trial], {"CPU": 5.01}, None, 2)
     assert derive_concurrency({"CPU": 2}, [{"CPU": 0.91, "data_CPU": 1.0}], ev, None, 4) == 1
-    # jobs/sweep_cpu.yaml on 2 CPUs: two trials at a time (2 x 0.5 + 1 <= 2).
+    # jobs/sweep_cpu.yaml (0.9 per worker) on 2 CPUs: 1 at a time (line above); with
+    # run.cpus_per_worker=0.49 two trials at a time (0.5 + 0.5 + 1 <= 2).
     assert derive_concurrency({"CPU": 2}, [{"CPU": 0.5, "data_CPU": 1.0}], {"CPU": 0.46}, None,
                               4) == 2
 
