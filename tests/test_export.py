@@ -91,3 +91,10 @@ def test_export_refuses_bad_arguments(trained, tmp_path, capsys):
     rc = cli_main(["export", "--checkpoint", str(bad), "--out", str(tmp_path / "t.safetensors")])
     assert rc == 2 and "sha256" in capsys.readouterr().err
     assert not (tmp_path / "t.safetensors").exists()
+
+
+@pytest.mark.timeout(30)
+def test_export_refuses_an_exported_file(tmp_path, capsys):
+    rc = cli_main(["export", "--checkpoint", str(tmp_path / "t.safetensors"), "--out",
+                   str(tmp_path / "u.safetensors")])
+    assert rc == 2 and "already an exported backbone" in capsys.readouterr().err

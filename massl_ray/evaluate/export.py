@@ -22,6 +22,7 @@ from typing import Union
 
 import torch.nn as nn
 
+from massl_ray.config import ConfigError
 from massl_ray.evaluate.features import is_exported, load_teacher
 from massl_ray.method.model import backbone_kwargs
 
@@ -40,7 +41,7 @@ def export_teacher(checkpoint: Union[str, os.PathLike], out: Union[str, os.PathL
     if out.suffix != ".safetensors":
         raise ValueError(f"--out {str(out)!r} must end in .safetensors")
     if is_exported(checkpoint):
-        raise ValueError(f"--checkpoint {str(checkpoint)!r} is already an exported backbone")
+        raise ConfigError(f"--checkpoint {str(checkpoint)!r} is already an exported backbone")
     teacher = load_teacher(checkpoint)
     name, kwargs = backbone_kwargs(teacher.cfg.model, teacher.cfg.crops.global_size, 0.0)
     # Check before writing: the state dict must load into a fresh timm model of that name.
