@@ -160,14 +160,34 @@ def test_exported_backbones_are_accepted_by_embed_and_eval(ckpt, tmp_path, capsy
 @pytest.mark.ray
 @pytest.mark.timeout(300)
 def test_embed_ray_data_equals_local(ray_instance, ckpt, tmp_path):
-    s = {"batch_size": 32, "decode_cpus": 0.5, "concurrency": 2}
+    s = {"batch_size": 32, "decode_cpus": 0.5, "concurrency": 1}
     loc = embed_source(ckpt, str(QUICK_TEST), tmp_path / "loc", EvalSettings.from_dict({**s, "local": True}),
-                       limit=150, rows_per_shard=64, progress=None)
+                       limit=100, rows_per_shard=48, progress=None)
     ray_ = embed_source(ckpt, str(QUICK_TEST), tmp_path / "ray", EvalSettings.from_dict({**s, "local": False}),
-                        limit=150, rows_per_shard=64, progress=None)
-    assert ray_["mode"] == "ray_data" and ray_["shards"] == loc["shards"] and ray_["rows"] == 150
+                        limit=100, rows_per_shard=48, progress=None)
+    assert ray_["mode"] == "ray_data" and ray_["shards"] == loc["shards"] and ray_["rows"] == 100
+    assert len(ray_["shards"]) == 3
     a, b = read_embeddings(tmp_path / "loc"), read_embeddings(tmp_path / "ray")
     assert a["id"] == b["id"]
     np.testing.assert_array_equal(a["row"], b["row"])
     np.testing.assert_array_equal(a["label"], b["label"])
     np.testing.assert_array_equal(a["embedding"], b["embedding"])
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_revisited_through_ray_data_equals_in_process(ray_instance, ckpt, tmp_path):
+    """Revisited features by Ray Data (in this module to share its Ray instance)."""
+    from test_retrieval import MEDIUM_A, write_synthetic_revisited
+
+    root = write_synthetic_revisited(tmp_path / "rsynth")
+    base = {"revisited": [str(root)], "revisited_imsize": 64, "concurrency": 1}
+    r_ray = evaluate_checkpoint(ckpt, EvalSettings.from_dict({**base, "local": False}), tmp_path / "ray")
+    r_loc = evaluate_checkpoint(ckpt, EvalSettings.from_dict({**base, "local": True}), tmp_path / "loc")
+    a = np.load(next((tmp_path / "ray" / "features").glob("revisited-rsynth-*.npz")))
+    b = np.load(next((tmp_path / "loc" / "features").glob("revisited-rsynth-*.npz")))
+    for k in ("database", "queries"):
+        np.testing.assert_array_equal(a[k], b[k])  # same images in the same order, bit for bit
+    rv = r_ray["revisited"]["rsynth"]
+    assert rv["medium"]["map"] == pytest.approx(100 * (MEDIUM_A + 1) / 2, abs=1e-6)
+    assert rv["hard"] == r_loc["revisited"]["rsynth"]["hard"]

@@ -245,3 +245,4 @@ def test_multiscale_descriptor_equals_a_direct_computation(backbone):
                 for s, n in ((1.0, 40), (2 ** -0.5, 28), (0.5, 20)))
     torch.testing.assert_close(MultiScaleFeatures(bb, cfg.crops.mean, cfg.crops.std)(img42),
                                F.normalize(v[0] / 3, dim=0), rtol=0, atol=1e-6)
+

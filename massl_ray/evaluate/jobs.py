@@ -342,7 +342,8 @@ def get_features(teacher: Teacher, splits: dict[str, tuple[Source, Optional[int]
 def revisited_eval(teacher: Teacher, path: str, s: EvalSettings, cache_dir: Path) -> dict:
     """One revisited Oxford/Paris data set: multi-scale features (cached as
     ``revisited-<name>-<key>.npz``), rankings, mAP / mP@k per setting. The images differ in
-    size, so their features are computed one at a time in this process (``device``)."""
+    size, so each is one forward per scale: in this process (``local``, on ``device``), or by
+    Ray Data batch inference (an actor pool that reads, decodes and embeds each image)."""
     t0 = time.perf_counter()
     ds = load_revisited(path)
     key = revisited_cache_key(teacher.sha256, ds, s.revisited_imsize, s.revisited_scales)
@@ -366,7 +367,10 @@ def revisited_eval(teacher: Teacher, path: str, s: EvalSettings, cache_dir: Path
                 log.info("revisited %s: %d/%d images (%.0fs)", ds.name, done, n,
                          time.perf_counter() - t0)
 
-        feats = revisited_features(embed, ds, s.revisited_imsize, progress)
+        if s.local:
+            feats = revisited_features(embed, ds, s.revisited_imsize, progress)
+        else:
+            feats = revisited_features_ray_data(teacher, ds, s)
         cache_dir.mkdir(parents=True, exist_ok=True)
         tmp = f.with_name(f".{f.name}.tmp")
         with open(tmp, "wb") as fh:
@@ -378,6 +382,75 @@ def revisited_eval(teacher: Teacher, path: str, s: EvalSettings, cache_dir: Path
                source=str(ds.gnd_file), imsize=s.revisited_imsize,
                scales=[float(x) for x in s.revisited_scales])
     return res
+
+
+class RevisitedFn:
+    """``map_batches`` stage of the revisited features: rows ``{index, path, bbx, has_bbx}`` ->
+    ``{index, feature}`` (read, decode, crop, shrink, multi-scale descriptor; one image at a
+    time, as in process)."""
+
+    def __init__(self, weights: Any, model: dict, mean: list, std: list, scales: list,
+                 imsize: int, device: str = "cpu", threads: Optional[int] = None):
+        from massl_ray.evaluate.features import build_from_spec
+
+        if threads:
+            torch.set_num_threads(max(1, int(threads)))
+        if callable(weights):
+            weights = weights()
+        self.embed = MultiScaleFeatures(build_from_spec(model, weights), mean, std, scales, device)
+        self.imsize = imsize
+
+    def __call__(self, batch: dict) -> dict:
+        from massl_ray.evaluate.retrieval import prepare_image
+
+        out = []
+        for path, bbx, has in zip(batch["path"], batch["bbx"], batch["has_bbx"]):
+            with open(str(path), "rb") as f:
+                img = prepare_image(f.read(), self.imsize, list(bbx) if has else None)
+            out.append(self.embed(img).numpy())
+        return {"index": np.asarray(batch["index"]), "feature": np.stack(out)}
+
+
+def revisited_features_ray_data(teacher: Teacher, ds: Any, s: EvalSettings
+                                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(database, queries) features of a revisited data set by Ray Data batch inference. The
+    images are read by path in the actors (a filesystem every node sees, on a cluster)."""
+    import ray
+
+    rows = [{"index": i, "path": str(ds.image_path(n)), "bbx": [0.0] * 4, "has_bbx": False}
+            for i, n in enumerate(ds.imlist)]
+    for j, (n, g) in enumerate(zip(ds.qimlist, ds.gnd)):
+        b = g.get("bbx")
+        rows.append({"index": len(ds.imlist) + j, "path": str(ds.image_path(n)),
+                     "bbx": [float(x) for x in b] if b is not None else [0.0] * 4,
+                     "has_bbx": b is not None})
+    ctx = ray.data.DataContext.get_current()
+    saved = ctx.enable_progress_bars
+    ctx.enable_progress_bars = False
+    gpu = s.gpus_per_actor > 0
+    try:
+        weights_ref = ray.put(teacher.weights)
+        data = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), 8 * _actor_pool_size(s))))
+        data = data.map_batches(
+            RevisitedFn, fn_constructor_kwargs={
+                "weights": functools.partial(ray.get, weights_ref), "model": teacher.model_spec,
+                "mean": list(teacher.mean), "std": list(teacher.std),
+                "scales": [float(x) for x in s.revisited_scales], "imsize": s.revisited_imsize,
+                "device": "cuda" if gpu else "cpu", "threads": max(1, int(s.cpus_per_actor))},
+            batch_size=8, batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=_actor_pool_size(s)),
+            num_cpus=s.cpus_per_actor, num_gpus=s.gpus_per_actor if gpu else None)
+        feats = np.zeros((len(rows), teacher.backbone.embed_dim), dtype=np.float32)
+        seen = np.zeros(len(rows), dtype=bool)
+        for b in data.iter_batches(batch_size=None, batch_format="numpy"):
+            feats[b["index"]] = b["feature"]
+            seen[b["index"]] = True
+    finally:
+        ctx.enable_progress_bars = saved
+    if not seen.all():
+        raise RuntimeError(f"revisited batch inference returned {int(seen.sum())} of {len(rows)} images")
+    n = len(ds.imlist)
+    return torch.from_numpy(feats[:n]), torch.from_numpy(feats[n:])
 
 
 def evaluate_checkpoint(checkpoint: Union[str, os.PathLike], settings: EvalSettings,
