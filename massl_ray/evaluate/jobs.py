@@ -206,6 +206,29 @@ def features_in_process(teacher: Teacher, src: Source, size: int, limit: Optiona
     return extract_in_process(embed, src, size, limit, batch_rows=s.batch_size)
 
 
+def _views_to_features(ds, views_fn, s, teacher, weights_ref, blocks: int):
+    """The batch-inference stages every Ray evaluation path shares: encoded rows -> eval views
+    (Ray Data tasks of ``s.decode_cpus``) -> teacher features (an actor pool of
+    ``s.cpus_per_actor`` / ``s.gpus_per_actor``), the [CLS] of the last ``blocks`` blocks."""
+    import ray
+
+    # A Parquet file is often read as one block, decoded by one task on one CPU: cut it.
+    ds = ds.repartition(target_num_rows_per_block=4 * s.batch_size)
+    ds = ds.map_batches(views_fn, batch_size=s.batch_size, batch_format="numpy",
+                        num_cpus=s.decode_cpus, zero_copy_batch=True)
+    gpu = s.gpus_per_actor > 0
+    return ds.map_batches(
+        FeatureFn,
+        fn_constructor_kwargs={
+            "weights": functools.partial(ray.get, weights_ref), "model": teacher.model_spec,
+            "mean": list(teacher.mean), "std": list(teacher.std), "blocks": blocks,
+            "device": "cuda" if gpu else "cpu",
+            "threads": max(1, int(s.cpus_per_actor)), "batch_size": s.batch_size},
+        batch_size=s.batch_size, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=_actor_pool_size(s)),
+        num_cpus=s.cpus_per_actor, num_gpus=s.gpus_per_actor if gpu else None)
+
+
 def _actor_pool_size(s: EvalSettings) -> int:
     import ray
 
@@ -246,24 +269,9 @@ def features_ray_data(teacher: Teacher, jobs: list[tuple[Source, Optional[int]]]
         weights_ref = ray.put(teacher.weights)
         parts = [read_source(src, limit) for src, limit in jobs]
         ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-        # A Parquet file is often read as one block, decoded by one task on one CPU: cut it.
-        ds = ds.repartition(target_num_rows_per_block=4 * s.batch_size)
-        ds = ds.map_batches(
-            EvalViewsFn(size, first.image_column, first.label_column, first.classes),
-            batch_size=s.batch_size, batch_format="numpy", num_cpus=s.decode_cpus,
-            zero_copy_batch=True)
-        gpu = s.gpus_per_actor > 0
-        ds = ds.map_batches(
-            FeatureFn,
-            fn_constructor_kwargs={
-                "weights": functools.partial(ray.get, weights_ref),
-                "model": teacher.model_spec, "mean": list(teacher.mean), "std": list(teacher.std),
-                "blocks": s.linear_blocks,
-                "device": "cuda" if gpu else "cpu",
-                "threads": max(1, int(s.cpus_per_actor)), "batch_size": s.batch_size},
-            batch_size=s.batch_size, batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=_actor_pool_size(s)),
-            num_cpus=s.cpus_per_actor, num_gpus=s.gpus_per_actor if gpu else None)
+        ds = _views_to_features(
+            ds, EvalViewsFn(size, first.image_column, first.label_column, first.classes),
+            s, teacher, weights_ref, s.linear_blocks)
         feats, labels, ok = [], [], []
         for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
             feats.append(b["features"])
@@ -724,23 +732,11 @@ def _embed_ray_data(teacher: Teacher, src: Source, limit: Optional[int], size: i
     ctx.enable_progress_bars = False
     try:
         weights_ref = ray.put(teacher.weights)
-        ds = read_source(src, limit).repartition(target_num_rows_per_block=4 * s.batch_size)
-        ds = ds.map_batches(
+        ds = _views_to_features(
+            read_source(src, limit),
             EvalViewsFn(size, src.image_column, src.label_column, src.classes, with_ids=True,
                         require_labels=False),
-            batch_size=s.batch_size, batch_format="numpy", num_cpus=s.decode_cpus,
-            zero_copy_batch=True)
-        gpu = s.gpus_per_actor > 0
-        ds = ds.map_batches(
-            FeatureFn,
-            fn_constructor_kwargs={
-                "weights": functools.partial(ray.get, weights_ref), "model": teacher.model_spec,
-                "mean": list(teacher.mean), "std": list(teacher.std), "blocks": width,
-                "device": "cuda" if gpu else "cpu",
-                "threads": max(1, int(s.cpus_per_actor)), "batch_size": s.batch_size},
-            batch_size=s.batch_size, batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=_actor_pool_size(s)),
-            num_cpus=s.cpus_per_actor, num_gpus=s.gpus_per_actor if gpu else None)
+            s, teacher, weights_ref, width)
         start = 0
         for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
             n = len(b["ok"])
