@@ -48,13 +48,6 @@ def local_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def joins_existing_cluster() -> bool:
-    """True when :func:`init_ray` connects to a running cluster instead of starting one."""
-    import ray
-
-    return bool(os.environ.get("RAY_ADDRESS")) or ray.is_initialized()
-
-
 def planned_cluster_cpus() -> Optional[float]:
     """The CPUs of the Ray that :func:`init_ray` will start (None when it joins a cluster,
     whose size is only known after connecting)."""
