@@ -203,6 +203,44 @@ def _add_eval_parser(sub) -> None:
     e.set_defaults(fn=_eval)
 
 
+def _prepare(args: argparse.Namespace) -> int:
+    from massl_ray.data.prepare import PrepareOptions, prepare
+    from massl_ray.runtime import init_ray
+
+    opts = PrepareOptions(seed=args.seed, rows_per_shard=args.rows_per_shard,
+                          row_group_size=args.row_group_size, max_side=args.max_side,
+                          jpeg_quality=args.jpeg_quality, unit_rows=args.unit_rows,
+                          limit=args.limit, format=args.format, image_column=args.image_column,
+                          label_column=args.label_column or None).check()
+    if not args.local:
+        init_ray()
+    prepare(args.src, args.out, opts, local=args.local, task_cpus=args.task_cpus)
+    return 0
+
+
+def _add_prepare_parser(sub) -> None:
+    p = sub.add_parser("prepare", help="an image folder, Parquet or object-store prefix -> shuffled, "
+                                       "validated Parquet shards + manifest.json (resumable)")
+    p.add_argument("src", help="image folder (class sub-folders or flat), Parquet file/folder, "
+                               "or an s3:// / gs:// prefix of either")
+    p.add_argument("out", help="output directory (part-*.parquet, manifest.json, skipped.json); "
+                               "rerun the same command to resume")
+    p.add_argument("--seed", type=int, default=0, help="seed of the shuffle (default 0)")
+    p.add_argument("--rows-per-shard", type=int, default=5000, help="rows per Parquet file")
+    p.add_argument("--row-group-size", type=int, default=1000, help="rows per row group")
+    p.add_argument("--max-side", type=int, default=None,
+                   help="downscale images whose short side exceeds N px to N (re-encoded JPEG)")
+    p.add_argument("--jpeg-quality", type=int, default=90, help="quality of re-encoded images")
+    p.add_argument("--unit-rows", type=int, default=1000, help="image files per validate task")
+    p.add_argument("--limit", type=int, default=None, help="only the first N source rows")
+    p.add_argument("--format", default="auto", help="auto|parquet|folder")
+    p.add_argument("--image-column", default="image", help="Parquet source image column")
+    p.add_argument("--label-column", default="label", help="Parquet source label column ('' none)")
+    p.add_argument("--task-cpus", type=float, default=1.0, help="CPUs per Ray task")
+    p.add_argument("--local", action="store_true", help="in this process, without Ray")
+    p.set_defaults(fn=_prepare)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m massl_ray", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -219,6 +257,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     c.set_defaults(fn=_show_config)
     _add_eval_parser(sub)
     _add_embed_parser(sub)
+    _add_prepare_parser(sub)
     x = sub.add_parser("export", help="write the teacher backbone as timm-loadable safetensors")
     x.add_argument("--checkpoint", required=True, help="a checkpoint directory or a run directory")
     x.add_argument("--out", required=True, help="output .safetensors file (+ .json next to it)")
