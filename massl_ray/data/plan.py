@@ -1,7 +1,7 @@
 """A two-level, world-size-independent epoch plan that reads each row group once. Ray-free.
 
-Not yet used by training (``data.order=exact`` still uses :mod:`massl_ray.data.order`); this is
-the planning layer that a read-once data path will run on.
+The planning layer of the exact data order: :mod:`massl_ray.data.groups` reads and decodes by
+it (in-process for the local mode), :mod:`massl_ray.data.feed` runs it on Ray.
 
 The plan of one epoch, a pure function of (row-group sizes, window size, seed, epoch):
 
@@ -47,8 +47,10 @@ import numpy as np
 # docs/performance.md "Data plan at ImageNet scale (simulated)"); data written in shuffled
 # order mixes fully with any window.
 DEFAULT_WINDOW_GROUPS = 128
-# Rows per decode task of :meth:`EpochPlan.task_plan` when none is given.
-DEFAULT_DECODE_ROWS = 1024
+# Rows per decode task (data.decode_rows). A task's crops sit in the object store until the
+# ranks take them, and a task's latency is its rows' decode time: 256 ImageNet rows (2 x 224 +
+# 10 x 96 crops, ~577 KB each) are ~148 MB and a few seconds of one core.
+DEFAULT_DECODE_ROWS = 256
 _TAG = 0x5EED_91A7  # separates this plan's generators from other uses of (seed, epoch)
 
 
@@ -67,11 +69,14 @@ class ReadTask:
 
 @dataclass(frozen=True)
 class DecodeTask:
-    """Decode the global positions ``start .. stop-1`` (within one window). ``pieces`` are the
-    (step, rank, lo, hi) slices of it that go to each rank's batch (positions lo .. hi-1)."""
-    window: int
+    """Decode the global positions ``start .. stop-1`` of the epoch as ``units``: (step, j, lo,
+    hi), unit ``j`` of global step ``step`` covering positions lo .. hi-1, decoded as one batch
+    with crops drawn from a generator keyed by (seed, epoch, step, j). Units never cross a step
+    and do not depend on the world size, so neither do the crops. ``pieces`` are the
+    (step, rank, lo, hi) slices of the task's output that go to each rank's batch, in order."""
     start: int
     stop: int
+    units: tuple
     pieces: tuple
 
 
@@ -104,11 +109,13 @@ class EpochPlan:
 
     ``window_groups``: row groups per window (default :data:`DEFAULT_WINDOW_GROUPS`; at least
     1; ``>= len(group_sizes)`` makes one window, a full shuffle of rows read once each).
-    ``cache_windows``: windows' permutations kept for queries.
+    ``cache_windows``: windows' permutations kept for queries. ``shuffle=False``: storage
+    order (no permutation at either level).
     """
 
     def __init__(self, group_sizes: Sequence[int], seed: int, epoch: int,
-                 window_groups: Optional[int] = None, cache_windows: int = 2):
+                 window_groups: Optional[int] = None, cache_windows: int = 2,
+                 shuffle: bool = True):
         sizes = np.asarray(group_sizes, dtype=np.int64)
         if sizes.ndim != 1 or len(sizes) == 0 or (sizes < 0).any():
             raise ValueError("group_sizes must be a non-empty list of non-negative row counts")
@@ -119,8 +126,9 @@ class EpochPlan:
         self.group_sizes = sizes
         self.group_starts = np.concatenate([[0], np.cumsum(sizes)])  # storage row offsets
         self.n = int(self.group_starts[-1])
+        self.shuffle = bool(shuffle)
         rng = np.random.default_rng([self.seed, self.epoch, _TAG])
-        perm = rng.permutation(len(sizes))
+        perm = rng.permutation(len(sizes)) if self.shuffle else np.arange(len(sizes))
         # Window w holds perm[w*k:(w+1)*k], kept sorted (storage order: a sequential read).
         self._win_groups = [np.sort(perm[i:i + k]) for i in range(0, len(perm), k)]
         wsizes = np.asarray([sizes[g].sum() for g in self._win_groups], dtype=np.int64)
@@ -153,8 +161,9 @@ class EpochPlan:
         groups = self._win_groups[w]
         rows = np.concatenate([np.arange(self.group_starts[g], self.group_starts[g + 1])
                                for g in groups]) if len(groups) else np.zeros(0, np.int64)
-        rng = np.random.default_rng([self.seed, self.epoch, _TAG, w + 1])
-        rows = rows[rng.permutation(len(rows))]
+        if self.shuffle:
+            rng = np.random.default_rng([self.seed, self.epoch, _TAG, w + 1])
+            rows = rows[rng.permutation(len(rows))]
         self._cache[w] = rows
         while len(self._cache) > self._cache_windows:
             self._cache.popitem(last=False)
@@ -240,27 +249,56 @@ class EpochPlan:
     def task_plan(self, batch: int, world: int, from_step: int = 0,
                   decode_rows: int = DEFAULT_DECODE_ROWS) -> TaskPlan:
         """Read and decode tasks of the epoch from global step ``from_step`` on: one read task
-        per window, decode tasks of at most ``decode_rows`` consecutive positions within one
-        window, each split into the pieces that go to each (step, rank)."""
-        b = _rank_slice(0, 0, world, batch)[1]
-        _positive(decode_rows, "decode_rows")
-        spe = self.steps_per_epoch(batch)
-        read = self.read_tasks(from_step, batch)
-        decode, end = [], spe * batch
-        for t in read:
-            p = max(t.start + t.skip, from_step * batch)
-            stop = min(t.stop, end)
-            while p < stop:
-                q = min(stop, p + decode_rows)
-                pieces, x = [], p
-                while x < q:
-                    y = min(q, (x // b + 1) * b)  # up to the next rank-slice boundary
-                    s, r = divmod(x // b, world)
-                    pieces.append((s, r, x, y))
+        per window (each row group of it read once), and decode tasks of at most
+        ``decode_rows`` positions (:func:`decode_tasks`)."""
+        return TaskPlan(read=self.read_tasks(from_step, batch),
+                        decode=decode_tasks(self.steps_per_epoch(batch), batch, world, from_step,
+                                            decode_rows=decode_rows))
+
+
+def decode_units(step: int, batch: int, decode_rows: int) -> list[tuple[int, int, int, int]]:
+    """The units (step, j, lo, hi) of global step ``step``: the step's positions cut into
+    pieces of ``decode_rows`` (the whole step when it is smaller)."""
+    u = _positive(decode_rows, "decode_rows")
+    lo0 = step * batch
+    return [(step, j, lo0 + a, lo0 + min(a + u, batch))
+            for j, a in enumerate(range(0, batch, u))]
+
+
+def decode_tasks(steps: int, batch: int, world: int, from_step: int = 0,
+                 to_step: Optional[int] = None,
+                 decode_rows: int = DEFAULT_DECODE_ROWS) -> list[DecodeTask]:
+    """Decode tasks for global steps ``from_step .. to_step-1`` (of an epoch of ``steps``):
+    a step of more than ``decode_rows`` positions is cut into units of ``decode_rows``, one
+    task each; smaller steps are grouped ``decode_rows // batch`` to a task, the groups aligned
+    to the epoch's start (a resume's first task is the rest of its group). Each task's output
+    is split into the (step, rank) pieces of the rank slices of ``world`` (which must divide
+    ``batch``)."""
+    b = _rank_slice(0, 0, world, batch)[1]
+    u = _positive(decode_rows, "decode_rows")
+    stop = steps if to_step is None else min(steps, to_step)
+    per = max(1, u // batch)  # whole steps per task (1 when a step is cut into units)
+    out = []
+    s = from_step
+    while s < stop:
+        group_end = min(stop, (s // per + 1) * per)
+        if batch > u:
+            units_of = [[un] for un in decode_units(s, batch, u)]
+            group_end = s + 1
+        else:
+            units_of = [[decode_units(t, batch, u)[0] for t in range(s, group_end)]]
+        for units in units_of:
+            pieces = []
+            for (st, _, lo, hi) in units:
+                x = lo
+                while x < hi:
+                    y = min(hi, (x // b + 1) * b)  # up to the next rank-slice boundary
+                    pieces.append((st, (x - st * batch) // b, x, y))
                     x = y
-                decode.append(DecodeTask(window=t.window, start=p, stop=q, pieces=tuple(pieces)))
-                p = q
-        return TaskPlan(read=read, decode=decode)
+            out.append(DecodeTask(start=units[0][2], stop=units[-1][3], units=tuple(units),
+                                  pieces=tuple(pieces)))
+        s = group_end
+    return out
 
 
 def _positive(x: int, what: str) -> int:

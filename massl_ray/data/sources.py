@@ -36,6 +36,8 @@ class Source:
     label_column: Optional[str] = None  # None: unlabeled
     classes: Optional[list[str]] = None  # folder sources with class sub-folders
     rows_per_file: list[int] = field(default_factory=list)
+    # Parquet: the row counts of each file's row groups (from the footers read at opening).
+    row_groups: list[list[int]] = field(default_factory=list)
 
     @property
     def labeled(self) -> bool:
@@ -102,13 +104,15 @@ def open_source(uri: Optional[str], fmt: str = "auto", image_column: str = "imag
 
 
 def _open_parquet(uri, fs, files, image_column, label_column, what) -> Source:
-    rows, label_ok = [], label_column is not None
+    rows, groups, label_ok = [], [], label_column is not None
     for f in files:
         try:
             with fs.open_input_file(f) as fh:
                 meta = pq.ParquetFile(fh)
                 schema = meta.schema_arrow
                 n = meta.metadata.num_rows
+                groups.append([meta.metadata.row_group(i).num_rows
+                               for i in range(meta.metadata.num_row_groups)])
         except (pa.ArrowInvalid, OSError) as e:
             raise DataSourceError(f"{what}: Parquet file {f!r} is unreadable (truncated or not Parquet): {e}") from None
         if image_column not in schema.names:
@@ -122,7 +126,7 @@ def _open_parquet(uri, fs, files, image_column, label_column, what) -> Source:
             label_ok = False
         rows.append(n)
     return Source("parquet", uri, fs, files, int(sum(rows)), image_column,
-                  label_column if label_ok else None, None, rows)
+                  label_column if label_ok else None, None, rows, groups)
 
 
 def _open_folder(uri, fs, root, images) -> Source:
