@@ -147,8 +147,23 @@ class RunConfig:
     placement_strategy: str = "PACK"
     log_every_steps: int = 10
     checkpoint_every_steps: int = 500
+    # Also checkpoint when this many minutes have passed since the last checkpoint (0 = off).
+    # Rank 0's clock decides, at the control points below, so every rank checkpoints at the
+    # same step.
+    checkpoint_every_minutes: float = 0.0
+    # Checkpoint upload to run.storage_path: async (Ray Train uploads in a background thread;
+    # the loop only waits for the local write) or sync (the loop waits for the upload).
+    checkpoint_upload: str = "async"
     num_checkpoints_to_keep: int = 2
     max_failures: int = 0
+    # Restarts after a node preemption (Ray Train's FailureConfig.max_preemption_failures),
+    # counted apart from run.max_failures (-1 = retry forever, the spot-instance setting).
+    max_preemption_failures: int = -1
+    # Control points: about every this many seconds (rank 0's measured step time turned into
+    # a step count that every rank follows) all ranks poll Ray Train's preemption notice (a
+    # barrier) and agree on whether a time-based checkpoint is due. A notice makes the next
+    # step a checkpoint. 0 = never poll for preemptions.
+    preemption_check_seconds: float = 5.0
     resume: str = "auto"  # auto | never | <path to a checkpoint directory>
     # Stop after this many global steps (null: the full schedule). The schedules still span
     # the full run, so a stopped run can be resumed to its end.
@@ -370,6 +385,14 @@ class Config:
         need(r.checkpoint_every_steps > 0, "run.checkpoint_every_steps must be positive")
         need(r.num_checkpoints_to_keep > 0, "run.num_checkpoints_to_keep must be positive")
         need(r.max_failures >= -1, "run.max_failures must be >= -1 (-1 = retry forever)")
+        need(r.max_preemption_failures >= -1,
+             "run.max_preemption_failures must be >= -1 (-1 = retry forever)")
+        need(r.checkpoint_every_minutes >= 0,
+             "run.checkpoint_every_minutes must be >= 0 (0 = step interval only)")
+        need(r.preemption_check_seconds >= 0,
+             "run.preemption_check_seconds must be >= 0 (0 = never poll)")
+        need(r.checkpoint_upload in ("async", "sync"),
+             f"run.checkpoint_upload ({r.checkpoint_upload!r}) must be async or sync")
         need(r.max_steps is None or r.max_steps > 0, "run.max_steps must be positive or null")
         need(r.knn_k > 0, "run.knn_k must be positive")
         need(r.online_knn_every_steps >= 0, "run.online_knn_every_steps must be >= 0 (0 = off)")

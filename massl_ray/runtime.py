@@ -60,6 +60,23 @@ def planned_cluster_cpus() -> Optional[float]:
     return float(local_cpus())
 
 
+def cluster_capacity() -> tuple[dict, Optional[dict]]:
+    """The connected cluster's resources now, and the most it can grow to: from its
+    autoscaler's configuration (the node types' ``max_workers`` x their resources, as Ray
+    Train's own start-up check reads it), or None when it has no autoscaler."""
+    import ray
+
+    now = dict(ray.cluster_resources())
+    try:
+        from ray._private.state import state
+
+        most = state.get_max_resources_from_cluster_config()
+    except Exception as e:  # noqa: BLE001 - a private API: without it, assume no autoscaler
+        log.debug("no autoscaler configuration readable: %s", e)
+        most = None
+    return now, (dict(most) if most else None)
+
+
 def _job_working_dir() -> Optional[str]:
     """The working_dir of the submitted job this driver runs in, if any."""
     raw = os.environ.get(_JOB_CONFIG_ENV)

@@ -29,7 +29,7 @@ RAY_FREE = [
     "massl_ray.data.views", "massl_ray.data.order",
     "massl_ray.evaluate.features", "massl_ray.evaluate.knn", "massl_ray.evaluate.probe",
     "massl_ray.evaluate.online", "massl_ray.evaluate.export",
-    "massl_ray.train.loop",
+    "massl_ray.train.loop", "massl_ray.train.log_sync",
 ]
 
 # Rooms in import order: a module may import its own room and earlier ones only.

@@ -166,16 +166,47 @@ def build_step_dataset(cfg: Config, src: Source, rank: int, start_step: int, num
     return ds
 
 
-def check_resources(cfg: Config, cluster_cpus: float) -> None:
-    """Refuse a CPU split that would leave Ray Data no CPU (a silent deadlock otherwise)."""
+def check_resources(cfg: Config, cluster_cpus: float, max_cpus: Optional[float] = None,
+                    cluster_gpus: Optional[float] = None,
+                    max_gpus: Optional[float] = None) -> Optional[str]:
+    """Refuse only what can never run: a CPU split that would leave Ray Data no CPU (a silent
+    deadlock otherwise), or more GPUs than the cluster can ever have. ``max_*``: the most the
+    cluster can grow to (its autoscaler's configuration); None: it cannot grow, its size now
+    is its maximum. Returns None when the run fits the cluster now, else a message saying
+    what it waits for (an autoscaling cluster adds the nodes; Ray Train waits for them)."""
     r = cfg.run
     train_cpus = max(1, r.num_workers) * r.cpus_per_worker
     # Decode tasks need data.decode_cpus; Ray Data's read and shuffle tasks need a whole CPU.
     data_cpus = max(1.0, cfg.data.decode_cpus)
-    if train_cpus + data_cpus > cluster_cpus + 1e-9:
+    most = cluster_cpus if max_cpus is None else max(max_cpus, cluster_cpus)
+    grows = max_cpus is not None and most > cluster_cpus
+    if train_cpus + data_cpus > most + 1e-9:
+        has = (f"the cluster can grow to at most {most:g} CPUs (it has {cluster_cpus:g} now)"
+               if grows else f"the cluster has {cluster_cpus:g} CPUs")
         raise ConfigError(
             f"the train workers reserve {train_cpus:g} CPUs ({max(1, r.num_workers)} x "
             f"run.cpus_per_worker={r.cpus_per_worker:g}) and Ray Data needs {data_cpus:g} more "
             f"(its read and shuffle tasks take 1 CPU each, a decode task "
-            f"data.decode_cpus={cfg.data.decode_cpus:g}), but the cluster has {cluster_cpus:g} "
-            f"CPUs: lower run.cpus_per_worker or data.decode_cpus, or add CPUs")
+            f"data.decode_cpus={cfg.data.decode_cpus:g}), but {has}: lower "
+            f"run.cpus_per_worker or data.decode_cpus, or add CPUs")
+    waits = []
+    if train_cpus + data_cpus > cluster_cpus + 1e-9:
+        waits.append(f"{train_cpus + data_cpus:g} CPUs (the cluster has {cluster_cpus:g} now, "
+                     f"at most {most:g})")
+    if r.use_gpu and cluster_gpus is not None:
+        need_gpus = max(1, r.num_workers) * r.gpus_per_worker
+        most_gpus = cluster_gpus if max_gpus is None else max(max_gpus, cluster_gpus)
+        if need_gpus > most_gpus + 1e-9:
+            raise ConfigError(
+                f"the train workers need {need_gpus:g} GPUs ({max(1, r.num_workers)} x "
+                f"run.gpus_per_worker={r.gpus_per_worker:g}) but the cluster "
+                + (f"can grow to at most {most_gpus:g}" if most_gpus > cluster_gpus
+                   else f"has {cluster_gpus:g}")
+                + ": lower run.num_workers or run.gpus_per_worker, or add GPU nodes")
+        if need_gpus > cluster_gpus + 1e-9:
+            waits.append(f"{need_gpus:g} GPUs (the cluster has {cluster_gpus:g} now, at most "
+                         f"{most_gpus:g})")
+    if not waits:
+        return None
+    return ("the run waits for nodes: it needs " + " and ".join(waits)
+            + "; the autoscaler adds them, and training starts once the workers fit")

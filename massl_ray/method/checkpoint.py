@@ -8,6 +8,7 @@ valid ``meta.json`` or whose checksum fails is incomplete and is never loaded. R
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import json
 import os
@@ -23,6 +24,10 @@ CHECKPOINT_PREFIX = "checkpoint_"  # a run's checkpoint directories: <run dir>/c
 
 log = logging.getLogger("massl_ray")
 
+# Bytes of checkpoint files (state.pt) this process has read: for hashing or loading. A
+# restart costs one checkpoint read on rank 0 and none elsewhere (benchmarks/restart.py).
+READ_BYTES = {"state": 0}
+
 
 class CheckpointError(RuntimeError):
     """A checkpoint directory that is missing, incomplete or corrupt."""
@@ -33,6 +38,8 @@ def _sha256(path: Path) -> str:
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
+            if path.name == STATE_FILE:
+                READ_BYTES["state"] += len(chunk)
     return h.hexdigest()
 
 
@@ -55,12 +62,16 @@ def save_checkpoint(state: dict, directory: str | os.PathLike) -> Path:
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     state_path = d / STATE_FILE
-    _atomic_write_bytes(state_path, lambda f: torch.save(state, f))
+    # Serialised once in memory: hashed there and written, never read back from the disk.
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    data = buf.getbuffer()
+    _atomic_write_bytes(state_path, lambda f: f.write(data))
     meta = {
         "format": state.get("format"),
         "global_step": int(state["global_step"]),
-        "sha256": _sha256(state_path),
-        "bytes": state_path.stat().st_size,
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "bytes": len(data),
         "config": state.get("config"),
     }
     _atomic_write_bytes(d / META_FILE, lambda f: f.write(json.dumps(meta, indent=1).encode()))
@@ -92,14 +103,33 @@ def verify_checkpoint(directory: str | os.PathLike) -> dict:
     return meta
 
 
+def _read_state_bytes(path: Path) -> bytes:
+    data = path.read_bytes()
+    READ_BYTES["state"] += len(data)
+    return data
+
+
 def load_checkpoint(directory: str | os.PathLike, map_location="cpu") -> dict:
-    """Verify, then load with ``weights_only=True`` (never unpickles arbitrary objects)."""
+    """Verify, then load with ``weights_only=True`` (never unpickles arbitrary objects).
+
+    One read of ``state.pt``: the bytes read once are checked (size, sha256) and then
+    unpickled from memory, so a restart reads each checkpoint once, not once to hash and
+    again to load."""
     d = Path(directory)
     if not d.is_dir():
         raise CheckpointError(f"checkpoint {d} does not exist")
-    verify_checkpoint(d)
+    meta = read_meta(d)
+    state_path = d / STATE_FILE
+    if not state_path.is_file():
+        raise CheckpointError(f"checkpoint {d} has no {STATE_FILE}")
+    if state_path.stat().st_size != meta.get("bytes"):
+        raise CheckpointError(f"checkpoint {d}: {STATE_FILE} is truncated "
+                              f"({state_path.stat().st_size} of {meta.get('bytes')} bytes)")
+    data = _read_state_bytes(state_path)
+    if len(data) != meta.get("bytes") or hashlib.sha256(data).hexdigest() != meta.get("sha256"):
+        raise CheckpointError(f"checkpoint {d}: {STATE_FILE} fails its sha256 check (corrupt)")
     try:
-        return torch.load(d / STATE_FILE, map_location=map_location, weights_only=True)
+        return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure is a corrupt checkpoint
         raise CheckpointError(f"checkpoint {d}: {STATE_FILE} cannot be loaded: {e}") from e
 
@@ -139,3 +169,33 @@ def latest_valid_checkpoint(run_dir: Path) -> Optional[Path]:
             except CheckpointError as e:
                 log.warning("skipping broken checkpoint: %s", e)
     return found
+
+
+def load_latest_valid_checkpoint(run_dir: Path, newer_than: Optional[Path] = None,
+                                 map_location="cpu") -> tuple[Optional[Path], Optional[dict]]:
+    """The newest complete checkpoint of ``run_dir`` and its state, verified while loaded: one
+    read of the winner (:func:`latest_valid_checkpoint` then :func:`load_checkpoint` would read
+    it twice). ``newer_than``: another candidate (e.g. the driver's ``run.resume`` path), taken
+    when its step is at least that of every checkpoint here. Warns on each broken checkpoint it
+    skips, like :func:`latest_valid_checkpoint`."""
+    candidates = list_checkpoints(run_dir)
+    if newer_than is not None:
+        try:
+            step = int(read_meta(newer_than)["global_step"])
+        except (CheckpointError, KeyError, ValueError, TypeError):
+            step = -1
+        steps = []
+        for d in candidates:
+            try:
+                steps.append(int(read_meta(d)["global_step"]))
+            except (CheckpointError, KeyError, ValueError, TypeError):
+                steps.append(-1)
+        at = next((i for i, s in enumerate(steps) if s <= step), len(candidates))
+        candidates.insert(at, Path(newer_than))
+    for d in candidates:
+        try:
+            read_meta(d)
+            return d, load_checkpoint(d, map_location)
+        except CheckpointError as e:
+            log.warning("skipping broken checkpoint: %s", e)
+    return None, None

@@ -60,6 +60,81 @@ class LoopContext(abc.ABC):
     def wrap_model(self, model: torch.nn.Module) -> torch.nn.Module:
         return model
 
+    def preemption_notice(self) -> Optional[object]:
+        """A notice that a node of this run is being preempted, or None. Collective: every
+        rank calls it at the same steps (the control points). In one process: never."""
+        return None
+
+    def agree(self, values: list[int]) -> list[int]:
+        """Rank 0's ``values`` on every rank (a broadcast). In one process: ``values``."""
+        return values
+
+
+class ControlPoints:
+    """When the ranks poll for a preemption notice and agree on a time-based checkpoint.
+
+    A control point is a global step at which every rank, before running that step, calls
+    :meth:`LoopContext.preemption_notice` (a barrier, when polling is on) and then takes rank
+    0's decisions through :meth:`LoopContext.agree`: the step of the next control point (rank
+    0's measured seconds per step turned into about ``every_s`` seconds of steps, at least 1,
+    at most ``max_gap``) and whether ``checkpoint_every_s`` has passed since the last
+    checkpoint on rank 0's clock. Every rank therefore polls equally often, and all
+    checkpoint at the same step; between control points a step costs one integer compare.
+    """
+
+    def __init__(self, start_step: int, every_s: float, poll: bool, checkpoint_every_s: float,
+                 max_gap: int = 1000, clock: Callable[[], float] = time.monotonic):
+        self.every_s = every_s
+        self.poll = poll
+        self.checkpoint_every_s = checkpoint_every_s
+        self.max_gap = max_gap
+        self.clock = clock
+        self.enabled = poll or checkpoint_every_s > 0
+        self.next_step = start_step if self.enabled else None
+        self._mark = (start_step, clock())  # rank 0: the previous control point
+        self._last_checkpoint = clock()  # rank 0: the last checkpoint (or the start)
+        self._handled = None  # the last notice a checkpoint was saved for
+        self.polls = 0
+
+    @classmethod
+    def from_config(cls, cfg: Config, start_step: int, **kw) -> "ControlPoints":
+        r = cfg.run
+        every = r.preemption_check_seconds if r.preemption_check_seconds > 0 else 60.0
+        if r.checkpoint_every_minutes > 0:
+            every = min(every, max(1.0, r.checkpoint_every_minutes * 60 / 10))
+        return cls(start_step, every, r.preemption_check_seconds > 0,
+                   r.checkpoint_every_minutes * 60, **kw)
+
+    def due(self, step: int) -> bool:
+        return self.next_step is not None and step >= self.next_step
+
+    def decide(self, step: int, ctx: "LoopContext") -> Optional[str]:
+        """At a control point (every rank): ``"preemption"`` or ``"time"`` when this step must
+        checkpoint, else None."""
+        notice = None
+        if self.poll:
+            notice = ctx.preemption_notice()
+            self.polls += 1
+        now = self.clock()
+        s0, t0 = self._mark
+        per_step = (now - t0) / (step - s0) if step > s0 else None
+        gap = 1 if per_step is None else int(self.every_s / max(per_step, 1e-9))
+        gap = max(1, min(self.max_gap, gap))
+        time_due = int(self.checkpoint_every_s > 0
+                       and now - self._last_checkpoint >= self.checkpoint_every_s)
+        gap, time_due = ctx.agree([gap, time_due])
+        self._mark = (step, now)
+        self.next_step = step + int(gap)
+        if notice is not None and notice != self._handled:
+            self._handled = notice
+            log.warning("rank %d: preemption notice (%s): checkpoint at global step %d",
+                        ctx.rank, notice, step + 1)
+            return "preemption"
+        return "time" if time_due else None
+
+    def checkpointed(self) -> None:
+        self._last_checkpoint = self.clock()
+
 
 def format_eta(seconds: float) -> str:
     if not math.isfinite(seconds):
@@ -94,6 +169,10 @@ class MetricsSink:
                 if k != "step" and isinstance(v, (int, float)):
                     self.tb.add_scalar(f"train/{k}", v, step)
 
+    def flush(self) -> None:
+        if self.tb:
+            self.tb.flush()
+
     def close(self) -> None:
         if self.jsonl:
             self.jsonl.close()
@@ -126,6 +205,8 @@ def run_loop(cfg: Config, ctx: LoopContext, monitor: Optional[Monitor] = None) -
     window_t0, window_wait, window_steps = time.perf_counter(), 0.0, 0
     run_t0, start_step = time.perf_counter(), learner.global_step
     fail_at = cfg.run.fault_injection_step
+    control = ControlPoints.from_config(cfg, learner.global_step)
+    ckpt_log = (ctx.run_dir / "checkpoints.jsonl") if ctx.rank == 0 and ctx.run_dir else None
     try:
         # Data passes started early: the steps per epoch are counted from the rows, so an epoch
         # with undecodable rows runs out of batches before its last steps; those steps then
@@ -149,8 +230,13 @@ def run_loop(cfg: Config, ctx: LoopContext, monitor: Optional[Monitor] = None) -
                                         "step %d", step)
                             os.kill(os.getpid(), signal.SIGKILL)
                         raise InjectedFailure(f"injected failure at global step {step}")
+                reason = control.decide(step, ctx) if control.due(step) else None
+                if step + 1 == stop:
+                    reason = "final"
+                elif (step + 1) % cfg.run.checkpoint_every_steps == 0:
+                    reason = "interval"
+                ckpt_now = reason is not None
                 log_now = (step + 1) % cfg.run.log_every_steps == 0 or step + 1 == stop
-                ckpt_now = (step + 1) % cfg.run.checkpoint_every_steps == 0 or step + 1 == stop
                 # The finite check is collective (all ranks agree, see Learner._check_finite):
                 # on CPU every step, elsewhere at every logged or checkpointed step - the same
                 # steps on every rank, so no non-finite state is ever reported or saved.
@@ -182,7 +268,15 @@ def run_loop(cfg: Config, ctx: LoopContext, monitor: Optional[Monitor] = None) -
                             100 * m["data_wait_share"], m["teacher_entropy"],
                             m["teacher_entropy_max"], m["distinct_argmax_slots"], format_eta(eta))
                         sink.write(m)
-                    ctx.report(m, learner.state_dict() if ckpt_now else None)
+                    if ckpt_now:
+                        sink.flush()
+                        t_ckpt = time.perf_counter()
+                        ctx.report(m, learner.state_dict())
+                        _record_checkpoint(ckpt_log, learner.global_step, reason,
+                                           time.perf_counter() - t_ckpt)
+                        control.checkpointed()
+                    else:
+                        ctx.report(m, None)
                     last = m
                     window_t0, window_wait, window_steps = time.perf_counter(), 0.0, 0
                 if learner.global_step >= stop or ran >= spe - pos:
@@ -201,6 +295,17 @@ def run_loop(cfg: Config, ctx: LoopContext, monitor: Optional[Monitor] = None) -
     finally:
         sink.close()
     return last
+
+
+def _record_checkpoint(path: Optional[Path], step: int, reason: str, stall_s: float) -> None:
+    """Rank 0: one line per checkpoint in ``<run dir>/checkpoints.jsonl``: its step, why it was
+    taken (interval, time, preemption, final) and how long the loop stood still for it (the
+    local write, plus the upload when run.checkpoint_upload=sync)."""
+    if path is None:
+        return
+    with open(path, "a") as f:
+        f.write(json.dumps({"step": step, "reason": reason, "stall_s": round(stall_s, 6),
+                            "time": time.time()}) + "\n")
 
 
 # ---- local (in-process) mode ---------------------------------------------------------------

@@ -18,18 +18,20 @@ from typing import Iterator, Optional
 import ray
 import torch
 
-from massl_ray.method.checkpoint import (CheckpointError, load_checkpoint, read_meta, save_checkpoint,
+from massl_ray.method.checkpoint import (CheckpointError, load_checkpoint, save_checkpoint,
                          verify_checkpoint)
 from massl_ray.config import Config, ConfigError, config_from_dict, dump_config
-from massl_ray.method.distributed import all_gather_cat
+from massl_ray.method.distributed import all_gather_cat, broadcast_state
 from massl_ray.method.learner import NonFiniteLoss
 from massl_ray.method.memory import memory_checksum
 from massl_ray.evaluate.online import OnlineKnn, knn_vs_random_init
-from massl_ray.method.checkpoint import latest_valid_checkpoint, list_checkpoints
+from massl_ray.method.checkpoint import (READ_BYTES, latest_valid_checkpoint, list_checkpoints,
+                                        load_latest_valid_checkpoint)
 from massl_ray.train.loop import LocalLoopContext, LoopContext, run_loop
+from massl_ray.train.log_sync import DRIVER_FILES, WORKER_FILES, log_sync_for
 from massl_ray.data.sources import DataSourceError, Source, open_source
 from massl_ray.data.views import DecodeReport
-from massl_ray.runtime import init_ray, planned_cluster_cpus, train_log_level
+from massl_ray.runtime import cluster_capacity, init_ray, planned_cluster_cpus, train_log_level
 
 log = logging.getLogger("massl_ray")
 
@@ -176,6 +178,9 @@ SEGMENT_STEPS = 1024
 
 
 class RayLoopContext(LoopContext):
+    # rank 0 with an object-store storage path: copies its logs there (massl_ray.train.log_sync)
+    log_sync = None
+
     def __init__(self, cfg: Config, run_dir: Path, resume_from: Optional[str] = None,
                  src: Optional[Source] = None, reporter=None):
         import ray.train.torch as rtt
@@ -247,27 +252,74 @@ class RayLoopContext(LoopContext):
             g += n
 
     def latest_state(self) -> Optional[dict]:
+        """The state to resume from, read once for the whole worker group: rank 0 resolves,
+        verifies and reads the checkpoint (one read of state.pt, see
+        :func:`~massl_ray.method.checkpoint.load_checkpoint`); the other ranks receive it over
+        the process group and read nothing from storage. Each rank appends what it read to
+        ``<run dir>/workers/restores.jsonl``."""
+        before, t0 = READ_BYTES["state"], time.perf_counter()
+        state, where = self._read_latest_state() if self.rank == 0 else (None, None)
+        state = broadcast_state(state, src=0, device=self._collective_device())
+        if state is not None or self.rank == 0:
+            rec = {"rank": self.rank, "world_size": self.world_size, "from": where,
+                   "step": None if state is None else int(state["global_step"]),
+                   "bytes_read": READ_BYTES["state"] - before,
+                   "seconds": round(time.perf_counter() - t0, 3), "time": time.time()}
+            d = self.run_dir / "workers"
+            d.mkdir(parents=True, exist_ok=True)
+            with open(d / "restores.jsonl", "a") as f:
+                f.write(json.dumps(rec) + "\n")
+        return state
+
+    def _read_latest_state(self) -> tuple[Optional[dict], Optional[str]]:
         if "://" not in self.cfg.run.storage_path:
             # Local storage: every checkpoint of this run is in the run directory, registered
             # by Ray Train or not yet (ray.train.report persists it before the controller
             # registers it, and a worker can die in between). The newest valid one wins; a
             # broken one is skipped with a warning. The driver's run.resume path wins if newer.
-            found = latest_valid_checkpoint(self.run_dir)
-            if self.resume_from and (found is None
-                                     or _step_of(self.resume_from) >= _step_of(found)):
-                found = self.resume_from
-            return load_checkpoint(found) if found else None
+            found, state = load_latest_valid_checkpoint(
+                self.run_dir, Path(self.resume_from) if self.resume_from else None)
+            return state, str(found) if found else None
         # Object storage: the checkpoint registered by this fit() (a restart after a failure),
         # otherwise the driver's choice from run.resume (a driver restart of the same run).
         ckpt = ray.train.get_checkpoint()
         if ckpt is not None:
             with ckpt.as_directory() as d:
-                return load_checkpoint(d)
-        return load_checkpoint(self.resume_from) if self.resume_from else None
+                return load_checkpoint(d), str(ckpt.path)
+        if self.resume_from:
+            return load_checkpoint(self.resume_from), str(self.resume_from)
+        return None, None
+
+    def _collective_device(self) -> torch.device:
+        """Where tensors travel over the process group: CUDA under NCCL, else the CPU."""
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
+            return self.device
+        return torch.device("cpu")
+
+    def preemption_notice(self):
+        return ray.train.get_preemption_info()
+
+    def agree(self, values: list[int]) -> list[int]:
+        if self.world_size <= 1:
+            return values
+        import torch.distributed as dist
+
+        t = torch.tensor(values, dtype=torch.int64, device=self._collective_device())
+        dist.broadcast(t, src=0)
+        return [int(v) for v in t.tolist()]
 
     def report(self, metrics: dict, state: Optional[dict]) -> None:
+        from ray.train import CheckpointUploadMode
+
+        # Rank 0 reports asynchronously (run.checkpoint_upload=async), checkpoints or not: a
+        # report waits for the previous ones of its rank, so one synchronous metrics report
+        # would wait out the upload before it.
+        mode = (CheckpointUploadMode.ASYNC if self.cfg.run.checkpoint_upload == "async"
+                and self.rank == 0 else CheckpointUploadMode.SYNC)
         if state is None:
-            ray.train.report(metrics)
+            ray.train.report(metrics, checkpoint_upload_mode=mode)
             return
         # Replica check on every checkpoint: all ranks' memory banks must be identical.
         sums = all_gather_cat(_memory_checksum(state).unsqueeze(0)).cpu()
@@ -277,15 +329,17 @@ class RayLoopContext(LoopContext):
             tmp = Path(tempfile.mkdtemp(prefix="massl_ckpt_"))
             try:
                 save_checkpoint(state, tmp)
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)))
-            finally:
+                # Ray Train deletes tmp once it is uploaded (in the background when async).
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)),
+                                 checkpoint_upload_mode=mode,
+                                 delete_local_checkpoint_after_upload=True)
+            except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            if self.log_sync is not None:
+                self.log_sync.sync()
         else:
             ray.train.report(metrics)
-
-
-def _step_of(checkpoint_dir: Path) -> int:
-    return int(read_meta(checkpoint_dir)["global_step"])
 
 
 def _memory_checksum(state: dict) -> torch.Tensor:
@@ -324,6 +378,8 @@ def _worker_loop(loop_config: dict) -> None:
     with open(ctx.run_dir / "workers" / "starts.jsonl", "a") as f:  # one line per rank per attempt
         f.write(json.dumps({"rank": ctx.rank, "pid": os.getpid(), "time": time.time()}) + "\n")
     torch.set_num_threads(max(1, int(loop_config.get("torch_threads", 1))))
+    if ctx.rank == 0:
+        ctx.log_sync = log_sync_for(cfg.run.storage_path, cfg.run.name, ctx.run_dir, WORKER_FILES)
     try:
         run_loop(cfg, ctx, OnlineKnn.from_config(cfg) if ctx.rank == 0 else None)
     except NonFiniteLoss as e:
@@ -335,6 +391,9 @@ def _worker_loop(loop_config: dict) -> None:
             raise
         log.error("rank %d: %s", ctx.rank, e)
         ray.get(ctx.reporter.record_non_finite.remote(e.step, e.value, ctx.rank))
+    finally:
+        if ctx.log_sync is not None:
+            ctx.log_sync.sync()
 
 
 # ---- driver --------------------------------------------------------------------------------
@@ -375,6 +434,10 @@ def train(cfg: Config, local: bool = False, callbacks: Optional[list] = None) ->
     if cfg.run.final_knn and cfg.data.eval_train and cfg.data.eval_test and result.get("checkpoint"):
         result["knn"] = knn_vs_random_init(cfg, result["checkpoint"])
     _write_summary(run_dir, result)
+    sync = log_sync_for(cfg.run.storage_path, cfg.run.name, run_dir, DRIVER_FILES)
+    if sync is not None and not local:  # rank 0 copies its own files (_worker_loop)
+        sync.sync()
+        log.info("logs copied to %s", sync.root)
     return result
 
 
@@ -411,8 +474,13 @@ def _train_ray(cfg: Config, src: Source, run_dir: Path, callbacks: Optional[list
     if planned is not None:
         check_resources(cfg, planned)
     init_ray()
-    if planned is None:  # joined a running cluster: its size is known now
-        check_resources(cfg, ray.cluster_resources().get("CPU", 0.0))
+    # The cluster's size now and the most its autoscaler can grow it to: refuse only what can
+    # never fit; otherwise say that the run waits for nodes.
+    now, most = cluster_capacity()
+    waits = check_resources(cfg, now.get("CPU", 0.0), (most or {}).get("CPU"),
+                            now.get("GPU", 0.0), (most or {}).get("GPU"))
+    if waits:
+        log.warning(waits)
     reporter = get_report_actor(cfg.run.name)
     exact = cfg.data.order == "exact"
     # exact order: each worker builds its own per-step datasets (massl_ray.data.pipeline.StepViewsFn)
@@ -435,7 +503,8 @@ def _train_ray(cfg: Config, src: Source, run_dir: Path, callbacks: Optional[list
         run_config=RunConfig(
             name=r.name, storage_path=storage,
             checkpoint_config=CheckpointConfig(num_to_keep=r.num_checkpoints_to_keep),
-            failure_config=FailureConfig(max_failures=r.max_failures),
+            failure_config=FailureConfig(max_failures=r.max_failures,
+                                         max_preemption_failures=r.max_preemption_failures),
             callbacks=list(callbacks or []),
             logging_config=LoggingConfig(log_level=train_log_level()),
         ),
