@@ -215,7 +215,7 @@ RAY_VARIANTS = {
     "ray": {"order": "stream"},                  # streaming shuffle, default blocks
     "ray_one_block": {"order": "stream", "rows_per_block": 0},  # no repartition (the old plan)
     "ray_cached": {"order": "stream", "cache_encoded": True},   # encoded rows materialised once
-    "ray_exact": {"order": "exact"},             # index-keyed order: one decode task per step
+    "ray_exact": {"order": "exact"},             # the epoch plan: row groups read once, decode tasks
 }
 
 
@@ -234,15 +234,17 @@ def ray_dataset(variant: str, cfg: Config, src):
 
 
 def exact_pass(cfg: Config, src, epoch: int):
-    """One epoch of rank 0 of 1 in the exact data order, as a train worker streams it."""
+    """One epoch of rank 0 of 1 in the exact data order, as a train worker streams it
+    (massl_ray.data.feed: read tasks per row group, decode tasks, the coordinator's pieces)."""
     import copy
 
-    from massl_ray.data.pipeline import build_step_dataset
+    from massl_ray.data.feed import iter_batches
 
     c = copy.deepcopy(cfg)
     c.optim.batch_size_per_worker = BATCH
     c.optim.steps_per_epoch = spe = src.num_rows // BATCH
-    return build_step_dataset(c, src, rank=0, start_step=epoch * spe, num_steps=spe)
+    c.optim.epochs = epoch + 1
+    return iter_batches(c, src, start_step=epoch * spe, stop_step=(epoch + 1) * spe)
 
 
 # ---------------------------------------------------------------------------- measurement
@@ -410,9 +412,10 @@ def main(argv=None) -> int:
             def ray_maker(variant):
                 def make():
                     ds = built[variant][0]
-                    if ds is None:  # exact order: a new epoch's per-step dataset each pass
-                        ds = exact_pass(built[variant][1], src, epochs["n"])
+                    if ds is None:  # exact order: the feed's batches of the next epoch
+                        it = exact_pass(built[variant][1], src, epochs["n"])
                         epochs["n"] += 1
+                        return it
                     return iter(ds.iter_torch_batches(batch_size=BATCH,
                                                       prefetch_batches=cfg.data.prefetch_batches))
                 return make

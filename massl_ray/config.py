@@ -105,9 +105,26 @@ class DataConfig:
     label_column: Optional[str] = "label"
     # Use at most this many training rows (null: all).
     limit: Optional[int] = None
-    # Per-epoch shuffle: full (a global shuffle of the encoded rows), blocks (block order and a
-    # local shuffle buffer: cheaper, weaker) or none.
-    shuffle: str = "full"
+    # Per-epoch shuffle. Exact order (massl_ray/data/plan.py): window (the default: the row
+    # groups' order is shuffled, then the rows within windows of data.window_groups groups),
+    # full (one window of every group: a full shuffle; every encoded row sits in the object
+    # store at once, so only for data that fits there) or none (storage order). Each row
+    # group is read once per epoch in all three. Stream order: full (Ray Data's global
+    # shuffle), blocks or window (block order + a local shuffle buffer) or none.
+    shuffle: str = "window"
+    # Exact order: row groups per window (null: 128). A batch mixes the rows of about this
+    # many row groups; data written by `massl_ray prepare` is shuffled already, so any window
+    # mixes fully (docs/performance.md, "Data plan at ImageNet scale").
+    window_groups: Optional[int] = None
+    # Exact order: positions per decode task (a step larger than this is cut into units of it;
+    # smaller steps are grouped into one task). The crops of a unit come from a generator keyed
+    # by (seed, epoch, step, unit), so they never depend on the number of workers.
+    decode_rows: int = 256
+    # Exact order: decode tasks kept ahead of the slowest rank (0: two per CPU left for
+    # decoding); each holds its crops in the object store until the ranks take them.
+    prefetch_tasks: int = 0
+    # Exact order: CPUs reserved by each row-group read task.
+    read_cpus: float = 0.5
     # CPUs reserved by each decode + multi-crop task of Ray Data.
     decode_cpus: float = 1.0
     decode_batch_size: int = 64
@@ -121,14 +138,16 @@ class DataConfig:
     # each epoch. Only for data that fits comfortably in the object store (CIFAR-sized).
     cache_encoded: bool = False
     prefetch_batches: int = 2
-    # Data order. exact: every (epoch, step, rank) has a fixed set of rows and crops (seeded
-    # per-epoch permutation, rows fetched by index, massl_ray/order.py), so a resumed run
-    # continues at the exact data position and repeats the uninterrupted run bitwise on CPU.
+    # Data order. exact: the row and crops at each global position of an epoch are fixed by
+    # (run.seed, epoch, position), whatever the number of workers (massl_ray/data/plan.py);
+    # each row group is read once per epoch and decoded on Ray tasks (massl_ray/data/feed.py),
+    # so a resumed run continues at the exact data position and repeats the uninterrupted run
+    # bitwise on CPU.
     # stream: Ray Data's streaming shuffle of the whole dataset (data.rows_per_block,
     # data.cache_encoded apply); unseeded, and a mid-epoch resume re-samples the epoch's rest.
     # The local mode is always exact.
     order: str = "exact"
-    # exact order: per decode process, an LRU cache of this many MiB of Parquet row groups.
+    # Local mode: an LRU cache of this many MiB of encoded row groups.
     row_cache_mb: int = 1024
     # Held-out labeled data for the end-of-run / online k-NN (optional).
     eval_train: Optional[str] = None
@@ -362,8 +381,13 @@ class Config:
         # data
         need(d.format in ("auto", "parquet", "folder"),
              f"data.format ({d.format!r}) must be one of auto, parquet, folder")
-        need(d.shuffle in ("full", "blocks", "none"),
-             f"data.shuffle ({d.shuffle!r}) must be one of full, blocks, none")
+        need(d.shuffle in ("window", "full", "blocks", "none"),
+             f"data.shuffle ({d.shuffle!r}) must be one of window, full, blocks, none")
+        need(d.window_groups is None or d.window_groups >= 1,
+             f"data.window_groups ({d.window_groups}) must be at least 1 or null")
+        need(d.decode_rows >= 1, f"data.decode_rows ({d.decode_rows}) must be positive")
+        need(d.prefetch_tasks >= 0, f"data.prefetch_tasks ({d.prefetch_tasks}) must be >= 0")
+        need(d.read_cpus > 0, f"data.read_cpus ({d.read_cpus}) must be positive")
         need(d.limit is None or d.limit > 0, "data.limit must be positive or null")
         need(d.decode_cpus > 0, f"data.decode_cpus ({d.decode_cpus}) must be positive")
         need(d.decode_batch_size > 0, "data.decode_batch_size must be positive")

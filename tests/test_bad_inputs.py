@@ -93,7 +93,7 @@ def _overrides(tmp_path: Path, name: str, data: str) -> list[str]:
 @pytest.mark.parametrize("layout", ["folder", "parquet"])
 def test_bad_image_suite_is_skipped_named_and_counted_and_odd_formats_are_used(
         tmp_path, layout, monkeypatch):
-    import massl_ray.data.order as order_mod
+    import massl_ray.data.groups as order_mod
 
     usable, unusable = _suite()
     files = {**usable, **unusable}

@@ -49,11 +49,16 @@ def test_quick_run_writes_the_table_and_json(tmp_path):
         assert plan["reads_per_row_group"] == 1.0 and plan["reads_per_row_group_max"] == 1
         assert full["reads_per_row_group"] > 1.0  # today's full shuffle re-reads row groups
         assert full["tasks_per_step"] == c["world"]
-        assert plan["tasks_per_step"] < full["tasks_per_step"]
+        if c["world"] >= 64:  # today: one task per rank per step; the plan's do not grow with W
+            assert plan["tasks_per_step"] < full["tasks_per_step"]
         assert plan["resume_windows_not_wholly_used"] <= 1
         assert 0 <= plan["resume_rows_read_unused"] < plan["resume_window_rows"]
         assert plan["object_store_resident_bound_bytes"] < plan["object_store_bytes"]
         assert 0.999 < full["quality_global"] < 1.001  # the reference itself
+    per_b = {}
+    for c in res["configs"]:
+        per_b.setdefault(c["global_batch"], set()).add(round(c["plan"]["tasks_per_step"], 9))
+    assert all(len(v) == 1 for v in per_b.values()), per_b  # independent of the world size
     ks = [e["window_groups"] for e in res["window_sweep"]]
     assert ks == sorted(ks)
     for e in res["window_sweep"]:

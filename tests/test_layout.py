@@ -26,7 +26,7 @@ RAY_FREE = [
     "massl_ray.method.schedules", "massl_ray.method.learner", "massl_ray.method.checkpoint",
     "massl_ray.method.distributed",
     "massl_ray.data.sources", "massl_ray.data.images", "massl_ray.data.multicrop",
-    "massl_ray.data.views", "massl_ray.data.order",
+    "massl_ray.data.views", "massl_ray.data.plan", "massl_ray.data.groups",
     "massl_ray.evaluate.features", "massl_ray.evaluate.knn", "massl_ray.evaluate.probe",
     "massl_ray.evaluate.online", "massl_ray.evaluate.export",
     "massl_ray.train.loop", "massl_ray.train.log_sync",

@@ -484,29 +484,6 @@ def test_train_dataset_is_cut_into_blocks_and_keeps_every_row(tmp_path, cache_en
     assert orders[0] != orders[1]  # a fresh shuffle each pass
 
 
-@pytest.mark.timeout(240)
-def test_step_dataset_delivers_each_steps_batch_in_step_order(tmp_path):
-    """The exact order's Ray Data path: one block per step, in step order, each block exactly
-    the batch the in-process step_batch makes for (epoch, step, rank) - across an epoch end."""
-    from massl_ray.data.pipeline import build_step_dataset
-    from massl_ray.data.multicrop import MultiCrop
-    from massl_ray.data.order import RowStore, epoch_order, step_batch
-    from massl_ray.data.sources import open_source
-
-    cfg = load_config(None, tiny_overrides(tmp_path, "steps", **{
-        "run.num_workers": 2, "data.limit": 256, "optim.steps_per_epoch": 4}))
-    src = open_source(str(QUICK))
-    ds = build_step_dataset(cfg, src, rank=1, start_step=2, num_steps=5)  # epochs 0 and 1
-    got = list(ds.iter_batches(batch_size=32, batch_format="numpy"))
-    assert len(got) == 5
-    store, mc = RowStore(src, 256), MultiCrop(cfg.crops)
-    for k, b in enumerate(got):
-        epoch, step = divmod(2 + k, 4)
-        want, _ = step_batch(store, mc, epoch_order(256, 0, epoch), 0, epoch, step, 1, 2, 32)
-        for col in ("global_crops", "local_crops", "label"):
-            assert np.array_equal(b[col], want[col]), (k, col)
-
-
 @pytest.mark.timeout(300)
 def test_non_finite_loss_on_ray_ends_the_run_at_once_and_is_not_retried(tmp_path, capsys):
     """A recipe NaN: the teacher temperature ramps from 0.07 to 1e-40 over 0.75 epochs (8 steps

@@ -119,20 +119,19 @@ def test_identical_undecodable_parquet_rows_are_each_counted_and_named(tmp_path)
     """The training order's row store names a Parquet row by file and position: identical
     undecodable bytes in three rows are three skipped rows, each named, and counted once per
     row over two epochs (not once in all, as a hash of the bytes would, nor once per visit)."""
+    from massl_ray.data.groups import LocalFeed, group_read, read_group, source_groups
     from massl_ray.data.multicrop import MultiCrop
-    from massl_ray.data.order import RowStore, epoch_order, step_batch
 
     src = open_source(str(_two_parquet_files_with_identical_bad_rows(tmp_path / "pq")))
     a, b = src.files
-    store = RowStore(src)
-    _, _, ids = store.fetch(np.array([8, 1, 4, 0]))  # index 8 = row 2 of the second file
-    assert ids == [f"{b}#2", f"{a}#1", f"{a}#4", f"{a}#0"]
+    groups = source_groups(src)
+    ids = read_group(group_read(src, groups[1]))["id"]  # the second file's row group
+    assert ids == [f"{b}#{i}" for i in range(6)]
     report = DecodeReport()
     mc = MultiCrop(CropConfig(global_size=16, local_size=8, num_local_crops=1))
+    feed = LocalFeed(src, mc, 0, 3, 4, report=report)
     for epoch in (0, 1):
-        order = epoch_order(12, 0, epoch)
-        for step in range(4):
-            out, _ = step_batch(store, mc, order, 0, epoch, step, 0, 1, 3, report)
+        for out in feed.batches(epoch):
             assert len(out["global_crops"]) == 3
     assert report.count() == 3
     assert set(report.summary()["rows"]) == {f"{a}#1", f"{a}#4", f"{b}#2"}

@@ -110,7 +110,7 @@ def build_train_dataset(cfg: Config, src: Source, reporter=None) -> "ray.data.Da
     ds = read_source(src, d.limit)
     if d.cache_encoded:
         ds = ds.materialize()
-    if d.shuffle == "full":
+    if d.shuffle in ("full", "window"):
         ds = ds.random_shuffle()
     elif d.shuffle == "blocks":
         ds = ds.randomize_block_order()
@@ -120,50 +120,6 @@ def build_train_dataset(cfg: Config, src: Source, reporter=None) -> "ray.data.Da
     fn = ViewsFn(cfg.crops, src.image_column, src.label_column, src.classes, reporter, seed=None)
     return ds.map_batches(fn, batch_size=d.decode_batch_size, batch_format="numpy",
                           num_cpus=d.decode_cpus, zero_copy_batch=True)
-
-
-class StepViewsFn:
-    """``map_batches`` UDF of the exact order: {id: k} -> the views of global step start + k of
-    one rank (``massl_ray.data.order.step_batch``). Stateless apart from per-process caches (row
-    groups, the epoch's permutation), so Ray may run it in any task on any node."""
-
-    def __init__(self, cfg: Config, src: Source, rank: int, start_step: int, reporter=None):
-        self.cfg = cfg
-        self.src = src
-        self.rank = rank
-        self.start = start_step
-        self.reporter = reporter
-
-    def __call__(self, batch: dict) -> dict:
-        from massl_ray.data.order import shared_multicrop, shared_order, shared_store, step_batch
-
-        c, d = self.cfg, self.cfg.data
-        store = shared_store(self.src, d.limit, d.row_cache_mb << 20)
-        mc = shared_multicrop(c.crops)
-        spe = c.optim.steps_per_epoch
-        outs = []
-        for k in np.asarray(batch["id"]).tolist():
-            epoch, step = divmod(self.start + int(k), spe)
-            order = shared_order(store, c.run.seed, epoch, d.shuffle)
-            out, bad = step_batch(store, mc, order, c.run.seed, epoch, step, self.rank,
-                                  c.world_size, c.optim.batch_size_per_worker)
-            if bad and self.reporter is not None:
-                ray.get(self.reporter.record.remote(bad))
-            outs.append(out)
-        return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
-
-
-def build_step_dataset(cfg: Config, src: Source, rank: int, start_step: int, num_steps: int,
-                       reporter=None) -> "ray.data.Dataset":
-    """Rank ``rank``'s batches of global steps ``start_step .. start_step + num_steps - 1`` in
-    step order (exact data order): one block, one decode task per step, order preserved."""
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    ds = ray.data.range(num_steps, override_num_blocks=num_steps)
-    fn = StepViewsFn(cfg, src, rank, start_step, reporter)
-    ds = ds.map_batches(fn, batch_size=None, batch_format="numpy",
-                        num_cpus=cfg.data.decode_cpus, zero_copy_batch=True)
-    ds.context.execution_options.preserve_order = True  # this dataset's own context only
-    return ds
 
 
 def check_resources(cfg: Config, cluster_cpus: float, max_cpus: Optional[float] = None,

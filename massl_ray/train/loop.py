@@ -327,22 +327,20 @@ class LocalLoopContext(LoopContext):
         if resume_from is not None:
             self._broken[Path(resume_from)] = None
         self._store = None
-        self._multicrop = None
 
     def batches(self, epoch: int, skip: int) -> Iterator[dict]:
-        # Index-keyed (massl_ray.data.order): step s of epoch e is the same batch in every run with
-        # this seed, so a resume at step s continues at the exact data position.
-        from massl_ray.data.order import RowStore, epoch_order, step_batch
+        # The exact order (massl_ray.data.plan), in this process: step s of epoch e is the same
+        # batch in every run with this seed and on Ray, so a resume at step s continues at the
+        # exact data position.
+        from massl_ray.data.groups import LocalFeed, window_groups_of
 
-        d = self.cfg.data
+        c, d = self.cfg, self.cfg.data
         if self._store is None:
-            self._store = RowStore(self.src, d.limit, d.row_cache_mb << 20)
-            self._multicrop = MultiCrop(self.cfg.crops)
-        chunks = self._store.chunk_sizes() if d.shuffle == "blocks" else None
-        order = epoch_order(self._store.n, self.cfg.run.seed, epoch, d.shuffle, chunks)
-        for s in range(skip, self.cfg.optim.steps_per_epoch):
-            out, _ = step_batch(self._store, self._multicrop, order, self.cfg.run.seed, epoch, s,
-                                0, 1, self.cfg.optim.batch_size_per_worker, self.decode_report)
+            self._store = LocalFeed(self.src, MultiCrop(c.crops), c.run.seed,
+                                    c.global_batch_size, c.optim.steps_per_epoch, d.limit,
+                                    window_groups_of(c), d.decode_rows, d.row_cache_mb << 20,
+                                    self.decode_report, shuffle=d.shuffle != "none")
+        for out in self._store.batches(epoch, skip):
             yield {k: torch.from_numpy(v) for k, v in out.items()}
 
     def latest_state(self) -> Optional[dict]:

@@ -79,12 +79,6 @@ def prepare(cfg: Config) -> tuple[Config, Source]:
     d = cfg.data
     src = open_source(d.train, d.format, d.image_column, d.label_column, what="data.train")
     rows = src.num_rows if d.limit is None else min(d.limit, src.num_rows)
-    if d.order == "exact":
-        from massl_ray.data.order import random_access_warning
-
-        warn = random_access_warning(src, d.shuffle, d.row_cache_mb)
-        if warn:
-            log.warning(warn)
     if cfg.optim.steps_per_epoch is None:
         spe = rows // cfg.global_batch_size
         if spe == 0:
@@ -92,6 +86,12 @@ def prepare(cfg: Config) -> tuple[Config, Source]:
                 f"data.train has {rows} rows, fewer than one global batch "
                 f"({cfg.global_batch_size}): lower optim.batch_size_per_worker")
         cfg.optim.steps_per_epoch = spe
+    elif d.order == "exact" and cfg.optim.steps_per_epoch * cfg.global_batch_size > rows:
+        raise ConfigError(
+            f"optim.steps_per_epoch={cfg.optim.steps_per_epoch} steps of a global batch of "
+            f"{cfg.global_batch_size} need {cfg.optim.steps_per_epoch * cfg.global_batch_size} "
+            f"rows per epoch, but data.train has {rows}: lower optim.steps_per_epoch (or leave "
+            f"it null: derived from the rows)")
     if cfg.run.final_knn and (d.eval_train or d.eval_test):
         for key in ("eval_train", "eval_test"):
             open_source(getattr(d, key), "auto", d.image_column, d.label_column,
@@ -172,17 +172,12 @@ def resume_checkpoint(cfg: Config, ckpt_root: Path) -> Optional[Path]:
 
 # ---- Ray Train worker ----------------------------------------------------------------------
 
-# Exact data order on Ray: a worker streams its batches from one Ray Dataset per segment of at
-# most this many steps (one block and one decode task per step).
-SEGMENT_STEPS = 1024
-
-
 class RayLoopContext(LoopContext):
     # rank 0 with an object-store storage path: copies its logs there (massl_ray.train.log_sync)
     log_sync = None
 
     def __init__(self, cfg: Config, run_dir: Path, resume_from: Optional[str] = None,
-                 src: Optional[Source] = None, reporter=None):
+                 feed=None, reporter=None):
         import ray.train.torch as rtt
 
         self.cfg = cfg
@@ -192,10 +187,16 @@ class RayLoopContext(LoopContext):
         self.world_size = ctx.get_world_size()
         self.device = rtt.get_device()
         self.run_dir = run_dir
-        self.src = src
         self.reporter = reporter
         self.exact = cfg.data.order == "exact"
         self.shard = None if self.exact else ray.train.get_dataset_shard("train")
+        self.feed = None
+        if self.exact:
+            from massl_ray.data.feed import RankFeed
+
+            self.feed = RankFeed(feed, self.rank, self.world_size,
+                                 lookahead=max(1, cfg.data.prefetch_batches),
+                                 pin_memory=self.device.type == "cuda")
         self._stream: Optional[Iterator[dict]] = None
         self._next_step = -1
 
@@ -221,12 +222,15 @@ class RayLoopContext(LoopContext):
             prefetch_batches=d.prefetch_batches, pin_memory=self.device.type == "cuda", **kw)
 
     def _exact_batches(self, epoch: int, skip: int) -> Iterator[dict]:
-        # One stream over all remaining steps (datasets of SEGMENT_STEPS steps back to back), so
-        # that decoding runs ahead across epoch boundaries; each call yields one epoch's steps.
+        # One stream over all remaining steps (massl_ray.data.feed: pieces requested a few
+        # steps ahead, decoded ahead by the coordinator across epoch boundaries); each call
+        # yields one epoch's steps.
         spe = self.cfg.optim.steps_per_epoch
         g = epoch * spe + skip
         if self._stream is None or self._next_step != g:
-            self._stream = self._exact_stream(g)
+            c = self.cfg
+            stop = min(c.total_steps(), c.run.max_steps or c.total_steps())
+            self._stream = self.feed.iter_steps(g, stop)
             self._next_step = g
         for _ in range(spe - skip):
             batch = next(self._stream, None)
@@ -234,22 +238,6 @@ class RayLoopContext(LoopContext):
                 return
             self._next_step += 1
             yield batch
-
-    def _exact_stream(self, first: int) -> Iterator[dict]:
-        from massl_ray.data.pipeline import build_step_dataset
-
-        c = self.cfg
-        stop = min(c.total_steps(), c.run.max_steps or c.total_steps())
-        b = c.optim.batch_size_per_worker
-        g = first
-        while g < stop:
-            n = min(SEGMENT_STEPS, stop - g)
-            ds = build_step_dataset(c, self.src, self.rank, g, n, self.reporter)
-            for batch in ds.iter_torch_batches(batch_size=b, drop_last=False,
-                                               prefetch_batches=c.data.prefetch_batches,
-                                               pin_memory=self.device.type == "cuda"):
-                yield batch
-            g += n
 
     def latest_state(self) -> Optional[dict]:
         """The state to resume from, read once for the whole worker group: rank 0 resolves,
@@ -372,7 +360,7 @@ def _worker_loop(loop_config: dict) -> None:
     cfg = config_from_dict(loop_config["config"], validate=True)
     _quiet_ray_train_logs()
     ctx = RayLoopContext(cfg, Path(loop_config["run_dir"]), loop_config.get("resume_from"),
-                         loop_config.get("source"), loop_config.get("reporter"))
+                         loop_config.get("feed"), loop_config.get("reporter"))
     setup_logging(ctx.rank)
     _record_worker(ctx)
     with open(ctx.run_dir / "workers" / "starts.jsonl", "a") as f:  # one line per rank per attempt
@@ -464,6 +452,7 @@ def _train_ray(cfg: Config, src: Source, run_dir: Path, callbacks: Optional[list
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from massl_ray.data.feed import start_feed
     from massl_ray.data.pipeline import build_train_dataset, check_resources, get_report_actor
 
     # Every refusal that needs no cluster happens before Ray starts: the config, data and
@@ -483,7 +472,9 @@ def _train_ray(cfg: Config, src: Source, run_dir: Path, callbacks: Optional[list
         log.warning(waits)
     reporter = get_report_actor(cfg.run.name)
     exact = cfg.data.order == "exact"
-    # exact order: each worker builds its own per-step datasets (massl_ray.data.pipeline.StepViewsFn)
+    # exact order: the run's feed coordinator (massl_ray.data.feed) serves every rank its
+    # pieces; stream order: a Ray Data dataset split across the workers by Ray Train.
+    feed = start_feed(cfg, src, reporter) if exact else None
     datasets = {} if exact else {"train": build_train_dataset(cfg, src, reporter)}
     r = cfg.run
     res = {"CPU": r.cpus_per_worker}
@@ -495,7 +486,7 @@ def _train_ray(cfg: Config, src: Source, run_dir: Path, callbacks: Optional[list
         train_loop_config={"config": cfg.to_dict(), "run_dir": str(run_dir),
                            "torch_threads": max(1, int(r.cpus_per_worker)),
                            "resume_from": str(resume) if resume else None,
-                           "source": src if exact else None,
+                           "feed": feed,
                            "reporter": reporter},
         scaling_config=ScalingConfig(num_workers=max(1, r.num_workers), use_gpu=r.use_gpu,
                                      resources_per_worker=res,
@@ -514,8 +505,13 @@ def _train_ray(cfg: Config, src: Source, run_dir: Path, callbacks: Optional[list
         result = trainer.fit()
         summary = ray.get(reporter.summary.remote())
         stopped = ray.get(reporter.non_finite.remote())
+        data_stats = ray.get(feed.stats.remote()) if feed is not None else None
     finally:
         ray.kill(reporter)
+        if feed is not None:
+            ray.kill(feed)
+    if data_stats is not None:
+        (run_dir / "data_feed.json").write_text(json.dumps(data_stats))
     _report_decode_errors(run_dir, summary)
     if stopped is not None:  # the workers ended normally at a non-finite loss (_worker_loop)
         raise NonFiniteLoss(stopped["step"], stopped["value"])
