@@ -159,7 +159,14 @@ class RunConfig:
     name: str = "massl"
     storage_path: str = "runs"
     seed: int = 0
-    num_workers: int = 1
+    # Train workers: an int (fixed), or [min, max] (elastic: Ray Train starts once min fit and
+    # resizes the group as nodes leave or join, restarting from the last checkpoint). The
+    # global batch is optim.batch_size_per_worker x max and stays fixed at every size: with W
+    # workers each takes global / W rows (every W in [min, max] must divide it), so the learning
+    # rate, the memory bank and every schedule are unchanged by a resize.
+    num_workers: Union[int, list] = 1
+    # Elastic runs: how often Ray Train considers growing a healthy worker group (seconds).
+    elastic_resize_interval_s: float = 60.0
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0
@@ -198,6 +205,9 @@ class RunConfig:
     online_knn_test_rows: int = 500
     # torch.compile the student/teacher forwards (a run.* key: may change across a resume).
     compile: bool = False
+    # Audit: every rank appends the row indices of each batch it trains on (with the step and
+    # world size) to <run dir>/workers/rows_rank<r>.jsonl (exact order only).
+    record_rows: bool = False
     # Fault injection for recovery tests: fail at this global step on the first attempt only,
     # by raising an exception (raise) or by SIGKILL of the worker process (kill).
     fault_injection_step: Optional[int] = None
@@ -215,12 +225,36 @@ class Config:
 
     # ---- derived quantities -------------------------------------------------------------
     @property
+    def elastic(self) -> bool:
+        return isinstance(self.run.num_workers, (list, tuple))
+
+    @property
+    def min_workers(self) -> int:
+        n = self.run.num_workers
+        return max(1, int(n[0])) if self.elastic else max(1, int(n))
+
+    @property
     def world_size(self) -> int:
-        return max(1, self.run.num_workers)
+        """The planned number of workers (an elastic run's maximum)."""
+        n = self.run.num_workers
+        return max(1, int(n[-1])) if self.elastic else max(1, int(n))
 
     @property
     def global_batch_size(self) -> int:
         return self.optim.batch_size_per_worker * self.world_size
+
+    def at_world_size(self, world: int) -> "Config":
+        """This config as a worker of a group of ``world`` runs it: ``world`` workers, each
+        with its share of the same global batch (an elastic run's actual size)."""
+        import copy
+
+        gb = self.global_batch_size
+        if gb % world:
+            raise ConfigError(f"{world} workers cannot share the global batch of {gb} evenly")
+        c = copy.deepcopy(self)
+        c.run.num_workers = int(world)
+        c.optim.batch_size_per_worker = gb // world
+        return c
 
     @property
     def block_size(self) -> int:
@@ -400,7 +434,24 @@ class Config:
              f"the reader's blocks) or >= data.decode_batch_size ({d.decode_batch_size})")
 
         # run
-        need(r.num_workers >= 0, f"run.num_workers ({r.num_workers}) must be >= 0 (0 = local mode)")
+        if self.elastic:
+            n = r.num_workers
+            ok = (len(n) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in n)
+                  and 1 <= n[0] <= n[1])
+            need(ok, f"run.num_workers ({list(n)}) must be an int or [min, max] with "
+                     f"1 <= min <= max")
+            gb = self.global_batch_size if ok else 1
+            bad = [w for w in range(n[0], n[1] + 1) if gb % w] if ok else []
+            need(not bad,
+                 f"run.num_workers={list(n)}: the global batch ({gb} = "
+                 f"optim.batch_size_per_worker {o.batch_size_per_worker} x {n[1]} workers) must "
+                 f"split evenly at every size in the range, but not at {bad}: make the global "
+                 f"batch a multiple of {_lcm_range(n[0], n[1])} (every size from {n[0]} to "
+                 f"{n[1]} divides it) or narrow the range")
+            need(r.elastic_resize_interval_s >= 0, "run.elastic_resize_interval_s must be >= 0")
+        else:
+            need(r.num_workers >= 0,
+                 f"run.num_workers ({r.num_workers}) must be >= 0 (0 = local mode)")
         need(r.cpus_per_worker >= 0, "run.cpus_per_worker must be >= 0")
         need(r.gpus_per_worker > 0 or not r.use_gpu, "run.gpus_per_worker must be positive")
         need(r.placement_strategy in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
@@ -447,13 +498,29 @@ def _to_plain(obj: Any) -> Any:
     return obj
 
 
+def _lcm_range(a: int, b: int) -> int:
+    import math
+
+    out = 1
+    for w in range(max(1, a), b + 1):
+        out = out * w // math.gcd(out, w)
+    return out
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Coerce a YAML/CLI value to the annotated type, or raise ConfigError naming the key."""
     origin = get_origin(tp)
-    if origin is Union:  # Optional[X]
+    if origin is Union:  # Optional[X], or int | list (run.num_workers)
         args = [a for a in get_args(tp) if a is not type(None)]
-        if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
+        if type(None) in get_args(tp) and (
+                value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~"))):
             return None
+        if list in args:
+            if isinstance(value, str) and value.strip().startswith("["):
+                value = yaml.safe_load(value)
+            if isinstance(value, (list, tuple)):
+                return [_coerce(v, int, f"{key}[{i}]") for i, v in enumerate(value)]
+            return _coerce(value, int, key)
         return _coerce(value, args[0], key)
     if origin is tuple:
         args = get_args(tp)

@@ -197,7 +197,7 @@ def test_ray_feed_equals_the_local_feed_reads_once_and_restarts_at_a_step(tmp_pa
             assert np.array_equal(a[k], b[k]), (s, k)
     st = ray.get(coord.stats.remote())
     assert st["reads_per_group"] == {0: [1] * GROUPS, 1: [1] * GROUPS}
-    assert st["decoded"] == [[0, 0, 120], [1, 0, 120]]
+    assert st["decoded"] == [[0, 0, 120, 0], [1, 0, 120, 0]]
     # A restart from the checkpoint of step 13 (epoch 1, position 36), now with one worker.
     again = list(RankFeed(coord, 0, 1).iter_steps(13, 2 * spe))
     for a, b in zip(want[13:], again):
@@ -205,7 +205,7 @@ def test_ray_feed_equals_the_local_feed_reads_once_and_restarts_at_a_step(tmp_pa
             assert np.array_equal(a[k], b[k].numpy()), k
     st = ray.get(coord.stats.remote())
     assert st["resets"] == [[0, 2], [13, 1]]
-    assert st["decoded"][-1] == [1, 36, 120]  # nothing before the resume position
+    assert st["decoded"][-1] == [1, 36, 120, 1]  # nothing before the resume position
     # Only the row groups holding rows at or after position 36 of epoch 1 are read again.
     assert 1 <= sum(st["reads_per_group"][1]) - GROUPS <= GROUPS
     ray.kill(coord)

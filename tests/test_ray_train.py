@@ -208,6 +208,15 @@ def test_sigkilled_run_ends_bitwise_equal_to_an_uninterrupted_run(tmp_path, work
     assert spe == 8 // workers
     assert res["metrics"]["start_step"] == 6 and 6 % spe != 0, "the resume point is mid-epoch"
     assert res["metrics"]["step"] == 12
+    # The data feed restarted at step 6 with the same world size and decoded nothing of the
+    # steps consumed before the checkpoint (positions are of the epoch: step 6 is epoch
+    # 6 // spe, position (6 % spe) x the global batch).
+    feed = json.loads((tmp_path / "killed" / "data_feed.json").read_text())
+    assert feed["resets"] == [[0, workers], [6, workers]]
+    epoch, pos = divmod(6, spe)[0], (6 % spe) * 32 * workers
+    after = [d for d in feed["decoded"] if d[3] == 1]
+    assert after[0][:2] == [epoch, pos], after
+    assert all((e, lo) >= (epoch, pos) for e, lo, _, _ in after)
     a, b = load_checkpoint(ref_ckpt), load_checkpoint(res["checkpoint"])
     assert a["global_step"] == 12
     _assert_states_equal(a, b)

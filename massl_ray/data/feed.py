@@ -110,7 +110,7 @@ class FeedCoordinator:
         self.world: Optional[int] = None
         self.resets: list = []
         self.reads: dict = {}       # epoch -> reads per row group (count)
-        self.decoded: list = []     # [epoch, lo, hi] position ranges decoded, merged
+        self.decoded: list = []     # [epoch, lo, hi, attempt]: positions decoded, merged
         self.rows_decoded = 0
 
     # -- state --------------------------------------------------------------------------------
@@ -187,11 +187,12 @@ class FeedCoordinator:
 
     def _note_decoded(self, epoch: int, lo: int, hi: int) -> None:
         self.rows_decoded += hi - lo
+        attempt = len(self.resets) - 1  # a reset starts a new attempt
         last = self.decoded[-1] if self.decoded else None
-        if last is not None and last[0] == epoch and last[2] == lo:
+        if last is not None and last[0] == epoch and last[2] == lo and last[3] == attempt:
             last[2] = hi
         else:
-            self.decoded.append([epoch, lo, hi])
+            self.decoded.append([epoch, lo, hi, attempt])
             del self.decoded[:-1000]
 
     def _frontier(self) -> int:
@@ -232,7 +233,9 @@ class FeedCoordinator:
             self.inflight.popleft()
 
     def stats(self) -> dict:
-        """Reads per row group (recent epochs), decoded position ranges, restarts."""
+        """Reads per row group (recent epochs); decoded position ranges [epoch, lo, hi,
+        attempt] (attempt: index into ``resets``, the [global step, world size] of each
+        (re)start)."""
         return {"reads_per_group": {int(e): c.tolist() for e, c in self.reads.items()},
                 "decoded": [list(x) for x in self.decoded], "rows_decoded": self.rows_decoded,
                 "resets": self.resets, "row_groups": len(self.groups),
@@ -257,7 +260,7 @@ def auto_prefetch(cfg: Config) -> int:
         cpus = ray.cluster_resources().get("CPU", 1.0)
     except Exception:  # noqa: BLE001 - no Ray yet: the minimum
         return 2
-    train = max(1, cfg.run.num_workers) * cfg.run.cpus_per_worker
+    train = cfg.world_size * cfg.run.cpus_per_worker
     slots = max(1.0, (cpus - train) / max(cfg.data.decode_cpus, 1e-3))
     return max(2, int(2 * slots))
 

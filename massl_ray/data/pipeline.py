@@ -131,7 +131,8 @@ def check_resources(cfg: Config, cluster_cpus: float, max_cpus: Optional[float] 
     is its maximum. Returns None when the run fits the cluster now, else a message saying
     what it waits for (an autoscaling cluster adds the nodes; Ray Train waits for them)."""
     r = cfg.run
-    train_cpus = max(1, r.num_workers) * r.cpus_per_worker
+    workers = cfg.min_workers  # an elastic run starts once its minimum fits
+    train_cpus = workers * r.cpus_per_worker
     # Decode tasks need data.decode_cpus; Ray Data's read and shuffle tasks need a whole CPU.
     data_cpus = max(1.0, cfg.data.decode_cpus)
     most = cluster_cpus if max_cpus is None else max(max_cpus, cluster_cpus)
@@ -140,7 +141,7 @@ def check_resources(cfg: Config, cluster_cpus: float, max_cpus: Optional[float] 
         has = (f"the cluster can grow to at most {most:g} CPUs (it has {cluster_cpus:g} now)"
                if grows else f"the cluster has {cluster_cpus:g} CPUs")
         raise ConfigError(
-            f"the train workers reserve {train_cpus:g} CPUs ({max(1, r.num_workers)} x "
+            f"the train workers reserve {train_cpus:g} CPUs ({workers} x "
             f"run.cpus_per_worker={r.cpus_per_worker:g}) and Ray Data needs {data_cpus:g} more "
             f"(its read and shuffle tasks take 1 CPU each, a decode task "
             f"data.decode_cpus={cfg.data.decode_cpus:g}), but {has}: lower "
@@ -150,11 +151,11 @@ def check_resources(cfg: Config, cluster_cpus: float, max_cpus: Optional[float] 
         waits.append(f"{train_cpus + data_cpus:g} CPUs (the cluster has {cluster_cpus:g} now, "
                      f"at most {most:g})")
     if r.use_gpu and cluster_gpus is not None:
-        need_gpus = max(1, r.num_workers) * r.gpus_per_worker
+        need_gpus = workers * r.gpus_per_worker
         most_gpus = cluster_gpus if max_gpus is None else max(max_gpus, cluster_gpus)
         if need_gpus > most_gpus + 1e-9:
             raise ConfigError(
-                f"the train workers need {need_gpus:g} GPUs ({max(1, r.num_workers)} x "
+                f"the train workers need {need_gpus:g} GPUs ({workers} x "
                 f"run.gpus_per_worker={r.gpus_per_worker:g}) but the cluster "
                 + (f"can grow to at most {most_gpus:g}" if most_gpus > cluster_gpus
                    else f"has {cluster_gpus:g}")

@@ -85,14 +85,18 @@ class StepResult:
 _AMP = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 # Keys whose change makes a checkpoint a different run (resume refuses them). run.* keys other
-# than seed/num_workers and every data.* key may change between attempts.
+# than the seed, and every data.* key may change between attempts. The number of workers is
+# not one: the global batch is (an elastic run resizes with the same global batch, each worker
+# taking its share), so a checkpoint resumes on any world size that splits it.
 _STRUCTURAL = ("model", "crops", "massl", "optim")
 
 
 def _structural(cfg: dict) -> dict:
-    out = {k: cfg[k] for k in _STRUCTURAL}
+    out = {k: dict(cfg[k]) for k in _STRUCTURAL}
+    n = cfg["run"]["num_workers"]
+    world = max(1, int(n[1] if isinstance(n, (list, tuple)) else n))
+    out["global_batch"] = out["optim"].pop("batch_size_per_worker") * world
     out["run.seed"] = cfg["run"]["seed"]
-    out["world_size"] = max(1, cfg["run"]["num_workers"])
     return out
 
 

@@ -205,6 +205,10 @@ def run_loop(cfg: Config, ctx: LoopContext, monitor: Optional[Monitor] = None) -
     window_t0, window_wait, window_steps = time.perf_counter(), 0.0, 0
     run_t0, start_step = time.perf_counter(), learner.global_step
     fail_at = cfg.run.fault_injection_step
+    rows_log = None
+    if cfg.run.record_rows and ctx.run_dir is not None:  # audit: the rows of every batch
+        (ctx.run_dir / "workers").mkdir(parents=True, exist_ok=True)
+        rows_log = open(ctx.run_dir / "workers" / f"rows_rank{ctx.rank}.jsonl", "a", buffering=1)
     control = ControlPoints.from_config(cfg, learner.global_step)
     ckpt_log = (ctx.run_dir / "checkpoints.jsonl") if ctx.rank == 0 and ctx.run_dir else None
     try:
@@ -240,6 +244,10 @@ def run_loop(cfg: Config, ctx: LoopContext, monitor: Optional[Monitor] = None) -
                 # The finite check is collective (all ranks agree, see Learner._check_finite):
                 # on CPU every step, elsewhere at every logged or checkpointed step - the same
                 # steps on every rank, so no non-finite state is ever reported or saved.
+                if rows_log is not None and "row" in batch:
+                    rows_log.write(json.dumps({"step": step, "rank": ctx.rank,
+                                               "world": ctx.world_size,
+                                               "rows": batch["row"].tolist()}) + "\n")
                 res = learner.step(batch["global_crops"], batch.get("local_crops"),
                                    check_finite=True if (log_now or ckpt_now) else None)
                 ran += 1
@@ -294,6 +302,8 @@ def run_loop(cfg: Config, ctx: LoopContext, monitor: Optional[Monitor] = None) -
                     f"images for epoch {epoch}: too few (decodable) rows for the batch size")
     finally:
         sink.close()
+        if rows_log is not None:
+            rows_log.close()
     return last
 
 

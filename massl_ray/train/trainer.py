@@ -358,13 +358,18 @@ def _quiet_ray_train_logs() -> None:
 
 def _worker_loop(loop_config: dict) -> None:
     cfg = config_from_dict(loop_config["config"], validate=True)
+    world = ray.train.get_context().get_world_size()
+    if cfg.elastic or world != cfg.world_size:
+        # An elastic group of this size: each worker takes its share of the same global batch.
+        cfg = cfg.at_world_size(world).validate()
     _quiet_ray_train_logs()
     ctx = RayLoopContext(cfg, Path(loop_config["run_dir"]), loop_config.get("resume_from"),
                          loop_config.get("feed"), loop_config.get("reporter"))
     setup_logging(ctx.rank)
     _record_worker(ctx)
     with open(ctx.run_dir / "workers" / "starts.jsonl", "a") as f:  # one line per rank per attempt
-        f.write(json.dumps({"rank": ctx.rank, "pid": os.getpid(), "time": time.time()}) + "\n")
+        f.write(json.dumps({"rank": ctx.rank, "world_size": ctx.world_size, "pid": os.getpid(),
+                            "time": time.time()}) + "\n")
     torch.set_num_threads(max(1, int(loop_config.get("torch_threads", 1))))
     if ctx.rank == 0:
         ctx.log_sync = log_sync_for(cfg.run.storage_path, cfg.run.name, ctx.run_dir, WORKER_FILES)
@@ -430,7 +435,9 @@ def train(cfg: Config, local: bool = False, callbacks: Optional[list] = None) ->
 
 
 def _train_local(cfg: Config, src: Source, run_dir: Path) -> dict:
-    if cfg.run.num_workers > 1:
+    if cfg.elastic and cfg.min_workers == 1:
+        cfg = cfg.at_world_size(1)  # an elastic range that admits one worker
+    elif cfg.world_size > 1 or cfg.elastic:
         raise ConfigError("--local runs one process: set run.num_workers to 0 or 1")
     resume = resume_checkpoint(cfg, run_dir)
     report = DecodeReport()
@@ -488,9 +495,11 @@ def _train_ray(cfg: Config, src: Source, run_dir: Path, callbacks: Optional[list
                            "resume_from": str(resume) if resume else None,
                            "feed": feed,
                            "reporter": reporter},
-        scaling_config=ScalingConfig(num_workers=max(1, r.num_workers), use_gpu=r.use_gpu,
-                                     resources_per_worker=res,
-                                     placement_strategy=r.placement_strategy),
+        scaling_config=ScalingConfig(
+            num_workers=(cfg.min_workers, cfg.world_size) if cfg.elastic else cfg.world_size,
+            elastic_resize_monitor_interval_s=r.elastic_resize_interval_s,
+            use_gpu=r.use_gpu, resources_per_worker=res,
+            placement_strategy=r.placement_strategy),
         run_config=RunConfig(
             name=r.name, storage_path=storage,
             checkpoint_config=CheckpointConfig(num_to_keep=r.num_checkpoints_to_keep),

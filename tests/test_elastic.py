@@ -1,0 +1,169 @@
+"""Elastic worker count (run.num_workers: [min, max]): the global batch stays fixed at every
+size, a checkpoint resumes on any size that splits it, and on a several-node Ray a node lost
+mid-run shrinks the group, which goes on from the last checkpoint feeding every global step the
+images of an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from massl_ray.config import ConfigError, apply_overrides, Config
+from massl_ray.data.pipeline import check_resources
+from massl_ray.method.learner import Learner
+from conftest import make_tiny_config
+
+QUICK = Path(__file__).resolve().parents[1] / "jobs" / "data" / "cifar10-quick" / "train.parquet"
+
+
+def test_a_range_keeps_the_global_batch_and_each_size_takes_its_share():
+    cfg = make_tiny_config("run.num_workers=[2,4]", "optim.batch_size_per_worker=3",
+                           "massl.memory_size=192", "massl.block_size=48")
+    assert cfg.elastic and (cfg.min_workers, cfg.world_size) == (2, 4)
+    assert cfg.global_batch_size == 12
+    for w, per in ((2, 6), (3, 4), (4, 3)):
+        c = cfg.at_world_size(w).validate()
+        assert (c.run.num_workers, c.optim.batch_size_per_worker, c.global_batch_size) == (w, per, 12)
+    fixed = make_tiny_config("run.num_workers=2")
+    assert not fixed.elastic and fixed.min_workers == fixed.world_size == 2
+
+
+def test_a_range_with_a_size_that_cannot_split_the_global_batch_is_refused_naming_it():
+    with pytest.raises(ConfigError, match=r"not at \[3\]: make the global batch a multiple of 12"):
+        make_tiny_config("run.num_workers=[2,4]", "optim.batch_size_per_worker=4",
+                         "massl.memory_size=256")
+    for bad in ("[3,2]", "[0,2]", "[1,2,3]"):
+        with pytest.raises(ConfigError, match="num_workers"):
+            make_tiny_config(f"run.num_workers={bad}")
+
+
+def test_the_cli_and_yaml_spell_a_range_as_a_list():
+    cfg = apply_overrides(Config(), ["run.num_workers=[1, 2]"])
+    assert cfg.run.num_workers == [1, 2]
+    cfg = apply_overrides(Config(), ["run.num_workers=3"])
+    assert cfg.run.num_workers == 3
+
+
+def test_a_checkpoint_resumes_on_another_world_size_with_the_same_global_batch():
+    base = make_tiny_config("run.num_workers=[1,2]", "optim.batch_size_per_worker=8")
+    two = Learner(base.at_world_size(2), "cpu")
+    state = two.state_dict()
+    one = Learner(base.at_world_size(1), "cpu")
+    one.load_state_dict(state)  # world size and per-worker batch are not structural
+    assert torch.equal(one.memory.rows, two.memory.rows)
+    other = make_tiny_config("run.num_workers=1", "optim.batch_size_per_worker=8")  # global 8
+    with pytest.raises(Exception, match="global_batch"):
+        Learner(other, "cpu").load_state_dict(state)
+
+
+def test_resources_are_checked_against_the_minimum_of_a_range():
+    small = ("massl.memory_size=192", "massl.block_size=48", "optim.batch_size_per_worker=3")
+    cfg = make_tiny_config("run.num_workers=[1,4]", "run.cpus_per_worker=1", *small)
+    # One worker and a decode CPU fit 2 CPUs: the run starts (the rest waits for nodes).
+    assert check_resources(cfg, 2.0) is None
+    with pytest.raises(ConfigError, match="CPUs"):
+        check_resources(make_tiny_config("run.num_workers=[3,4]", "run.cpus_per_worker=1",
+                                         *small), 2.0)
+
+
+def _rows_by_step(run_dir: Path) -> dict:
+    """step -> the global batch's rows (ranks in order), as the last attempt that ran the step
+    fed them (rank 0's log is in time order: its last record of a step names that attempt's
+    world size)."""
+    recs, world = {}, {}
+    for f in sorted((run_dir / "workers").glob("rows_rank*.jsonl")):
+        for line in f.read_text().splitlines():
+            r = json.loads(line)
+            recs[(r["step"], r["world"], r["rank"])] = r["rows"]  # later lines win
+            if r["rank"] == 0:
+                world[r["step"]] = r["world"]
+    return {s: [x for r in range(w) for x in recs[(s, w, r)]] for s, w in world.items()}
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(420)
+def test_a_node_lost_mid_run_shrinks_the_group_and_the_run_feeds_the_same_images(tmp_path):
+    """Three Ray nodes on this machine (ray.cluster_utils.Cluster): a head without CPUs (the
+    driver, the feed coordinator) and two 2-CPU nodes, one train worker each (1.5 CPUs), with
+    run.num_workers=[1, 2]. The node of rank 1 is removed once a checkpoint exists: Ray Train
+    restarts the group with one worker from the last checkpoint; the run finishes; for every
+    global step the rows fed equal an uninterrupted run's (the exact order does not depend on
+    the world size); the memory banks of all ranks agree at every checkpoint."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from massl_ray.config import load_config
+    from massl_ray.train.trainer import train
+
+    def over(name, **extra):
+        o = {"model.arch": "vit_micro", "model.patch_size": 4, "model.depth": 1,
+             "model.head_hidden_dim": 64, "model.head_out_dim": 32,
+             "crops.global_size": 16, "crops.local_size": 8, "crops.num_local_crops": 1,
+             "massl.memory_size": 512, "massl.block_size": 128,
+             "optim.batch_size_per_worker": 16, "optim.epochs": 2, "optim.steps_per_epoch": 12,
+             "data.train": str(QUICK), "data.limit": 512, "data.decode_cpus": 0.5,
+             "data.read_cpus": 0.5, "run.name": name, "run.storage_path": str(tmp_path),
+             "run.log_every_steps": 2, "run.checkpoint_every_steps": 4, "run.final_knn": False,
+             "run.cpus_per_worker": 1.5, "run.num_workers": "[1,2]", "run.max_failures": 2,
+             "run.record_rows": True, "run.placement_strategy": "SPREAD",
+             "run.elastic_resize_interval_s": 3600}
+        o.update(extra)
+        return [f"{k}={v}" for k, v in o.items()]
+
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 0, "object_store_memory": 256 * 1024**2, "include_dashboard": False})
+    nodes = [cluster.add_node(num_cpus=2, object_store_memory=256 * 1024**2) for _ in range(2)]
+    try:
+        ray.init(address=cluster.address, log_to_driver=False)
+        cluster.wait_for_nodes()
+        ref = train(load_config(None, over("ref")))
+        assert ref["metrics"]["step"] == 24
+        ref_rows = _rows_by_step(tmp_path / "ref")
+        assert sorted(ref_rows) == list(range(24))
+
+        run_dir = tmp_path / "elastic"
+        removed = {}
+
+        def remove_rank1_node():
+            deadline = time.time() + 300
+            while time.time() < deadline:
+                ck = list(run_dir.glob("checkpoint_*"))
+                info = run_dir / "workers" / "rank_1.json"
+                if ck and info.exists():
+                    node_id = json.loads(info.read_text())["node_id"]
+                    for n in nodes:
+                        if n.node_id == node_id:
+                            removed["step_files"] = len(ck)
+                            cluster.remove_node(n)
+                            removed["node"] = node_id
+                            return
+                    return
+                time.sleep(0.05)
+
+        t = threading.Thread(target=remove_rank1_node, daemon=True)
+        t.start()
+        res = train(load_config(None, over("elastic")))
+        t.join(timeout=5)
+        assert "node" in removed, "rank 1's node was never removed"
+        assert res["metrics"]["step"] == 24
+        starts = [json.loads(x) for x in (run_dir / "workers" / "starts.jsonl").read_text().splitlines()]
+        worlds = [s.get("world_size") for s in starts]
+        assert worlds[:2] == [2, 2] and 1 in worlds[2:], starts  # shrunk to one worker
+        assert res["metrics"]["start_step"] > 0  # resumed from a checkpoint, not from scratch
+        assert res["metrics"]["memory_replicas_identical"] is True
+        got = _rows_by_step(run_dir)
+        assert sorted(got) == list(range(24))
+        for s in range(24):
+            assert got[s] == ref_rows[s], f"step {s}: other images than the uninterrupted run"
+        feed = json.loads((run_dir / "data_feed.json").read_text())
+        assert [w for _, w in feed["resets"]][:1] == [2] and feed["resets"][-1][1] == 1
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
