@@ -119,3 +119,17 @@ def test_setup_installs_the_project_requirements(cluster):
     pinned = re.search(r"ray\[[^\]]*\]==([\d.]+)", (ROOT / "requirements.txt").read_text())
     assert pinned and pinned.group(1) in cluster["docker"]["image"]
     assert pinned.group(1) == ray.__version__
+
+
+def test_a_spot_gpu_type_in_one_zone_spilling_to_local_nvme(cluster):
+    types = cluster["available_node_types"]
+    spot = [t for t in types.values() if t["resources"].get("GPU", 0) > 0
+            and t["node_config"].get("InstanceMarketOptions", {}).get("MarketType") == "spot"]
+    assert spot, "a spot GPU worker type"
+    assert spot[0]["min_workers"] == 0  # nothing is paid while no run wants it
+    # one zone: the ranks all-reduce every step
+    assert "," not in cluster["provider"]["availability_zone"]
+    assert "/mnt/nvme" in " ".join(spot[0]["initialization_commands"])
+    start = " ".join(cluster["worker_start_ray_commands"])
+    assert "--object-spilling-directory=/mnt/nvme/" in start and "TMPDIR=/mnt/nvme/" in start
+    assert "-v /mnt/nvme:/mnt/nvme" in cluster["docker"]["run_options"]
