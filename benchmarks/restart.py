@@ -189,14 +189,24 @@ def part_stall(steps: int, every: int, tmp: Path, quick: bool) -> dict:
                     .splitlines()]
             mid = [r["stall_s"] for r in recs if r["reason"] != "final"]
             ckpt = sorted((tmp / name).glob("checkpoint_*"))[-1] / "state.pt"
+            last = json.loads((tmp / name / "metrics.jsonl").read_text().splitlines()[-1])
+            steps_s = [json.loads(x)["step_time"] for x in
+                       (tmp / name / "metrics.jsonl").read_text().splitlines()]
             out["modes"][mode] = {"stalls_s": mid, "median_s": sorted(mid)[len(mid) // 2],
                                   "mean_s": sum(mid) / len(mid),
                                   "checkpoint_bytes": ckpt.stat().st_size,
+                                  "step_time_s_median": sorted(steps_s)[len(steps_s) // 2],
+                                  # the preemption polls: Ray Train's barrier + our broadcast
+                                  "control_points": last.get("control_points"),
+                                  "control_s_per_point": (last["control_s"]
+                                                          / max(1, last["control_points"])),
                                   "run_wall_s": time.time() - t0}
             m = out["modes"][mode]
             print(f"checkpoint stall {mode:>5}: median {m['median_s']:.3f} s, mean "
                   f"{m['mean_s']:.3f} s over {len(mid)} checkpoints of "
-                  f"{m['checkpoint_bytes'] / 2**20:.1f} MiB", flush=True)
+                  f"{m['checkpoint_bytes'] / 2**20:.1f} MiB (step {m['step_time_s_median']:.3f}"
+                  f" s; {m['control_points']} preemption polls, "
+                  f"{1000 * m['control_s_per_point']:.1f} ms each)", flush=True)
     finally:
         ray.shutdown()
     return out

@@ -94,7 +94,8 @@ class ControlPoints:
         self._mark = (start_step, clock())  # rank 0: the previous control point
         self._last_checkpoint = clock()  # rank 0: the last checkpoint (or the start)
         self._handled = None  # the last notice a checkpoint was saved for
-        self.polls = 0
+        self.polls = 0  # control points passed, and the wall seconds they took (all of them)
+        self.seconds = 0.0
 
     @classmethod
     def from_config(cls, cfg: Config, start_step: int, **kw) -> "ControlPoints":
@@ -112,9 +113,9 @@ class ControlPoints:
         """At a control point (every rank): ``"preemption"`` or ``"time"`` when this step must
         checkpoint, else None."""
         notice = None
+        t0 = time.perf_counter()
         if self.poll:
             notice = ctx.preemption_notice()
-            self.polls += 1
         now = self.clock()
         s0, t0 = self._mark
         per_step = (now - t0) / (step - s0) if step > s0 else None
@@ -123,6 +124,8 @@ class ControlPoints:
         time_due = int(self.checkpoint_every_s > 0
                        and now - self._last_checkpoint >= self.checkpoint_every_s)
         gap, time_due = ctx.agree([gap, time_due])
+        self.polls += 1
+        self.seconds += time.perf_counter() - t0
         self._mark = (step, now)
         self.next_step = step + int(gap)
         if notice is not None and notice != self._handled:
@@ -263,6 +266,8 @@ def run_loop(cfg: Config, ctx: LoopContext, monitor: Optional[Monitor] = None) -
                         data_wait_share=window_wait / max(elapsed, 1e-9),
                         wall_s=time.perf_counter() - run_t0,
                         start_step=start_step,
+                        control_points=control.polls,
+                        control_s=control.seconds,
                     )
                     if monitor is not None:
                         m.update(monitor(learner))
