@@ -39,6 +39,7 @@ from typing import Iterator, Optional
 import numpy as np
 import ray
 import torch
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from massl_ray.config import Config, CropConfig
 from massl_ray.data.groups import (concat_pieces, decode_task, group_read, read_and_split,
@@ -248,7 +249,10 @@ def start_feed(cfg: Config, src: Source, reporter=None, prefetch_tasks: Optional
     d = cfg.data
     if prefetch_tasks is None:
         prefetch_tasks = d.prefetch_tasks or auto_prefetch(cfg)
-    return FeedCoordinator.remote(
+    # On this (the driver's) node: it owns every piece, and it must outlive any worker node
+    # (an elastic run loses nodes); it takes no CPU.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    return FeedCoordinator.options(scheduling_strategy=here).remote(
         src, cfg.crops, cfg.run.seed, cfg.global_batch_size, cfg.optim.steps_per_epoch,
         cfg.total_steps(), d.limit, window_groups_of(cfg), d.decode_rows, prefetch_tasks,
         d.decode_cpus, d.read_cpus, d.shuffle != "none", reporter)

@@ -43,8 +43,12 @@ def get_report_actor(run_name: str):
     """The run's decode report actor, owned by the calling process (the driver or the Tune
     trial): it dies with its owner, so a killed driver or a trial stopped by a scheduler leaks
     nothing. Named per run so that it shows up by name in the dashboard."""
-    return DecodeReportActor.options(name=REPORT_ACTOR_PREFIX + run_name,
-                                     get_if_exists=True).remote()
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    # On the caller's node, so that losing a worker node (an elastic run) loses no report.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    return DecodeReportActor.options(name=REPORT_ACTOR_PREFIX + run_name, get_if_exists=True,
+                                     scheduling_strategy=here).remote()
 
 
 class ViewsFn:
