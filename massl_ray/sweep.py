@@ -1,53 +1,38 @@
 """Ray Tune sweeps over any config keys; each trial trains, then awaits its evaluation task.
 
-``python -m massl_ray tune --config jobs/<sweep>.yaml [section.key=value ...]``
-
-The YAML is a training config plus a ``sweep:`` section (see ``jobs/sweep_cpu.yaml``)::
+``python -m massl_ray tune --config jobs/<sweep>.yaml [section.key=value | sweep.key=value ...]``:
+a training config plus a ``sweep:`` section (its keys: :class:`SweepSpec`; docs/evaluation.md)::
 
     sweep:
-      name: mem_blocks            # sweep directory: <storage_path>/<name>
-      storage_path: runs/sweeps
+      name: mem_blocks            # the sweep directory: <storage_path>/<name>
       space:                      # section.key: a Tune search space, expanded by Tune
         massl.memory_size: [2048, 4096]           # a list: tune.grid_search
-        massl.num_blocks: {grid_search: [2, 4]}
         optim.lr: {loguniform: [1.0e-4, 1.0e-3]}  # tune.<fn>(*args) (a mapping: **kwargs)
-      num_samples: 1              # Tune's: repeats of the grid / number of searcher trials
       search: grid                # grid | random | optuna | hyperopt ({name: optuna, ...kwargs})
       scheduler: null             # fifo | {name: asha, metric: online_knn_top1, grace_period: 20}
-      metric: knn_top1            # what the searcher optimises and the report ranks by
-      mode: max
-      max_concurrent: null        # null: from the cluster's resources and each trial's needs
-      evaluation: {num_cpus: 1, num_gpus: 0, ...}   # + any EvalSettings key
+      evaluation: {num_cpus: 1}   # the evaluation task's resources + any EvalSettings key
 
-Flow: every grid point's configuration is built and validated on the driver (``Config.validate``
-and the trainer's own ``prepare``) and all invalid ones are refused, named with their reason,
-before Ray starts; sampled values are validated when the searcher proposes them (the trial is
-refused with its reason: :class:`TrialRefused`). The concurrency is derived from the cluster
-and what each trial holds in either phase (a trial too large for the cluster is refused). Each
-trial is a function trainable that calls :func:`massl_ray.train.trainer.train` (a TorchTrainer
-whose reports reach Tune), then submits its evaluation
-(:func:`massl_ray.evaluate.jobs.evaluate_checkpoint`) as a Ray task with its own resources on
-its final checkpoint, awaits it while other trials train, and reports its metrics as the
-trial's last result: ``ResultGrid.get_best_result(metric="knn_top1", mode="max")``. Evaluations
-are recorded in ``evaluations/<trial>.json``; running the same command again restores the Tune
-experiment (``Tuner.restore``): finished trials are not re-run, a restarted trial resumes from
-its checkpoints and reuses a recorded evaluation of the same checkpoint. The sweep ends with
-``results.csv``, ``results.md``, ``knn_heatmap.png`` and TensorBoard hparams in ``tb/``, all
-from the ResultGrid.
+Grid points are validated before Ray starts (all invalid ones named at once), sampled values
+when the searcher proposes them (:class:`TrialRefused`); the concurrency is derived from the
+cluster and what a trial holds. Each trial (:func:`run_trial`) trains, evaluates its final
+checkpoint in a Ray task with its own resources and reports the evaluation as its last result:
+``ResultGrid.get_best_result(metric="knn_top1")``. Running the command again restores the Tune
+experiment; a recorded evaluation (``evaluations/<trial>.json``) of the same checkpoint is
+reused. ``results.csv``/``.md`` and ``knn_heatmap.png`` come from the ResultGrid; Tune itself
+writes each trial's TensorBoard hparams (``tensorboard --logdir <sweep>/tune``).
 """
 
 from __future__ import annotations
 
 import copy
-import csv
-import importlib.util
+import dataclasses
+import importlib
 import itertools
 import json
 import logging
 import math
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -63,8 +48,6 @@ log = logging.getLogger("massl_ray")
 
 SWEEP_FILE = "sweep.json"
 TRIAL_CPU = 0.01  # the function trainable itself; its TorchTrainer reserves the real resources
-SWEEP_KEYS = ("name", "storage_path", "seed", "space", "num_samples", "search", "scheduler",
-              "metric", "mode", "max_concurrent", "evaluation")
 # tune.<fn> a sweep may name; grid_search and choice take the list itself.
 DOMAINS = ("grid_search", "choice", "uniform", "quniform", "loguniform", "qloguniform", "randn",
            "qrandn", "randint", "qrandint", "lograndint", "qlograndint")
@@ -87,26 +70,26 @@ class TrialRefused(ConfigError):
     """A sampled trial configuration that is invalid: the trial ends with this error."""
 
 
-@dataclass
+@dataclasses.dataclass
 class SweepSpec:
     name: str = "sweep"
     storage_path: str = "runs/sweeps"
     seed: int = 0
-    space: dict = field(default_factory=dict)
+    space: dict = dataclasses.field(default_factory=dict)
     num_samples: int = 1
     search: Union[str, dict] = "grid"
     scheduler: Union[None, str, dict] = None
     metric: str = "knn_top1"
     mode: str = "max"
     max_concurrent: Optional[int] = None
-    evaluation: dict = field(default_factory=dict)
+    evaluation: dict = dataclasses.field(default_factory=dict)
 
     @property
     def dir(self) -> Path:
         return Path(self.storage_path).absolute() / self.name
 
-    def as_dict(self) -> dict:
-        return {k: getattr(self, k) for k in SWEEP_KEYS}
+
+SWEEP_KEYS = tuple(f.name for f in dataclasses.fields(SweepSpec))
 
 
 # ---- parsing --------------------------------------------------------------------------------
@@ -152,9 +135,6 @@ def domain(key: str, value: Any) -> tuple[str, Any]:
 def parse_sweep(data: dict) -> SweepSpec:
     if not isinstance(data, dict):
         raise ConfigError("the sweep: section must be a mapping")
-    if "grid" in data or "random" in data:
-        raise ConfigError("sweep.grid and sweep.random are now one sweep.space: a list is a grid "
-                          "(tune.grid_search), {loguniform: [low, high]} etc. a Tune distribution")
     unknown = sorted(set(data) - set(SWEEP_KEYS))
     if unknown:
         raise ConfigError(f"unknown sweep key(s) {', '.join(unknown)}; known: {', '.join(SWEEP_KEYS)}")
@@ -284,37 +264,32 @@ def _fmt_variant(v: dict) -> str:
     return "{" + ", ".join(f"{k}: {val}" for k, val in v.items()) + "}"
 
 
-def _check_one(base: dict, variant: dict, spec: SweepSpec, run_name: str,
-               prepare_too: bool = True) -> Config:
+def _check_one(base: dict, variant: dict, spec: SweepSpec, run_name: str) -> Config:
     """Config.validate, then the trainer's ``prepare`` (data source, steps per epoch)."""
     from massl_ray.train.trainer import prepare
 
     cfg = trial_config(base, variant, spec, run_name)
-    if prepare_too:
-        prepared, _ = prepare(copy.deepcopy(cfg))
-        cfg.optim.steps_per_epoch = prepared.optim.steps_per_epoch
+    cfg.optim.steps_per_epoch = prepare(copy.deepcopy(cfg))[0].optim.steps_per_epoch
     return cfg
 
 
 def check_grid(base: dict, spec: SweepSpec) -> list[Config]:
-    """Every grid point's config validated, then (all valid) checked by the trainer's
-    ``prepare``; all invalid points are refused at once, each named with its reason."""
+    """Every grid point's config checked (:func:`_check_one`); all invalid points are refused
+    at once, each named with its reason."""
     points, cfgs, bad = grid_points(spec), [], []
-    for prepare_too in (False, True):
-        cfgs = []
-        for i, v in enumerate(points):
-            try:
-                cfgs.append(_check_one(base, v, spec, f"{spec.name}-check", prepare_too))
-            except (ConfigError, DataSourceError) as e:
-                bad.append(f"grid point {i} {_fmt_variant(v)}: {str(e).replace(chr(10), ' ')}")
-        if bad:
-            raise ConfigError(
-                f"sweep {spec.name!r}: {len(bad)} of {len(points)} grid point(s) are invalid; "
-                f"nothing was launched:\n  - " + "\n  - ".join(bad))
-    try:  # prepare's storage check made the run directory
-        os.rmdir(spec.dir / "trials" / f"{spec.name}-check")
-    except OSError:
-        pass
+    for i, v in enumerate(points):
+        try:
+            cfgs.append(_check_one(base, v, spec, f"{spec.name}-check"))
+        except (ConfigError, DataSourceError) as e:
+            bad.append(f"grid point {i} {_fmt_variant(v)}: {str(e).replace(chr(10), ' ')}")
+    for d in (spec.dir / "trials" / f"{spec.name}-check", spec.dir / "trials", spec.dir):
+        try:  # what prepare's storage check made, if empty
+            os.rmdir(d)
+        except OSError:
+            pass
+    if bad:
+        raise ConfigError(f"sweep {spec.name!r}: {len(bad)} of {len(points)} grid point(s) are "
+                          f"invalid; nothing was launched:\n  - " + "\n  - ".join(bad))
     return cfgs
 
 
@@ -360,14 +335,16 @@ def build_searcher(spec: SweepSpec, max_concurrent: int):
         except TypeError as e:
             raise ConfigError(f"sweep.search {name}: {e}") from None
     module, cls, package, seed_kw = SEARCHERS[name]
-    if importlib.util.find_spec(package) is None:
+    try:
+        importlib.import_module(package)
+    except ImportError:
         raise ConfigError(f"sweep.search {name} needs the {package} package, which is not "
-                          f"installed: {EXTRA}")
+                          f"installed: {EXTRA}") from None
     kw.setdefault(seed_kw, spec.seed)
     try:
-        searcher = getattr(importlib.import_module(module), cls)(metric=spec.metric, mode=spec.mode,
-                                                                 **kw)
-        return ConcurrencyLimiter(searcher, max_concurrent=max_concurrent)
+        searcher = getattr(importlib.import_module(module), cls)
+        return ConcurrencyLimiter(searcher(metric=spec.metric, mode=spec.mode, **kw),
+                                  max_concurrent=max_concurrent)
     except TypeError as e:
         raise ConfigError(f"sweep.search {name}: {e}") from None
 
@@ -427,7 +404,7 @@ def eval_resources(settings: EvalSettings, res: dict) -> dict:
 
 
 def derive_concurrency(cluster: dict, trials: list[dict], evaluation: dict,
-                       max_concurrent: Optional[int], n_trials: Optional[int]) -> int:
+                       max_concurrent: Optional[int], n_trials: int) -> int:
     """How many trials may run at once. A trial is either training (it holds ``CPU``/``GPU``
     and its Ray Data needs ``data_CPU`` more to progress) or awaiting its evaluation (the task's
     resources, plus its Ray Data's when not local). With ``c`` trials in any mix of phases,
@@ -440,7 +417,7 @@ def derive_concurrency(cluster: dict, trials: list[dict], evaluation: dict,
     data = max(t.get("data_CPU", 0.0) for t in trials)
     ev = {"CPU": evaluation["CPU"], "GPU": evaluation.get("GPU", 0.0)}
     ev_data = {"CPU": evaluation.get("data_CPU", 0.0), "GPU": evaluation.get("data_GPU", 0.0)}
-    n = n_trials if n_trials is not None else math.inf
+    n = min(n_trials, max_concurrent or n_trials)
     for k in ("CPU", "GPU"):
         need_train, need_eval = train[k] + (data if k == "CPU" else 0.0), ev[k] + ev_data[k]
         if need_train > have[k] + 1e-9:
@@ -461,18 +438,10 @@ def derive_concurrency(cluster: dict, trials: list[dict], evaluation: dict,
         hold = max(train[k], ev[k])
         if hold > 0:
             n = min(n, int((have[k] - max(need_train, need_eval) + 1e-9) // hold) + 1)
-    if max_concurrent is not None:
-        n = min(n, max_concurrent)
-    return max(1, int(n if n != math.inf else 1))
+    return max(1, n)
 
 
 # ---- the trial ------------------------------------------------------------------------------
-
-def _append_jsonl(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        f.write(json.dumps(obj, default=str) + "\n")
-
 
 def _write_json(path: Path, obj: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -505,6 +474,7 @@ def run_trial(config: dict, base: dict, spec: dict, settings: dict, eval_res: di
     """The function trainable: build and check the trial's config (an invalid proposal is
     refused), train it (a TorchTrainer whose reports reach Tune), evaluate its final checkpoint
     in a Ray task with its own resources, report the evaluation as the trial's last result."""
+    from massl_ray.method.checkpoint import latest_valid_checkpoint
     from massl_ray.train.trainer import run_dir_of, setup_logging, train
 
     setup_logging(0)
@@ -516,24 +486,20 @@ def run_trial(config: dict, base: dict, spec: dict, settings: dict, eval_res: di
     except (ConfigError, DataSourceError) as e:
         raise TrialRefused(f"trial {trial} {_fmt_variant(variant)} refused: "
                            f"{str(e).replace(chr(10), ' ')}") from None
-    started = time.time()
-    _append_jsonl(run_dir_of(cfg) / "attempts.jsonl", {"started_at": started, "pid": os.getpid()})
+    started, run_dir = time.time(), run_dir_of(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / "attempts.jsonl", "a") as f:  # one line per attempt of this trial
+        f.write(json.dumps({"started_at": started, "pid": os.getpid()}) + "\n")
     result = train(cfg, callbacks=[_report_callback()])
     m = dict(result.get("metrics") or {})
     if "loss" not in m:  # resumed after the last step: nothing trained now, take the logged end
-        m.update(_last_logged(run_dir_of(cfg) / "metrics.jsonl"))
+        m.update(_last_logged(run_dir / "metrics.jsonl"))
+    ckpt = result.get("checkpoint") or latest_valid_checkpoint(run_dir)
     out = {"final_loss": m.get("loss"), "step": m.get("step"), "train_wall_s": result.get("wall_s"),
-           "checkpoint": result.get("checkpoint"), "trial_started_at": started,
-           "trial_ended_at": time.time(), "training_done": True}
-    for k in ("online_knn_top1", "online_knn_step"):
-        if k in m:
-            out[k] = m[k]
-    if not out["checkpoint"]:
-        from massl_ray.method.checkpoint import latest_valid_checkpoint
-
-        found = latest_valid_checkpoint(run_dir_of(cfg))
-        out["checkpoint"] = str(found) if found else None
-    ev = evaluate(trial, out["checkpoint"], settings, eval_res, sp.dir) if out["checkpoint"] else {}
+           "checkpoint": str(ckpt) if ckpt else None, "trial_started_at": started,
+           "trial_ended_at": time.time(), "training_done": True,
+           **{k: m[k] for k in ("online_knn_top1", "online_knn_step") if k in m}}
+    ev = evaluate(trial, out["checkpoint"], settings, eval_res, sp.dir) if ckpt else {}
     out.update({k: ev.get(k, float("nan")) for k in EVAL_METRICS})
     out.update({k: ev.get(k) for k in ("eval_s", "eval_started_at", "eval_ended_at")})
     out["eval_status"] = ev.get("status", "no checkpoint")
@@ -561,16 +527,12 @@ def evaluate(trial: str, checkpoint: str, settings: dict, res: dict, sweep_dir: 
     task = ray.remote(_evaluate_task).options(
         num_cpus=res["num_cpus"], num_gpus=res["num_gpus"] or None, scheduling_strategy="DEFAULT",
         name=f"evaluate:{trial}", max_retries=1)
-    submitted = time.time()
     try:
-        rec = ray.get(task.remote(trial, checkpoint, settings, str(sweep_dir / "eval" / trial),
-                                  str(record)))
-    except ray.exceptions.RayTaskError as e:  # recorded, not fatal: the trial keeps its training
-        rec = {"trial": trial, "status": "error", "error": f"{type(e.cause).__name__}: {e.cause}"}
+        return ray.get(task.remote(trial, checkpoint, settings, str(sweep_dir / "eval" / trial),
+                                   str(record)))
+    except ray.exceptions.RayTaskError as e:  # not fatal: the trial keeps its training
         log.error("sweep: evaluation of %s failed: %s", trial, e.cause)
-        _write_json(record, rec)
-    rec["eval_submitted_at"] = submitted
-    return rec
+        return {"status": f"error: {type(e.cause).__name__}: {e.cause}"[:500]}
 
 
 def _evaluate_task(trial: str, checkpoint: str, settings: dict, out_dir: str, record: str) -> dict:
@@ -578,16 +540,15 @@ def _evaluate_task(trial: str, checkpoint: str, settings: dict, out_dir: str, re
     from massl_ray.evaluate.jobs import evaluate_checkpoint
     from massl_ray.train.trainer import setup_logging
 
+    import ray
+
     setup_logging(0)
     started = time.time()
     res = evaluate_checkpoint(checkpoint, EvalSettings.from_dict(settings), out_dir)
-    import ray
-
-    ctx = ray.get_runtime_context()
+    ctx, ended = ray.get_runtime_context(), time.time()
     rec = {"trial": trial, "status": "ok", "checkpoint": checkpoint, "pid": os.getpid(),
            "resources": ctx.get_assigned_resources(), "placement_group": ctx.get_placement_group_id(),
-           "eval_started_at": started,
-           "eval_ended_at": time.time(), "eval_s": time.time() - started,
+           "eval_started_at": started, "eval_ended_at": ended, "eval_s": ended - started,
            "knn_top1": res["knn_top1"], "linear_top1": res["linear_top1"], "result": res}
     _write_json(Path(record), rec)
     return rec
@@ -597,33 +558,38 @@ def _evaluate_task(trial: str, checkpoint: str, settings: dict, out_dir: str, re
 
 def collect_rows(grid, base: dict, spec: SweepSpec) -> list[dict]:
     """One row per trial of the ResultGrid: swept values, memory size / blocks, status, loss,
-    the evaluation's metrics."""
+    the evaluation's metrics. A trial the scheduler stopped (Tune marked its last result done)
+    is not evaluated, and says so; its newest checkpoint is named for an ``eval`` by hand."""
+    from massl_ray.method.checkpoint import latest_valid_checkpoint
+
     rows = []
     for r in grid:
         m, conf = dict(r.metrics or {}), dict((r.config or {}).get("overrides", {}))
-        cfg = trial_config(base, conf, spec, "row", validate=False)
+        trial = m.get("trial_id") or Path(r.path).name
+        cfg = trial_config(base, conf, spec, trial, validate=False)
         try:
             blocks, bsize = cfg.num_blocks, cfg.block_size
         except Exception:  # noqa: BLE001 - a refused trial's values need not divide
             blocks, bsize = cfg.massl.num_blocks, cfg.massl.block_size
+        status, evaluated, ckpt = "not finished", m.get("eval_status", "not run"), m.get("checkpoint")
         if r.error is not None:
             status = "refused" if "refused:" in str(r.error) else "error"
         elif m.get("training_done"):
             status = "ok"
-        else:
-            status = "stopped early" if m.get("done") else "not finished"
-        num = (lambda k: m.get(k) if isinstance(m.get(k), (int, float)) and
-               math.isfinite(m[k]) else None)
+        elif m.get("done"):
+            status, evaluated = "stopped early", "stopped early: not evaluated"
+            ckpt = latest_valid_checkpoint(spec.dir / "trials" / trial)
+        num = (lambda k: m[k] if isinstance(m.get(k), (int, float)) and math.isfinite(m[k])
+               else None)
         rows.append({
-            "trial": m.get("trial_id") or Path(r.path).name,
-            **{k: v for k, v in conf.items() if k not in DERIVED_COLUMNS},
+            "trial": trial, **{k: v for k, v in conf.items() if k not in DERIVED_COLUMNS},
             "memory_size": cfg.massl.memory_size, "num_blocks": blocks, "block_size": bsize,
             "status": status, "step": m.get("step"), "final_loss": num("final_loss"),
             "online_knn_top1": num("online_knn_top1"), "knn_top1": num("knn_top1"),
-            "linear_top1": num("linear_top1"), "train_wall_s": num("train_wall_s"),
-            "eval_s": num("eval_s"), "trial_ended_at": m.get("trial_ended_at"),
-            "eval_started_at": m.get("eval_started_at"), "eval_ended_at": m.get("eval_ended_at"),
-            "eval_status": m.get("eval_status", "not run"),
+            "linear_top1": num("linear_top1"), "eval_status": evaluated,
+            "train_wall_s": num("train_wall_s"), "eval_s": num("eval_s"),
+            "trial_ended_at": m.get("trial_ended_at"), "eval_started_at": m.get("eval_started_at"),
+            "eval_ended_at": m.get("eval_ended_at"), "checkpoint": str(ckpt) if ckpt else None,
             "error": str(r.error).strip().splitlines()[-1][:500] if r.error is not None else None,
         })
     return sorted(rows, key=lambda row: row["trial"])
@@ -631,21 +597,19 @@ def collect_rows(grid, base: dict, spec: SweepSpec) -> list[dict]:
 
 # Swept keys shown through the derived columns memory_size / num_blocks / block_size.
 DERIVED_COLUMNS = ("massl.memory_size", "massl.num_blocks", "massl.block_size")
-HIDDEN_MD = ("trial_ended_at", "eval_started_at", "eval_ended_at", "eval_status", "error")
+HIDDEN_MD = ("trial_ended_at", "eval_started_at", "eval_ended_at", "checkpoint", "error")
 
 
 def write_table(rows: list[dict], sweep_dir: Path) -> tuple[Path, Path]:
-    cols = list(dict.fromkeys(c for r in rows for c in r))
+    import pandas as pd
+
     csv_path, md_path = sweep_dir / "results.csv", sweep_dir / "results.md"
-    with open(csv_path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: ("" if r.get(k) is None else r[k]) for k in cols})
-    shown = [c for c in cols if c not in HIDDEN_MD]
+    table = pd.DataFrame(rows, dtype=object)  # objects: ints stay ints beside empty cells
+    table.to_csv(csv_path, index=False)
+    shown = [c for c in table.columns if c not in HIDDEN_MD]
 
     def cell(v: Any) -> str:
-        if v is None:
+        if v is None or (isinstance(v, float) and math.isnan(v)):
             return "-"
         if isinstance(v, float):
             return f"{v:.4g}" if abs(v) < 1e-2 else f"{v:.2f}"
@@ -660,6 +624,8 @@ def write_table(rows: list[dict], sweep_dir: Path) -> tuple[Path, Path]:
 def write_heatmap(rows: list[dict], path: Path, title: str) -> Optional[Path]:
     """k-NN top-1 over (memory size, number of blocks): the mean where several trials share a
     cell, blank where none was evaluated."""
+    import pandas as pd
+
     try:
         import matplotlib
 
@@ -669,59 +635,29 @@ def write_heatmap(rows: list[dict], path: Path, title: str) -> Optional[Path]:
         log.warning("matplotlib is not installed: no heatmap (pip install matplotlib)")
         return None
     rows = [r for r in rows if isinstance(r["num_blocks"], int)]
-    mems = sorted({r["memory_size"] for r in rows})
-    blocks = sorted({r["num_blocks"] for r in rows})
-    if not mems or not blocks:
+    if not rows:
         return None
-    grid = np.full((len(mems), len(blocks)), np.nan)
-    for i, m in enumerate(mems):
-        for j, b in enumerate(blocks):
-            vals = [r["knn_top1"] for r in rows if r["memory_size"] == m and r["num_blocks"] == b
-                    and r["knn_top1"] is not None]
-            if vals:
-                grid[i, j] = float(np.mean(vals))
-    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(blocks), 1.4 + 0.8 * len(mems)), dpi=100)
-    im = ax.imshow(np.ma.masked_invalid(grid), cmap="viridis", aspect="auto", origin="lower")
-    ax.set_xticks(range(len(blocks)), [str(b) for b in blocks])
-    ax.set_yticks(range(len(mems)), [str(m) for m in mems])
-    ax.set_xlabel("number of memory blocks")
-    ax.set_ylabel("memory size K")
+    cells = pd.DataFrame(rows, columns=["memory_size", "num_blocks", "knn_top1"])
+    grid = cells.astype({"knn_top1": float}).groupby(["memory_size", "num_blocks"]).knn_top1.mean()
+    grid = grid.unstack()  # memory sizes x block counts, NaN where no trial was evaluated
+    values = grid.to_numpy()
+    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * values.shape[1], 1.4 + 0.8 * values.shape[0]),
+                           dpi=100)
+    im = ax.imshow(np.ma.masked_invalid(values), cmap="viridis", aspect="auto", origin="lower")
+    ax.set_xticks(range(len(grid.columns)), [str(b) for b in grid.columns])
+    ax.set_yticks(range(len(grid.index)), [str(m) for m in grid.index])
+    ax.set(xlabel="number of memory blocks", ylabel="memory size K")
     ax.set_title(title, fontsize=9)
-    finite = grid[np.isfinite(grid)]
-    mid = float(finite.mean()) if finite.size else 0.0
-    for i in range(len(mems)):
-        for j in range(len(blocks)):
-            if np.isfinite(grid[i, j]):
-                ax.text(j, i, f"{grid[i, j]:.1f}", ha="center", va="center",
-                        color="black" if grid[i, j] > mid else "white", fontsize=9)
+    mid = np.nanmean(values) if np.isfinite(values).any() else 0.0
+    for (i, j), v in np.ndenumerate(values):
+        if np.isfinite(v):
+            ax.text(j, i, f"{v:.1f}", ha="center", va="center",
+                    color="black" if v > mid else "white", fontsize=9)
     fig.colorbar(im, ax=ax, label="k-NN top-1 (%)")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
     return path
-
-
-def write_hparams(rows: list[dict], tb_dir: Path) -> Optional[Path]:
-    """TensorBoard's HPARAMS view of the sweep: one run per trial under ``tb/``, its swept and
-    derived values as hyperparameters, the loss and the evaluation as metrics."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-        from torch.utils.tensorboard.summary import hparams
-    except ImportError:
-        log.warning("tensorboard is not installed: no hparams")
-        return None
-    metric_keys = ("final_loss", "online_knn_top1", "knn_top1", "linear_top1")
-    for r in rows:
-        hp = {k: v for k, v in r.items() if k not in metric_keys and k not in HIDDEN_MD
-              and k not in ("trial", "step", "train_wall_s", "eval_s")
-              and isinstance(v, (int, float, str, bool))}
-        metrics = {f"sweep/{k}": float(r[k]) for k in metric_keys if r.get(k) is not None}
-        with SummaryWriter(str(tb_dir / r["trial"])) as w:  # one event file per trial
-            for summary in hparams(hp, metrics):
-                w.file_writer.add_summary(summary)
-            for k, v in metrics.items():
-                w.add_scalar(k, v)
-    return tb_dir
 
 
 # ---- the driver -----------------------------------------------------------------------------
@@ -740,15 +676,15 @@ def _check_same_sweep(sweep_dir: Path, record: dict) -> None:
 
 
 def run_sweep(config_path: Union[str, os.PathLike], overrides: Optional[list[str]] = None,
-              retry_errored: bool = False, extra_callbacks: Optional[list] = None) -> dict:
+              retry_errored: bool = False) -> dict:
     """Validate, launch (or resume) the sweep, write the results from Tune's ResultGrid."""
     base, spec = load_sweep(config_path, overrides)
     cfgs = check_grid(base, spec)  # nothing launched yet
     settings, eval_res = eval_settings(spec, cfgs[0])
     build_searcher(spec, 1)  # a missing package / bad argument refused before Ray starts
     scheduler = build_scheduler(spec, cfgs)
-    sweep_dir = spec.dir
-    record = {"name": spec.name, "space": spec.space, "base": base, "spec": spec.as_dict()}
+    sweep_dir, spec_dict = spec.dir, dataclasses.asdict(spec)
+    record = {"name": spec.name, "space": spec.space, "base": base, "spec": spec_dict}
     _check_same_sweep(sweep_dir, record)
 
     import ray
@@ -757,19 +693,20 @@ def run_sweep(config_path: Union[str, os.PathLike], overrides: Optional[list[str
 
     init_ray()
     cluster = ray.cluster_resources()
-    per_trial, per_eval = trial_resources(cfgs[0]), eval_resources(settings, eval_res)
-    n_trials = len(cfgs) * spec.num_samples if _named(spec.search, "search")[0] in (
-        "grid", "random") else spec.num_samples
+    per_eval = eval_resources(settings, eval_res)
+    grid_like = _named(spec.search, "search")[0] in ("grid", "random")
+    n_trials = len(cfgs) * spec.num_samples if grid_like else spec.num_samples
     conc = derive_concurrency(cluster, [trial_resources(c) for c in cfgs], per_eval,
                               spec.max_concurrent, n_trials)
     log.info("sweep %r: %d trial(s), %d at a time (cluster %g CPU / %g GPU; a training trial "
              "holds %s, an evaluating one %s) -> %s", spec.name, n_trials, conc,
-             cluster.get("CPU", 0), cluster.get("GPU", 0), per_trial, per_eval, sweep_dir)
+             cluster.get("CPU", 0), cluster.get("GPU", 0), trial_resources(cfgs[0]), per_eval,
+             sweep_dir)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     _write_json(sweep_dir / SWEEP_FILE, record)
 
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, base=base, spec=spec.as_dict(), settings=settings.to_dict(),
+        tune.with_parameters(run_trial, base=base, spec=spec_dict, settings=settings.to_dict(),
                              eval_res=eval_res),
         {"CPU": TRIAL_CPU})
     tune_path = sweep_dir / "tune"
@@ -783,33 +720,36 @@ def run_sweep(config_path: Union[str, os.PathLike], overrides: Optional[list[str
             trainable, param_space=param_space(spec),
             tune_config=tune.TuneConfig(search_alg=build_searcher(spec, conc), scheduler=scheduler,
                                         num_samples=spec.num_samples),
-            run_config=tune.RunConfig(name="tune", storage_path=str(sweep_dir),
-                                      callbacks=list(extra_callbacks or []), verbose=1))
+            run_config=tune.RunConfig(name="tune", storage_path=str(sweep_dir), verbose=1))
     grid = tuner.fit()
     rows = collect_rows(grid, base, spec)
     csv_path, md_path = write_table(rows, sweep_dir)
     png = write_heatmap(rows, sweep_dir / "knn_heatmap.png",
-                        f"{spec.name}: k-NN top-1 (k={settings.ks[0] if 20 not in settings.ks else 20})")
-    tb = write_hparams(rows, sweep_dir / "tb")
+                        f"{spec.name}: k-NN top-1 (k={20 if 20 in settings.ks else settings.ks[0]})")
     best = None
-    if any(r[spec.metric] is not None for r in rows if spec.metric in r):
+    if any(r.get(spec.metric) is not None for r in rows):
         b = grid.get_best_result(metric=spec.metric, mode=spec.mode)
         best = {"trial": b.metrics.get("trial_id"), spec.metric: b.metrics.get(spec.metric),
                 "overrides": (b.config or {}).get("overrides"), "checkpoint": b.metrics.get("checkpoint")}
     finished = [r for r in rows if r["status"] in ("ok", "stopped early")]
+    stopped = [r for r in rows if r["status"] == "stopped early"]
     interrupted = any(r["status"] == "not finished" for r in rows) or len(rows) < n_trials
     summary = {"sweep_dir": str(sweep_dir), "trials": len(rows), "finished": len(finished),
                "evaluated": sum(r["eval_status"] == "ok" for r in rows),
+               "stopped_early": [r["trial"] for r in stopped],
                "errors": [r["trial"] for r in rows if r["status"] == "error"],
                "refused": [r["trial"] for r in rows if r["status"] == "refused"],
                "interrupted": interrupted, "concurrency": conc, "wall_s": time.time() - t0,
                "best": best, "results_csv": str(csv_path), "results_md": str(md_path),
-               "heatmap": str(png) if png else None, "tensorboard": str(tb) if tb else None,
-               "rows": rows}
+               "heatmap": str(png) if png else None, "tensorboard": str(tune_path), "rows": rows}
     _write_json(sweep_dir / "summary.json", summary)
     if best:
         log.info("sweep %r: best %s = %s: %s %s", spec.name, spec.metric, best[spec.metric],
                  best["trial"], best["overrides"])
+    if stopped:
+        log.info("sweep %r: %d trial(s) stopped early by the scheduler, not evaluated (to "
+                 "evaluate one: python -m massl_ray eval --checkpoint <its results.csv "
+                 "checkpoint>)", spec.name, len(stopped))
     if interrupted:
         log.warning("sweep %r interrupted (%d of %d trials finished): run the same command to "
                     "resume", spec.name, len(finished), n_trials)

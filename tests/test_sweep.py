@@ -1,8 +1,9 @@
 """Sweeps: Tune search spaces, searchers and schedulers by name, refusals (no Ray), concurrency
-from what trials hold, and on one shared Ray instance: a too-large sweep refused, a 2 x 2 sweep
-end to end (each trial's evaluation a separate Ray task, its metrics in Tune's ResultGrid), a
-sampled invalid trial refused, and a sweep whose driver is SIGKILLed resumed without redoing
-finished trials or their evaluations."""
+from what trials hold, the results table of stopped/refused trials, and on one shared Ray
+instance: a too-large sweep refused, a 4-trial Optuna search end to end (each trial's evaluation
+a separate Ray task, its k-NN in Tune's ResultGrid and Optuna's study), a sampled invalid trial
+refused, and a 2 x 2 grid whose driver is SIGKILLed resumed without redoing finished trials or
+their evaluations."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -85,7 +87,7 @@ def test_space_is_tunes_own():
         parse_sweep({"space": {"optim.lr": {"gaussian": [0, 1]}}})
     with pytest.raises(ConfigError, match="run.num_workers decides what a trial holds"):
         parse_sweep({"space": {"run.num_workers": {"choice": [1, 2]}}})
-    with pytest.raises(ConfigError, match="now one sweep.space"):
+    with pytest.raises(ConfigError, match="unknown sweep key.*grid; known: name, storage_path"):
         parse_sweep({"grid": {"massl.num_blocks": [2]}})
     with pytest.raises(ConfigError, match="sweep.search optuna proposes values itself"):
         parse_sweep({"search": "optuna", "space": {"massl.num_blocks": [2, 4]}})
@@ -93,24 +95,8 @@ def test_space_is_tunes_own():
         parse_sweep({"scheduler": "pbt"})
 
 
-class FixedSearcher(tune.search.Searcher):
-    """A Searcher registered in the test under a name, as optuna/hyperopt are."""
-
-    def __init__(self, metric=None, mode=None, seed=None):
-        super().__init__(metric=metric, mode=mode)
-        self.seed = seed
-
-    def suggest(self, trial_id):
-        return {"overrides": {}}
-
-    def on_trial_complete(self, trial_id, result=None, error=False):
-        pass
-
-
 @pytest.mark.timeout(60)
 def test_search_and_scheduler_by_name(monkeypatch):
-    import importlib.util
-
     from ray.tune.schedulers import ASHAScheduler, MedianStoppingRule
     from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 
@@ -122,19 +108,25 @@ def test_search_and_scheduler_by_name(monkeypatch):
     for name in ("grid", "random"):
         s = sweep.build_searcher(parse_sweep({"search": name, "seed": 7}), 3)
         assert isinstance(s, BasicVariantGenerator) and s.max_concurrent == 3
-    # A named Searcher: metric/mode/seed from the sweep, in a ConcurrencyLimiter.
-    monkeypatch.setitem(sweep.SEARCHERS, "optuna", (__name__, "FixedSearcher", "yaml", "seed"))
+    # The real searchers (the tune-search extra is in requirements-test.txt): metric, mode and
+    # seed from the sweep, in a ConcurrencyLimiter.
+    space = {"massl.num_blocks": {"choice": [2, 4]}}
     s = sweep.build_searcher(parse_sweep({"search": "optuna", "seed": 5, "metric": "linear_top1",
-                                          "mode": "min"}), 2)
+                                          "mode": "min", "space": space}), 2)
     assert isinstance(s, ConcurrencyLimiter) and s.max_concurrent == 2
-    assert isinstance(s.searcher, FixedSearcher) and s.searcher.seed == 5
+    assert type(s.searcher).__name__ == "OptunaSearch" and s.searcher._seed == 5
     assert (s.searcher.metric, s.searcher.mode) == ("linear_top1", "min")
-    # Its package missing: the extra named.
-    monkeypatch.undo()
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda n, *a: None if n in ("optuna", "hyperopt") else real(n, *a))
+    s = sweep.build_searcher(parse_sweep({"search": {"name": "hyperopt", "n_initial_points": 3},
+                                          "seed": 5, "space": space}), 2)
+    assert type(s.searcher).__name__ == "HyperOptSearch"
+    assert s.searcher.algo.keywords["n_startup_jobs"] == 3  # a searcher keyword passed through
+    assert s.searcher.rstate.randint(10**9) == np.random.RandomState(5).randint(10**9)
+    assert (s.searcher.metric, s.searcher.mode) == ("knn_top1", "max")
+    with pytest.raises(ConfigError, match="sweep.search optuna: .*unexpected keyword.*colour"):
+        sweep.build_searcher(parse_sweep({"search": {"name": "optuna", "colour": 1}}), 1)
+    # Its package missing (its import fails): the extra named.
     for name in ("optuna", "hyperopt"):
+        monkeypatch.setitem(sys.modules, name, None)  # `import name` raises ImportError
         with pytest.raises(ConfigError, match=rf"sweep.search {name} needs the {name} package, "
                                               r"which is not installed: pip install "
                                               r"'massl_ray\[tune-search\]'"):
@@ -154,21 +146,6 @@ def test_search_and_scheduler_by_name(monkeypatch):
         sweep.build_scheduler(parse_sweep({"scheduler": "asha"}), [load_config(None, [])])
     with pytest.raises(ConfigError, match="sweep.scheduler asha: .*unexpected keyword.*colour"):
         sweep.build_scheduler(parse_sweep({"scheduler": {"name": "asha", "colour": 1}}), cfgs)
-
-
-@pytest.mark.timeout(60)
-def test_real_optuna_and_hyperopt_searchers_when_installed():
-    """With the tune-search extra installed (not in CI: skipped there), the real searchers."""
-    from ray.tune.search import ConcurrencyLimiter
-
-    from massl_ray.sweep import build_searcher
-
-    space = {"massl.num_blocks": {"choice": [2, 4]}}
-    for name, cls in (("optuna", "OptunaSearch"), ("hyperopt", "HyperOptSearch")):
-        pytest.importorskip(name)
-        s = build_searcher(parse_sweep({"search": name, "space": space}), 2)
-        assert isinstance(s, ConcurrencyLimiter) and type(s.searcher).__name__ == cls
-        assert (s.searcher.metric, s.searcher.mode) == ("knn_top1", "max")
 
 
 def test_relative_paths_resolve_against_the_driver_not_the_trial_dir(tmp_path, monkeypatch):
@@ -303,6 +280,48 @@ def test_object_store_sweep_storage_is_still_refused(tmp_path):
         load_sweep(p)
 
 
+def test_results_table_names_stopped_refused_and_unfinished_trials(tmp_path):
+    """The table from the ResultGrid's results: a trial the scheduler stopped (Tune marks its
+    last result done) is explicitly not evaluated and names its newest checkpoint (for an
+    ``eval`` by hand); a refused and an unfinished trial say so; ints stay ints in the CSV."""
+    from types import SimpleNamespace as Result
+
+    from massl_ray.config import Config
+    from massl_ray.method.checkpoint import save_checkpoint
+    from massl_ray.sweep import TrialRefused, collect_rows, write_heatmap, write_table
+
+    spec = parse_sweep({"name": "t", "storage_path": str(tmp_path), "space": {
+        "massl.memory_size": [256, 512], "massl.num_blocks": [1, 2]}})
+    stopped_ckpt = save_checkpoint({"global_step": 2}, spec.dir / "trials" / "b" / "checkpoint_2")
+    nan = float("nan")
+
+    def result(trial, mem, blocks, error=None, **m):
+        return Result(metrics={"trial_id": trial, **m}, error=error, path=str(tmp_path / trial),
+                      config={"overrides": {"massl.memory_size": mem, "massl.num_blocks": blocks}})
+
+    grid = [result("a", 256, 1, step=4, training_done=True, final_loss=1.5, knn_top1=30.0,
+                   linear_top1=40.0, eval_status="ok", checkpoint="/ck/a"),
+            result("b", 256, 2, step=2, done=True, online_knn_top1=20.0, knn_top1=nan),
+            result("c", 512, 3, error=TrialRefused("trial c {massl.num_blocks: 3} refused: ...")),
+            result("d", 512, 2, step=2, done=False, knn_top1=nan)]
+    rows = {r["trial"]: r for r in collect_rows(grid, Config().to_dict(), spec)}
+    assert [(r["status"], r["eval_status"], r["knn_top1"]) for r in rows.values()] == [
+        ("ok", "ok", 30.0), ("stopped early", "stopped early: not evaluated", None),
+        ("refused", "not run", None), ("not finished", "not run", None)]
+    assert rows["b"]["checkpoint"] == str(stopped_ckpt) and rows["b"]["online_knn_top1"] == 20.0
+    assert (rows["b"]["memory_size"], rows["b"]["num_blocks"], rows["b"]["block_size"]) == (256, 2, 128)
+    assert rows["c"]["num_blocks"] == 3 and "refused" in rows["c"]["error"]
+    csv_path, md_path = write_table(list(rows.values()), tmp_path)
+    table = {r["trial"]: r for r in csv.DictReader(open(csv_path))}
+    assert table["a"]["step"] == "4" and table["c"]["step"] == "" and table["b"]["knn_top1"] == ""
+    assert table["b"]["checkpoint"] == str(stopped_ckpt)
+    md = md_path.read_text().splitlines()
+    assert "checkpoint" not in md[0] and "eval_status" in md[0]
+    assert "| stopped early | 2 |" in md[3] and "| stopped early: not evaluated |" in md[3]
+    png = write_heatmap(list(rows.values()), tmp_path / "h.png", "t")
+    assert png.stat().st_size > 1000  # one evaluated cell of four
+
+
 # ---- on Ray --------------------------------------------------------------------------------
 
 def _records(sweep_dir: Path) -> dict:
@@ -317,13 +336,18 @@ def _attempts(sweep_dir: Path) -> dict:
 
 @pytest.mark.ray
 @pytest.mark.timeout(900)
-def test_sweep_2x2_end_to_end(ray_instance, tmp_path):
-    p = tiny_sweep(tmp_path, "grid2x2", {"massl.memory_size": [256, 512], "massl.num_blocks": [1, 2]})
+def test_optuna_search_end_to_end(ray_instance, tmp_path):
+    """A 4-trial Optuna search over memory size x blocks: each trial evaluated as a dependent
+    Ray task, the evaluation's k-NN in Tune's ResultGrid (get_best_result) and in Optuna's own
+    study, the table, heatmap and TensorBoard hparams from the ResultGrid."""
+    space = {"massl.memory_size": {"choice": [256, 512]}, "massl.num_blocks": {"choice": [1, 2]}}
+    # seed 5: Optuna's first 4 (random start-up) proposals are the 4 cells, for the heatmap
+    p = tiny_sweep(tmp_path, "optuna", space, search="optuna", num_samples=4, seed=5)
     # Too large for the 4-CPU Ray: refused before launch, with the numbers.
     with pytest.raises(ConfigError, match=r"a trial needs 4\.01 CPU while it trains .* Ray Data 1 "
                                           r"more .* the cluster has 4 CPU: it could never run"):
         run_sweep(p, ["run.cpus_per_worker=4"])
-    assert not (tmp_path / "sweeps" / "grid2x2" / "tune").exists()
+    assert not (tmp_path / "sweeps" / "optuna" / "tune").exists()
 
     t_start = time.time()
     s = run_sweep(p)
@@ -339,9 +363,13 @@ def test_sweep_2x2_end_to_end(ray_instance, tmp_path):
     rows = {r["trial"]: r for r in s["rows"]}
     for name, e in evals.items():
         assert e["status"] == "ok"
-        # Its own trial's final checkpoint, after that trial's training ended.
+        # Its own trial's final checkpoint, trained with what Optuna proposed, evaluated after
+        # that trial's training ended.
         assert e["result"]["checkpoint"].startswith(str(sweep_dir / "trials" / name))
         assert e["result"]["global_step"] == 4
+        trained = json.loads((Path(e["checkpoint"]) / "meta.json").read_text())["config"]["massl"]
+        assert (trained["memory_size"], trained["num_blocks"]) == \
+            (rows[name]["memory_size"], rows[name]["num_blocks"])
         assert rows[name]["trial_ended_at"] <= e["eval_started_at"] <= e["eval_ended_at"] <= t_end
         assert attempts[name][0]["started_at"] >= t_start
         # A separate Ray task with its own resources (sweep.evaluation.num_cpus), outside the
@@ -350,26 +378,39 @@ def test_sweep_2x2_end_to_end(ray_instance, tmp_path):
         assert e["resources"] == {"CPU": 0.5} and e["placement_group"] is None
         assert rows[name]["knn_top1"] == e["knn_top1"]
 
-    # The evaluation's metrics are in Tune's ResultGrid (read back from the experiment).
+    # Tune's ResultGrid, read back from the experiment: the best trial by the evaluation's k-NN.
     from ray.tune import ExperimentAnalysis, ResultGrid
+    from ray.tune.search.optuna import OptunaSearch
 
     grid = ResultGrid(ExperimentAnalysis(str(sweep_dir / "tune")))
     assert len(grid) == 4 and not grid.errors
     best = grid.get_best_result(metric="knn_top1", mode="max")
-    assert best.metrics["knn_top1"] == max(e["knn_top1"] for e in evals.values())
-    assert s["best"]["knn_top1"] == best.metrics["knn_top1"]  # (ties broken either way)
-    assert evals[s["best"]["trial"]]["knn_top1"] == best.metrics["knn_top1"]
+    top = max(e["knn_top1"] for e in evals.values())
+    tied = {t for t, e in evals.items() if e["knn_top1"] == top}  # 100 test images: ties happen
+    for name, chosen, overrides in (
+            (best.metrics["trial_id"], best.metrics, best.config["overrides"]),
+            (s["best"]["trial"], s["best"], s["best"]["overrides"])):  # the summary's
+        assert name in tied and chosen["knn_top1"] == top
+        assert chosen["checkpoint"] == evals[name]["checkpoint"]
+        assert overrides == {"massl.memory_size": rows[name]["memory_size"],
+                             "massl.num_blocks": rows[name]["num_blocks"]}
+    # Optuna proposed every trial (all values from its space) and was told each evaluation's k-NN.
+    searcher = OptunaSearch()
+    searcher.restore_from_dir(str(sweep_dir / "tune"))
+    study = searcher._ot_study
+    assert study.direction.name == "MAXIMIZE"
+    assert sorted(t.value for t in study.trials) == sorted(e["knn_top1"] for e in evals.values())
+    assert sorted(tuple(t.params.values()) for t in study.trials) == sorted(
+        (r["memory_size"], r["num_blocks"]) for r in rows.values())
 
     table = list(csv.DictReader(open(sweep_dir / "results.csv")))
     assert len(table) == 4
-    assert {(int(r["memory_size"]), int(r["num_blocks"])) for r in table} == \
-        {(256, 1), (256, 2), (512, 1), (512, 2)}
     for r in table:
         for col in ("final_loss", "knn_top1", "linear_top1", "train_wall_s"):
             float(r[col])  # a number in every cell
-        assert r["status"] == "ok" and int(r["step"]) == 4
-    assert len({r["knn_top1"] + r["linear_top1"] for r in table}) > 1 or \
-        len({r["final_loss"] for r in table}) == 4
+        assert r["status"] == "ok" and int(r["step"]) == 4 and r["eval_status"] == "ok"
+        assert (int(r["memory_size"]), int(r["num_blocks"])) in {(256, 1), (256, 2), (512, 1),
+                                                                  (512, 2)}
     md = (sweep_dir / "results.md").read_text().splitlines()
     assert len(md) == 2 + 4 and "knn_top1" in md[0]
 
@@ -378,9 +419,11 @@ def test_sweep_2x2_end_to_end(ray_instance, tmp_path):
     with Image.open(sweep_dir / "knn_heatmap.png") as im:
         im.verify()
         assert im.format == "PNG" and im.size[0] > 100 and im.size[1] > 100
-    # TensorBoard hparams: one run per trial.
-    events = sorted((sweep_dir / "tb").glob("*/events.out.tfevents.*"))
-    assert len(events) == 4 and all(b"hparams" in e.read_bytes() for e in events)
+    # TensorBoard hparams (Tune's own logger): one run per trial, with the evaluation's k-NN.
+    events = sorted(Path(s["tensorboard"]).glob("*/events.out.tfevents.*"))
+    assert len(events) == 4
+    assert all(b"_hparams_/session_start_info" in e.read_bytes() and b"ray/tune/knn_top1" in
+               e.read_bytes() for e in events)
 
 
 @pytest.mark.ray
@@ -397,14 +440,24 @@ def test_sampled_invalid_trial_refused_with_its_reason(ray_instance, tmp_path):
     assert not list((Path(s["sweep_dir"]) / "trials").glob("*/attempts.jsonl"))
 
 
+def _tune_status(sweep_dir: Path) -> dict:
+    """Trial id -> status in the newest experiment state Tune saved (what a restore reads)."""
+    states = sorted((sweep_dir / "tune").glob("experiment_state*.json"), key=os.path.getmtime)
+    try:
+        data = json.loads(states[-1].read_text())
+    except (IndexError, OSError, ValueError):  # none yet
+        return {}
+    return {t["trial_id"]: t["status"] for t in (json.loads(js) for js, _ in data["trial_data"])}
+
+
 @pytest.mark.ray
 @pytest.mark.timeout(900)
 def test_resume_after_the_driver_is_killed(ray_instance, tmp_path):
-    """The sweep's driver (a separate process on the same Ray) gets SIGKILL once a trial and its
-    evaluation are done and the next trial trains; the same sweep run again finishes without
-    re-running that trial or its evaluation."""
-    p = tiny_sweep(tmp_path, "resume", {"massl.memory_size": [256, 512]}, max_concurrent=1,
-                   seed=1)
+    """A 2 x 2 grid whose driver (a separate process on the same Ray) gets SIGKILL once Tune has
+    saved a finished trial while another trains; the same sweep run again completes the grid
+    without re-running a finished trial or redoing a recorded evaluation."""
+    p = tiny_sweep(tmp_path, "resume", {"massl.memory_size": [256, 512],
+                                        "massl.num_blocks": [1, 2]}, max_concurrent=3, seed=1)
     sweep_dir = tmp_path / "sweeps" / "resume"
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     driver = subprocess.Popen(
@@ -412,14 +465,11 @@ def test_resume_after_the_driver_is_killed(ray_instance, tmp_path):
          "run_sweep(sys.argv[1])", str(p)], cwd=str(ROOT), env=env,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.time() + 400
+        deadline = time.time() + 500
         while time.time() < deadline and driver.poll() is None:
-            evals, attempts = _records(sweep_dir), _attempts(sweep_dir)
-            states = list((sweep_dir / "tune").glob("experiment_state*.json"))
-            second = [n for n in attempts if n not in evals]
-            # Tune saved its state after the second trial had started (so with the first done).
-            if evals and second and states and max(s.stat().st_mtime for s in states) > \
-                    attempts[second[0]][0]["started_at"]:
+            status = _tune_status(sweep_dir)
+            training = [t for t in _attempts(sweep_dir) if status.get(t) == "RUNNING"]
+            if "TERMINATED" in status.values() and training:
                 break
             time.sleep(0.5)
         assert driver.poll() is None, "the driver ended before the test could kill it"
@@ -428,19 +478,29 @@ def test_resume_after_the_driver_is_killed(ray_instance, tmp_path):
     finally:
         if driver.poll() is None:
             driver.kill()
-    (first, rec), = _records(sweep_dir).items()
-    assert rec["status"] == "ok"
-    rec_text = (sweep_dir / "evaluations" / f"{first}.json").read_text()
-    eval_json = sweep_dir / "eval" / first / "eval.json"
-    eval_mtime = eval_json.stat().st_mtime_ns
-    metrics = (sweep_dir / "trials" / first / "metrics.jsonl").read_text()
+    status = _tune_status(sweep_dir)  # what the restore starts from
+    finished = sorted(t for t, st in status.items() if st == "TERMINATED")
+    interrupted = sorted(t for t in _attempts(sweep_dir) if t not in finished)
+    assert finished and interrupted, status
+    evaluated = {name: ((sweep_dir / "evaluations" / f"{name}.json").read_text(),
+                        (sweep_dir / "eval" / name / "eval.json").stat().st_mtime_ns)
+                 for name in _records(sweep_dir)}
+    assert set(finished) <= set(evaluated)  # a trial ends with its evaluation
+    metrics = {t: (sweep_dir / "trials" / t / "metrics.jsonl").read_text() for t in finished}
 
     s = run_sweep(p)  # the same command again: Tuner.restore
-    assert not s["interrupted"] and s["finished"] == 2 and s["evaluated"] == 2
-    assert len(_attempts(sweep_dir)[first]) == 1, "the finished trial ran again"
-    assert (sweep_dir / "trials" / first / "metrics.jsonl").read_text() == metrics
-    assert (sweep_dir / "evaluations" / f"{first}.json").read_text() == rec_text, \
-        "its evaluation ran again"
-    assert eval_json.stat().st_mtime_ns == eval_mtime
-    assert [r["status"] for r in s["rows"]] == ["ok", "ok"]
+    assert not s["interrupted"] and s["finished"] == 4 and s["evaluated"] == 4
+    assert {(r["memory_size"], r["num_blocks"]) for r in s["rows"]} == \
+        {(256, 1), (256, 2), (512, 1), (512, 2)}
+    assert [r["status"] for r in s["rows"]] == ["ok"] * 4
     assert all(r["knn_top1"] is not None and r["final_loss"] is not None for r in s["rows"])
+    attempts = _attempts(sweep_dir)
+    for t in finished:
+        assert len(attempts[t]) == 1, f"the finished trial {t} ran again"
+        assert (sweep_dir / "trials" / t / "metrics.jsonl").read_text() == metrics[t]
+    for name, (text, mtime) in evaluated.items():
+        assert (sweep_dir / "evaluations" / f"{name}.json").read_text() == text, \
+            f"the evaluation of {name} ran again"
+        assert (sweep_dir / "eval" / name / "eval.json").stat().st_mtime_ns == mtime
+    for t in interrupted:  # restarted by the restore (from its checkpoint, if it had one)
+        assert len(attempts[t]) == 2, (t, attempts[t])
