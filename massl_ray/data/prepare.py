@@ -178,41 +178,54 @@ def _short_side(data: bytes) -> Optional[int]:
         return None
 
 
-class ValidateFn:
-    """Validate task: one source unit -> ``unit-<u>.arrow`` + ``unit-<u>.json`` (returned too)."""
-
-    def __init__(self, src: Source, units: list[Unit], pos: np.ndarray, work: str,
-                 fs: pafs.FileSystem, opts: PrepareOptions, labeled: bool):
-        self.src, self.units, self.pos, self.work, self.fs = src, units, pos, work, fs
-        self.opts, self.labeled = opts, labeled
-
-    def _read(self, u: Unit) -> tuple[list[bytes], Optional[np.ndarray], list[str]]:
-        src = self.src
-        if src.kind == "parquet":
-            f = src.files[u.file]
-            cols = [src.image_column] + ([src.label_column] if src.label_column else [])
-            with src.filesystem.open_input_file(f) as fh:
-                t = pq.ParquetFile(fh).read_row_group(u.row_group, columns=cols).slice(0, u.n)
-            images = t.column(src.image_column).to_pylist()
-            labels = (np.asarray(t.column(src.label_column).to_numpy(zero_copy_only=False),
-                                 dtype=np.int64) if src.label_column else None)
-            ids = [parquet_row_id(f, u.row_in_file + k) for k in range(u.n)]
-            return images, labels, ids
+def unit_spec(src: Source, u: Unit, pos: np.ndarray,
+              class_index: Optional[dict[str, int]]) -> dict:
+    """Everything a validate task needs for one unit, and nothing else (never the source's
+    full file list: an ImageNet folder's is ~100 MB)."""
+    spec = {"index": u.index, "n": u.n, "pos": pos[u.first:u.first + u.n].tolist()}
+    if src.kind == "parquet":
+        spec.update(file=src.files[u.file], row_group=u.row_group, row_in_file=u.row_in_file)
+    else:
         paths = src.files[u.first:u.first + u.n]
-        images = []
-        for p in paths:
-            with src.filesystem.open_input_stream(p) as fh:
-                images.append(fh.read())
-        labels = (np.asarray([src.label_of_path(p) for p in paths], dtype=np.int64)
-                  if src.classes else None)
-        return images, labels, list(paths)
+        spec["paths"] = paths
+        if class_index is not None:
+            spec["labels"] = [class_index[posixpath.basename(posixpath.dirname(p))] for p in paths]
+    return spec
 
-    def run(self, ui: int) -> dict:
+
+class ValidateFn:
+    """Validate task: one unit spec (:func:`unit_spec`) -> ``unit-<u>.arrow`` +
+    ``unit-<u>.json`` (its content is returned too)."""
+
+    def __init__(self, src_fs: pafs.FileSystem, image_column: str, label_column: Optional[str],
+                 work: str, fs: pafs.FileSystem, opts: PrepareOptions, labeled: bool):
+        self.src_fs, self.image_column, self.label_column = src_fs, image_column, label_column
+        self.work, self.fs, self.opts, self.labeled = work, fs, opts, labeled
+
+    def _read(self, u: dict) -> tuple[list[bytes], Optional[np.ndarray], list[str]]:
+        if "file" in u:
+            f = u["file"]
+            cols = [self.image_column] + ([self.label_column] if self.label_column else [])
+            with self.src_fs.open_input_file(f) as fh:
+                t = pq.ParquetFile(fh).read_row_group(u["row_group"], columns=cols).slice(0, u["n"])
+            images = t.column(self.image_column).to_pylist()
+            labels = (np.asarray(t.column(self.label_column).to_numpy(zero_copy_only=False),
+                                 dtype=np.int64) if self.label_column else None)
+            ids = [parquet_row_id(f, u["row_in_file"] + k) for k in range(u["n"])]
+            return images, labels, ids
+        images = []
+        for p in u["paths"]:
+            with self.src_fs.open_input_stream(p) as fh:
+                images.append(fh.read())
+        labels = np.asarray(u["labels"], dtype=np.int64) if "labels" in u else None
+        return images, labels, list(u["paths"])
+
+    def run(self, u: dict) -> dict:
         from massl_ray.data.images import try_decode
 
-        u, o = self.units[ui], self.opts
+        o = self.opts
         images, labels, ids = self._read(u)
-        pos = self.pos[u.first:u.first + u.n]
+        pos = np.asarray(u["pos"], dtype=np.int64)
         keep, out_images, bad, resized = [], [], [], 0
         for k, data in enumerate(images):
             if data is None:
@@ -238,34 +251,36 @@ class ValidateFn:
         table = pa.table(cols)
         shard_of = kpos[order] // o.rows_per_shard
         shards, starts, counts = np.unique(shard_of, return_index=True, return_counts=True)
-        name = posixpath.join(self.work, f"unit-{u.index:06d}")
+        name = posixpath.join(self.work, f"unit-{u['index']:06d}")
         tmp = name + ".arrow.tmp"
         with self.fs.open_output_stream(tmp) as fh:
             with ipc.new_file(fh, table.schema) as w:
                 for s0, c in zip(starts.tolist(), counts.tolist()):
                     w.write_batch(table.slice(s0, c).combine_chunks().to_batches()[0])
         self.fs.move(tmp, name + ".arrow")
-        info = {"unit": u.index, "rows": u.n, "good": len(keep), "resized": resized,
+        info = {"unit": u["index"], "rows": u["n"], "good": len(keep), "resized": resized,
                 "bad": bad, "shards": [[int(s), b, int(c)] for b, (s, c)
                                        in enumerate(zip(shards.tolist(), counts.tolist()))]}
         _write_text(self.fs, name + ".json", json.dumps(info))
         return info
 
     def __call__(self, batch: dict) -> dict:
-        return {"info": [json.dumps(self.run(int(i))) for i in batch["item"]]}
+        return {"info": [json.dumps(self.run(json.loads(i))) for i in batch["item"]]}
 
 
 class ShardFn:
-    """Shard task: its record batch from every unit file -> ``part-<s>.parquet`` (returned)."""
+    """Shard task: ``{"shard": s, "parts": [[unit, record batch], ...]}`` -> that batch of
+    every unit file, in position order -> ``part-<s>.parquet`` (its manifest entry returned)."""
 
-    def __init__(self, parts: dict[int, list[tuple[int, int]]], work: str, out: str,
-                 fs: pafs.FileSystem, opts: PrepareOptions, classes: Optional[list[str]]):
-        self.parts, self.work, self.out, self.fs = parts, work, out, fs
+    def __init__(self, work: str, out: str, fs: pafs.FileSystem, opts: PrepareOptions,
+                 classes: Optional[list[str]]):
+        self.work, self.out, self.fs = work, out, fs
         self.opts, self.classes = opts, classes
 
-    def run(self, s: int) -> dict:
+    def run(self, spec: dict) -> dict:
+        s = int(spec["shard"])
         batches = []
-        for ui, b in self.parts[s]:
+        for ui, b in spec["parts"]:
             with self.fs.open_input_file(posixpath.join(self.work, f"unit-{ui:06d}.arrow")) as fh:
                 batches.append(ipc.open_file(fh).get_batch(b))
         table = pa.Table.from_batches(batches)
@@ -287,7 +302,7 @@ class ShardFn:
         return shard_entry(self.fs, self.out, rel)
 
     def __call__(self, batch: dict) -> dict:
-        return {"info": [json.dumps(self.run(int(i))) for i in batch["item"]]}
+        return {"info": [json.dumps(self.run(json.loads(i))) for i in batch["item"]]}
 
 
 def shard_name(s: int) -> str:
@@ -359,7 +374,7 @@ class Progress:
 
 
 # ---------------------------------------------------------------------------- driver
-def _map(fn, items: list[int], local: bool, cpus: float) -> Iterable[dict]:
+def _map(fn, items: list[dict], local: bool, cpus: float) -> Iterable[dict]:
     """Run ``fn`` on every item: a loop here, or Ray Data tasks (results as they finish)."""
     if local:
         for i in items:
@@ -369,7 +384,8 @@ def _map(fn, items: list[int], local: bool, cpus: float) -> Iterable[dict]:
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # ours says how far the work is, in units and images
-    ds = ray.data.from_items([{"item": i} for i in items], override_num_blocks=len(items))
+    ds = ray.data.from_items([{"item": json.dumps(i)} for i in items],
+                             override_num_blocks=len(items))
     ds = ds.map_batches(fn, batch_size=1, num_cpus=cpus, batch_format="numpy")
     for row in ds.iter_rows():
         yield json.loads(row["info"])
@@ -427,10 +443,14 @@ def prepare(src_uri: str, out_uri: str, opts: PrepareOptions = PrepareOptions(),
     if infos:
         say(f"prepare: resuming: {len(infos)}/{len(units)} source units already validated, skipped")
     if todo:
-        fn = ValidateFn(src, units, positions(n, opts.seed), work, fs, opts, labeled)
+        fn = ValidateFn(src.filesystem, src.image_column, src.label_column, work, fs, opts,
+                        labeled)
+        pos = positions(n, opts.seed)
+        class_index = {c: i for i, c in enumerate(src.classes)} if src.classes else None
+        specs = [unit_spec(src, units[i], pos, class_index) for i in todo]
         bar = Progress("validate", len(units), "units", progress_every_s)
         bar.done = len(infos)
-        for info in _map(fn, todo, local, task_cpus):
+        for info in _map(fn, specs, local, task_cpus):
             infos[info["unit"]] = info
             bar.update(1, info["rows"])
     skipped = sorted((b for i in sorted(infos) for b in infos[i]["bad"]), key=lambda b: b["id"])
@@ -444,10 +464,10 @@ def prepare(src_uri: str, out_uri: str, opts: PrepareOptions = PrepareOptions(),
     todo_s = [s for s in sorted(parts) if s not in shards_done]
     entries = {s: shard_entry(fs, out, shard_name(s)) for s in shards_done}
     if todo_s:
-        fn = ShardFn({s: parts[s] for s in todo_s}, work, out, fs, opts, classes)
+        fn = ShardFn(work, out, fs, opts, classes)
         bar = Progress("shards", len(parts), "shards", progress_every_s)
         bar.done = len(shards_done)
-        for e in _map(fn, todo_s, local, task_cpus):
+        for e in _map(fn, [{"shard": s, "parts": parts[s]} for s in todo_s], local, task_cpus):
             entries[shard_index(e["path"])] = e
             bar.update(1, e["rows"])
     files = [entries[s] for s in sorted(entries)]
