@@ -63,8 +63,8 @@ BATCH = 64
 ALL_PATHS = ("reference", "old_exact", "old_stream", "new")
 FULL = dict(images=10_000, classes=100, min_px=300, max_px=500, row_group=1000,
             global_size=224, local_size=96, num_local_crops=10, warmup=128, measure=1536)
-QUICK = dict(images=384, classes=4, min_px=48, max_px=80, row_group=64,
-             global_size=32, local_size=16, num_local_crops=2, warmup=64, measure=128)
+QUICK = dict(images=512, classes=4, min_px=48, max_px=80, row_group=64,
+             global_size=32, local_size=16, num_local_crops=2, warmup=64, measure=256)
 
 
 # ---------------------------------------------------------------------------- the data set
@@ -357,6 +357,7 @@ def run_worker(kind: str, spec: dict, code_root: Path, timeout: float) -> dict:
     env.setdefault("RAY_AUTH_MODE", "disabled")
     env.pop("RAY_ADDRESS", None)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, json.dumps(spec)]
+    t0 = time.perf_counter()
     try:
         p = subprocess.run(cmd, env=env, cwd=str(code_root), capture_output=True, text=True,
                            timeout=timeout)
@@ -366,7 +367,10 @@ def run_worker(kind: str, spec: dict, code_root: Path, timeout: float) -> dict:
     if p.returncode != 0 or line is None:
         raise RuntimeError(f"{kind} worker failed (rc {p.returncode}):\n{p.stdout[-3000:]}\n"
                            f"{p.stderr[-6000:]}")
-    return json.loads(line[len("RESULT "):])
+    res = json.loads(line[len("RESULT "):])
+    for r in res.values():
+        r["process_s"] = time.perf_counter() - t0  # the whole subprocess, start-up included
+    return res
 
 
 def summarise(runs: list[dict], cpus: int) -> dict:

@@ -53,7 +53,7 @@ def test_data_path_benchmark_quick(tmp_path):
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-8000:]
     res = json.loads(out.read_text())
     d = res["data"]
-    assert d["rows"] == 384 and d["class_sorted"] and not d["cached"]
+    assert d["rows"] == 512 and d["class_sorted"] and not d["cached"]
     labels = pq.read_table(d["path"], columns=["label"]).column("label").to_pylist()
     assert labels == sorted(labels) and len(set(labels)) == 4  # class-sorted storage order
     assert res["setting"]["old_commit"].startswith("c95e937")
@@ -63,8 +63,9 @@ def test_data_path_benchmark_quick(tmp_path):
             assert r["reason"]  # named, never a number
             continue
         assert r["available"] and _positive(r["img_s"]) and _positive(r["img_s_per_core"])
-        assert _positive(r["cores_busy"]) and _positive(r["startup_s"])
-        assert all(run["images"] >= 128 for run in r["runs"])
+        # a quick window is a few batches: the CPU reading may round down to 0
+        assert math.isfinite(r["cores_busy"]) and r["cores_busy"] >= 0 and _positive(r["startup_s"])
+        assert all(run["images"] >= 256 for run in r["runs"])
         if name != "reference":
             ratio = res["ratios_per_core_over_reference"][f"{name}/reference"]
             assert _positive(ratio)
