@@ -45,17 +45,15 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import math
 import os
 import platform
 import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator
 
 REPO = Path(__file__).resolve().parents[1]
 OLD_COMMIT = "c95e937"
