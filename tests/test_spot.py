@@ -340,3 +340,18 @@ def test_resources_refuse_only_what_the_largest_cluster_cannot_hold():
         check_resources(gpu, 64.0, None, cluster_gpus=4.0)
     msg = check_resources(gpu, 64.0, 64.0, cluster_gpus=0.0, max_gpus=16.0)
     assert "8 GPUs (the cluster has 0 now, at most 16)" in msg
+
+
+def test_a_slow_poll_does_not_shrink_the_interval_between_polls():
+    clock = FakeClock()
+
+    class SlowPoll(Rank0Ctx):
+        def preemption_notice(self):
+            clock.t += 4.0  # a barrier that takes 4 s (a busy cluster)
+            return super().preemption_notice()
+
+    cp = ControlPoints(0, every_s=5.0, poll=True, checkpoint_every_s=0, clock=clock)
+    ctx = SlowPoll()
+    _drive(cp, ctx, clock, 200, 0.5)
+    gaps = {b - a for a, b in zip(ctx.polls[1:], ctx.polls[2:])}
+    assert gaps == {10}, gaps  # 5 s of 0.5 s steps, the poll's own 4 s not counted

@@ -113,10 +113,9 @@ class ControlPoints:
         """At a control point (every rank): ``"preemption"`` or ``"time"`` when this step must
         checkpoint, else None."""
         notice = None
-        t0 = time.perf_counter()
+        t0, now = time.perf_counter(), self.clock()
         if self.poll:
             notice = ctx.preemption_notice()
-        now = self.clock()
         s0, t0 = self._mark
         per_step = (now - t0) / (step - s0) if step > s0 else None
         gap = 1 if per_step is None else int(self.every_s / max(per_step, 1e-9))
@@ -126,7 +125,8 @@ class ControlPoints:
         gap, time_due = ctx.agree([gap, time_due])
         self.polls += 1
         self.seconds += time.perf_counter() - t0
-        self._mark = (step, now)
+        # the next interval is measured from here: the steps' time, not this poll's
+        self._mark = (step, self.clock())
         self.next_step = step + int(gap)
         if notice is not None and notice != self._handled:
             self._handled = notice
