@@ -159,6 +159,7 @@ def part_stall(steps: int, every: int, tmp: Path, quick: bool) -> dict:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     from massl_ray.config import load_config
+    from massl_ray.method.checkpoint import list_checkpoints
     from massl_ray.train.trainer import train
 
     quick_data = REPO / "jobs" / "data" / "cifar10-quick" / "train.parquet"
@@ -174,8 +175,8 @@ def part_stall(steps: int, every: int, tmp: Path, quick: bool) -> dict:
         "run.num_checkpoints_to_keep": 2, "run.final_knn": False, "run.max_steps": steps,
         "run.cpus_per_worker": 1, "data.decode_cpus": 1, "run.preemption_check_seconds": 5,
     }
-    ray.init(num_cpus=3, object_store_memory=512 * 2**20, include_dashboard=False,
-             log_to_driver=False)
+    ray.init(address="local", num_cpus=3, object_store_memory=512 * 2**20,
+             include_dashboard=False, log_to_driver=False)
     out: dict = {"steps": steps, "every": every, "model": over["model.arch"],
                  "memory_size": over["massl.memory_size"], "modes": {}}
     try:
@@ -188,7 +189,7 @@ def part_stall(steps: int, every: int, tmp: Path, quick: bool) -> dict:
             recs = [json.loads(x) for x in (tmp / name / "checkpoints.jsonl").read_text()
                     .splitlines()]
             mid = [r["stall_s"] for r in recs if r["reason"] != "final"]
-            ckpt = sorted((tmp / name).glob("checkpoint_*"))[-1] / "state.pt"
+            ckpt = list_checkpoints(tmp / name)[0] / "state.pt"
             last = json.loads((tmp / name / "metrics.jsonl").read_text().splitlines()[-1])
             steps_s = [json.loads(x)["step_time"] for x in
                        (tmp / name / "metrics.jsonl").read_text().splitlines()]
