@@ -301,11 +301,13 @@ class RayLoopContext(LoopContext):
     def report(self, metrics: dict, state: Optional[dict]) -> None:
         from ray.train import CheckpointUploadMode
 
-        # Rank 0 reports asynchronously (run.checkpoint_upload=async), checkpoints or not: a
-        # report waits for the previous ones of its rank, so one synchronous metrics report
-        # would wait out the upload before it.
+        # Every rank reports asynchronously (run.checkpoint_upload=async), checkpoints or not:
+        # a report waits for the previous ones of its rank, so one synchronous metrics report
+        # would wait out the upload before it; and Ray Train's controller takes one report per
+        # rank about every 2 s, so synchronous reports closer together block for the rest
+        # (measured: ~2 s per back-to-back synchronous report, ~2-6 ms asynchronous).
         mode = (CheckpointUploadMode.ASYNC if self.cfg.run.checkpoint_upload == "async"
-                and self.rank == 0 else CheckpointUploadMode.SYNC)
+                else CheckpointUploadMode.SYNC)
         if state is None:
             ray.train.report(metrics, checkpoint_upload_mode=mode)
             return
@@ -327,7 +329,7 @@ class RayLoopContext(LoopContext):
             if self.log_sync is not None:
                 self.log_sync.sync()
         else:
-            ray.train.report(metrics)
+            ray.train.report(metrics, checkpoint_upload_mode=mode)
 
 
 def _memory_checksum(state: dict) -> torch.Tensor:
