@@ -188,8 +188,9 @@ class RunConfig:
     # Control points: about every this many seconds (rank 0's measured step time turned into
     # a step count that every rank follows) all ranks poll Ray Train's preemption notice (a
     # barrier) and agree on whether a time-based checkpoint is due. A notice makes the next
-    # step a checkpoint. 0 = never poll for preemptions.
-    preemption_check_seconds: float = 5.0
+    # step a checkpoint. 0 = never poll for preemptions. 20 s leaves most of a two-minute
+    # spot notice for the checkpoint and its upload, at one barrier per 20 s.
+    preemption_check_seconds: float = 20.0
     resume: str = "auto"  # auto | never | <path to a checkpoint directory>
     # Stop after this many global steps (null: the full schedule). The schedules still span
     # the full run, so a stopped run can be resumed to its end.
