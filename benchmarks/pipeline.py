@@ -6,25 +6,12 @@ crops: ``global_crops`` uint8 [B, 2, 3, G, G] and ``local_crops`` uint8 [B, L, 3
 DINO's recipe (RandomResizedCrop bicubic, flip, ColorJitter p=0.8, grayscale, Gaussian blur,
 solarisation; the probabilities and ranges of ``massl_ray.config.CropConfig``), batches of 64.
 
-* ``ray_exact`` (massl_ray's default, ``data.order=exact``): what a train worker streams in the
-  exact data order: per epoch, ``build_step_dataset`` (one block and one decode task per step;
-  the task fetches the step's rows by index from the Parquet row groups through a per-process
-  cache, seeded permutation per epoch, ``massl_ray.data.order.step_batch``), order preserved. A new
-  dataset per pass, as a worker builds one per segment of steps.
-* ``ray`` (``data.order=stream``): ``ray.init(num_cpus=N)``, ``build_train_dataset`` (read the
-  Parquet file, full random shuffle, a streaming repartition into blocks of
-  ``data.rows_per_block`` rows, ``map_batches(ViewsFn)`` with ``data.decode_cpus=1`` per task,
-  ``data.decode_batch_size=64``), consumed with ``iter_torch_batches(batch_size=64,
-  prefetch_batches=data.prefetch_batches)`` as the train worker does. The dataset is built
-  once and iterated once per pass, as the trainer does per epoch (Ray Data re-executes the plan).
-* ``ray_one_block``: the same with ``data.rows_per_block=0`` (no repartition: the plan before
-  that setting existed). A Parquet file is often read as a single block, and one block is
-  decoded by one task on one CPU whatever N is; nothing reaches the consumer before that task
-  ends (``streams: false``).
-* ``ray_cached``: the packaged plan with ``data.cache_encoded=true``: the encoded rows are
-  materialised once in the object store when the dataset is built (timed apart as
-  ``build_s``), so that a pass does not list and read the files again. Ray Data's file listing
-  costs seconds of wall time per pass on a loaded machine, for a few milliseconds of work.
+* ``ray_exact`` (massl_ray's only training order, ``data.order=exact``): what a train worker
+  gets, one epoch per pass through ``massl_ray.data.feed.iter_batches`` (the feed coordinator's
+  read task per row group, decode tasks of ``data.decode_rows`` positions, the rank's pieces
+  fetched from the object store). The Ray Data streaming-shuffle variants this benchmark also
+  measured (``ray``, ``ray_one_block``, ``ray_cached``: ``data.order=stream``) were removed with
+  that order; their figures stay in docs/performance.md section 8.
 * ``reference``: a ``torch.utils.data.Dataset`` that decodes each image with PIL and applies a
   ``torchvision.transforms`` pipeline per crop (2 global + L local, ending in ``PILToTensor``;
   the blur is DINO's PIL ``GaussianBlur(radius=sigma)`` unless ``--ref-blur torchvision``),
@@ -32,7 +19,7 @@ solarisation; the probabilities and ranges of ``massl_ray.config.CropConfig``), 
   spawned workers (the parent process runs Ray; forking it is unsafe).
 
 Everything runs in one process: Ray is started once, the DataLoader workers once, and the paths
-take turns pass by pass (reference, ray, ray_one_block, ray_cached, ray_exact, then the next
+take turns pass by pass (reference, ray_exact, then the next
 round in reverse order), so that a change of load on the shared machine hits every path alike. The first pass of each path is
 a warm-up: its time to the first batch is reported as the path's **start-up** (Ray: worker
 processes importing torch, the read and the shuffle; DataLoader: spawning the workers) and is
@@ -102,7 +89,7 @@ SETTINGS = {
     "imagenet": dict(global_size=224, local_size=96, num_local_crops=10, images=1024),
 }
 QUICK_IMAGES = {"cifar": 384, "imagenet": 96}
-ALL_PATHS = ("reference", "ray", "ray_one_block", "ray_cached", "ray_exact")
+ALL_PATHS = ("reference", "ray_exact")
 
 
 # ---------------------------------------------------------------------------- data
@@ -210,11 +197,8 @@ class ReferenceDataset(torch.utils.data.Dataset):
 
 
 # ---------------------------------------------------------------------------- Ray paths
-# Each Ray path is massl_ray's own build_train_dataset under different data settings.
+# Each Ray path is massl_ray's own training feed under given data settings.
 RAY_VARIANTS = {
-    "ray": {"order": "stream"},                  # streaming shuffle, default blocks
-    "ray_one_block": {"order": "stream", "rows_per_block": 0},  # no repartition (the old plan)
-    "ray_cached": {"order": "stream", "cache_encoded": True},   # encoded rows materialised once
     "ray_exact": {"order": "exact"},             # the epoch plan: row groups read once, decode tasks
 }
 
@@ -222,15 +206,11 @@ RAY_VARIANTS = {
 def ray_dataset(variant: str, cfg: Config, src):
     import copy
 
-    from massl_ray.data.pipeline import build_train_dataset
-
     c = copy.deepcopy(cfg)
     for k, v in RAY_VARIANTS[variant].items():
         setattr(c.data, k, v)
     c.validate()
-    if c.data.order == "exact":
-        return None, c  # built per pass (one epoch each) by exact_pass()
-    return build_train_dataset(c, src, reporter=None), c
+    return None, c  # the feed, one epoch per pass (exact_pass)
 
 
 def exact_pass(cfg: Config, src, epoch: int):

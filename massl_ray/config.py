@@ -109,43 +109,36 @@ class DataConfig:
     # groups' order is shuffled, then the rows within windows of data.window_groups groups),
     # full (one window of every group: a full shuffle; every encoded row sits in the object
     # store at once, so only for data that fits there) or none (storage order). Each row
-    # group is read once per epoch in all three. Stream order: full (Ray Data's global
-    # shuffle), blocks or window (block order + a local shuffle buffer) or none.
+    # group is read once per epoch in all three. blocks: the same as window (its name before
+    # the epoch plan).
     shuffle: str = "window"
-    # Exact order: row groups per window (null: 128). A batch mixes the rows of about this
+    # Row groups per window (null: 128). A batch mixes the rows of about this
     # many row groups; data written by `massl_ray prepare` is shuffled already, so any window
     # mixes fully (docs/performance.md, "Data plan at ImageNet scale").
     window_groups: Optional[int] = None
-    # Exact order: positions per decode task (a step larger than this is cut into units of it;
+    # Positions per decode task (a step larger than this is cut into units of it;
     # smaller steps are grouped into one task). The crops of a unit come from a generator keyed
     # by (seed, epoch, step, unit), so they never depend on the number of workers.
     decode_rows: int = 256
-    # Exact order: decode tasks kept ahead of the slowest rank (0: two per CPU left for
+    # Decode tasks kept ahead of the slowest rank (0: two per CPU left for
     # decoding); each holds its crops in the object store until the ranks take them.
     prefetch_tasks: int = 0
-    # Exact order: CPUs reserved by each row-group read task.
+    # CPUs reserved by each row-group read task.
     read_cpus: float = 0.5
-    # CPUs reserved by each decode + multi-crop task of Ray Data.
+    # CPUs reserved by each decode + multi-crop task.
     decode_cpus: float = 1.0
+    # Rows per decode call of the in-process view stream (massl_ray.data.views; the plain
+    # loops of benchmarks/train_step.py and pipeline.py). Training decodes by data.decode_rows.
     decode_batch_size: int = 64
-    # Rows per block after the shuffle (a streaming repartition; null: data.decode_batch_size,
-    # 0: keep the reader's blocks). One block is decoded by one task: a Parquet file is often
-    # read as a single block, which would leave every decode CPU but one idle and deliver the
-    # epoch's first batch only after the whole block is decoded (benchmarks/pipeline.py).
-    rows_per_block: Optional[int] = None
-    # Keep the encoded rows in Ray's object store after the first read (materialised once,
-    # shuffled and decoded every epoch from there): saves re-listing and re-reading the files
-    # each epoch. Only for data that fits comfortably in the object store (CIFAR-sized).
-    cache_encoded: bool = False
+    # Steps each rank requests ahead from the feed.
     prefetch_batches: int = 2
-    # Data order. exact: the row and crops at each global position of an epoch are fixed by
-    # (run.seed, epoch, position), whatever the number of workers (massl_ray/data/plan.py);
-    # each row group is read once per epoch and decoded on Ray tasks (massl_ray/data/feed.py),
-    # so a resumed run continues at the exact data position and repeats the uninterrupted run
-    # bitwise on CPU.
-    # stream: Ray Data's streaming shuffle of the whole dataset (data.rows_per_block,
-    # data.cache_encoded apply); unseeded, and a mid-epoch resume re-samples the epoch's rest.
-    # The local mode is always exact.
+    # Data order: exact, the only one. The row and crops at each global position of an epoch
+    # are fixed by (run.seed, epoch, position), whatever the number of workers
+    # (massl_ray/data/plan.py); each row group is read once per epoch and decoded on Ray tasks
+    # (massl_ray/data/feed.py), so a resumed run continues at the exact data position and
+    # repeats the uninterrupted run bitwise on CPU. (`stream`, Ray Data's global shuffle, was
+    # removed: it measured 0.51x the exact order's images/s per core, docs/performance.md
+    # section 11, with an unseeded order and no exact resume.)
     order: str = "exact"
     # Local mode: an LRU cache of this many MiB of encoded row groups.
     row_cache_mb: int = 1024
@@ -426,13 +419,13 @@ class Config:
         need(d.limit is None or d.limit > 0, "data.limit must be positive or null")
         need(d.decode_cpus > 0, f"data.decode_cpus ({d.decode_cpus}) must be positive")
         need(d.decode_batch_size > 0, "data.decode_batch_size must be positive")
-        need(d.order in ("exact", "stream"), f"data.order ({d.order!r}) must be exact or stream")
+        need(d.order == "exact",
+             f"data.order ({d.order!r}) must be exact" + (
+                 ": data.order=stream (Ray Data's global shuffle) was removed; the exact order "
+                 "measured 1.96x its images/s per core (docs/performance.md section 11)"
+                 if d.order == "stream" else ""))
         need(d.row_cache_mb > 0, f"data.row_cache_mb ({d.row_cache_mb}) must be positive")
         need(d.prefetch_batches >= 0, "data.prefetch_batches must be >= 0")
-        need(d.rows_per_block is None or d.rows_per_block == 0
-             or d.rows_per_block >= d.decode_batch_size,
-             f"data.rows_per_block ({d.rows_per_block}) must be null (one decode batch), 0 (keep "
-             f"the reader's blocks) or >= data.decode_batch_size ({d.decode_batch_size})")
 
         # run
         if self.elastic:

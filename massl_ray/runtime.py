@@ -173,7 +173,10 @@ def init_ray(num_cpus: Optional[float] = None) -> None:
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
         logging.ERROR)
     global _started_here
-    ray.init(num_cpus=num_cpus if num_cpus is not None else local_cpus(),
+    # address="local": always a Ray of our own, sized here, never a cluster that happens to
+    # run on this machine (`ray start`, a test's ray.cluster_utils.Cluster): ray.init() would
+    # join that one and refuse num_cpus. Joining a cluster is RAY_ADDRESS's job.
+    ray.init(address="local", num_cpus=num_cpus if num_cpus is not None else local_cpus(),
              include_dashboard=False, log_to_driver=True, logging_level=logging.WARNING,
              runtime_env=runtime_env(local=True))
     _started_here = True

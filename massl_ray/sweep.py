@@ -253,10 +253,6 @@ def trial_config(base: dict, variant: dict, spec: SweepSpec, run_name: str,
     cfg.run.storage_path = str(spec.dir / "trials")
     cfg.run.resume = "auto"  # a restarted trial continues from its latest checkpoint
     cfg.run.final_knn = False  # the dependent evaluation does it
-    # Inside a Tune trial Ray Data may only use the trial's own resources (0.01 CPU here):
-    # materialising the encoded rows up front would wait forever for a read task. The lazy
-    # dataset handed to Ray Train does not have that problem.
-    cfg.data.cache_encoded = False
     return cfg.validate() if validate else cfg
 
 
@@ -383,7 +379,7 @@ def trial_resources(cfg: Config) -> dict:
     ``data_CPU``, what Ray Data needs beside them to make progress (a decode task of
     data.decode_cpus; Ray Data's read/shuffle tasks take a whole CPU)."""
     r = cfg.run
-    workers = max(1, r.num_workers)
+    workers = cfg.world_size  # an elastic trial holds at most its maximum
     out = {"CPU": workers * r.cpus_per_worker + TRIAL_CPU,
            "data_CPU": max(1.0, cfg.data.decode_cpus)}
     if r.use_gpu:

@@ -330,7 +330,7 @@ def test_dump_config_round_trips(tmp_path, tiny_config):
     assert load_config(p) == cfg
 
 
-def test_rows_per_block_smaller_than_a_decode_batch_is_refused():
-    msg = invalid("data.rows_per_block=32", "data.decode_batch_size=64")
-    assert "data.rows_per_block (32)" in msg and "data.decode_batch_size (64)" in msg
-    apply_overrides(Config(), ["data.rows_per_block=0"]).validate()  # 0: keep the reader's blocks
+def test_the_removed_stream_order_is_refused_saying_why():
+    msg = invalid("data.order=stream")
+    assert "data.order=stream" in msg and "removed" in msg and "section 11" in msg
+

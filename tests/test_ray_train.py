@@ -311,54 +311,6 @@ def test_ray_restart_uses_the_newest_checkpoint_on_disk_even_if_ray_train_never_
 
 
 @pytest.mark.timeout(600)
-def test_stream_order_two_workers_killed_mid_epoch_finish_with_the_documented_semantics(tmp_path):
-    """data.order=stream (Ray Data's shuffle; the ImageNet recipes' path), 2 workers, 512 rows
-    = 8 steps of 2 x 32 per epoch, 3 epochs = 24 steps, a checkpoint every 5 steps, a worker
-    SIGKILLed at step 13. The group restarts from the step-10 checkpoint (epoch 1, position 2),
-    takes a fresh pass cut at the epoch's end (steps 10..15 are epoch 1, 16.. epoch 2) and ends
-    at the schedule's total: model, memory bank, optimizer and schedules continue exactly (the
-    bank restored, replicas identical, one optimizer step per global step, every logged lr the
-    schedule's value at its step)."""
-    from massl_ray.method.schedules import Schedules
-
-    run_dir = tmp_path / "stream"
-    cfg = load_config(None, tiny_overrides(tmp_path, "stream", **{
-        "data.order": "stream", "run.num_workers": 2, "optim.epochs": 3,
-        "run.checkpoint_every_steps": 5, "run.log_every_steps": 1,
-        "run.num_checkpoints_to_keep": 10, "run.max_failures": 1,
-        "run.fault_injection_step": 13, "run.fault_injection_mode": "kill"}))
-    res = train(cfg)
-    assert (run_dir / ".fault_injected_13").exists(), "the worker was not killed"
-    spe = cfg.optim.steps_per_epoch
-    assert spe == 8 and cfg.total_steps() == 24
-    m = res["metrics"]
-    assert m["start_step"] == 10 and m["step"] == 24
-    assert m["memory_replicas_identical"] is True and len(set(m["memory_checksums"])) == 1
-    final = load_checkpoint(res["checkpoint"])
-    at10 = load_checkpoint(_checkpoint_of_step(run_dir, 10))
-    assert final["global_step"] == 24
-    # The bank was restored at step 10: rows 0..639 (steps 0..9) are exactly the checkpoint's,
-    # steps 10..23 wrote rows 640..1535, the tail is still the initial noise.
-    assert torch.equal(final["memory"]["rows"][:640], at10["memory"]["rows"][:640])
-    assert not torch.isclose(final["memory"]["rows"][640:1536],
-                             at10["memory"]["rows"][640:1536]).all(dim=1).any()
-    assert torch.equal(final["memory"]["rows"][1536:], initial_rows(cfg)[1536:])
-    assert int(final["memory"]["ptr"]) == 24 * 64 % 2048
-    # One optimizer step per global step across the restart: AdamW's step count is 24.
-    steps = {float(v["step"]) for v in final["optimizer"]["state"].values()}
-    assert steps == {24.0}
-    # The resumed attempt's log: steps 11..24 once each, epoch 1 cut at its end (the fresh pass
-    # supplies 6 steps), then epoch 2; lr, weight decay and momentum follow the schedules.
-    recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    second = [r for r in recs if r["start_step"] == 10]
-    assert [r["step"] for r in second] == list(range(11, 25))
-    assert [r["epoch"] for r in second] == [1] * 6 + [2] * 8
-    sch = Schedules.from_config(cfg)
-    for r in second:
-        assert r["lr"] == sch.lr(r["step"] - 1) and r["weight_decay"] == sch.weight_decay(r["step"] - 1)
-
-
-@pytest.mark.timeout(600)
 def test_killed_driver_rerun_resumes_and_ends_bitwise_equal_to_an_uninterrupted_run(tmp_path):
     """Driver restart: the training command is SIGKILLed (the driver process: its Ray Train
     controller and workers go with it) once its first checkpoint exists, then the same command
@@ -439,58 +391,39 @@ def test_corrupt_rows_are_skipped_and_counted(tmp_path, workers):
 
 
 @pytest.mark.timeout(240)
-def test_ray_data_pipeline_reads_class_folders(tmp_path):
+def test_the_feed_reads_class_folders_on_ray_skipping_an_undecodable_file(tmp_path):
+    """An image folder through the feed's read and decode tasks: labels from the class
+    sub-folders, the undecodable file skipped, named and counted, every batch full."""
     from PIL import Image
 
-    from massl_ray.data.pipeline import build_train_dataset, get_report_actor
+    from massl_ray.data.feed import iter_batches
+    from massl_ray.data.pipeline import get_report_actor
     from massl_ray.data.sources import open_source
 
     root = tmp_path / "imgs"
-    for c in ("a", "b"):
+    for c, n in (("a", 8), ("b", 7)):
         (root / c).mkdir(parents=True)
-        for i in range(6):
-            Image.new("RGB", (40, 30), (40 * i, 0, 200)).save(root / c / f"{i}.png")
-    (root / "b" / "bad.jpg").write_bytes(b"\xff\xd8\xff truncated")
-    cfg = load_config(None, tiny_overrides(tmp_path, "folder", **{"data.train": str(root),
-                                                                  "data.limit": "null"}))
+        for i in range(n):
+            Image.new("RGB", (40, 30), (30 * i, 0, 200 if c == "a" else 50)).save(root / c / f"{i}.png")
+    (root / "b" / "bad.jpg").write_bytes(b"\xff\xd8\xff truncated")  # row 15 in sorted order
+    cfg = load_config(None, tiny_overrides(tmp_path, "folder", **{
+        "data.train": str(root), "data.limit": "null", "optim.batch_size_per_worker": 8,
+        "optim.steps_per_epoch": 2, "optim.epochs": 1}))
     src = open_source(str(root))
     reporter = get_report_actor("folder-test")
     try:
-        rows = list(build_train_dataset(cfg, src, reporter).iter_rows())
-        assert len(rows) == 12
-        assert rows[0]["global_crops"].shape == (2, 3, 16, 16)
-        assert rows[0]["local_crops"].shape == (2, 3, 8, 8)
-        assert sorted(r["label"] for r in rows) == [0] * 6 + [1] * 6
+        batches = list(iter_batches(cfg, src, reporter=reporter))
+        assert len(batches) == 2
+        rows = torch.cat([b["row"] for b in batches]).tolist()
+        labels = torch.cat([b["label"] for b in batches]).tolist()
+        assert batches[0]["global_crops"].shape == (8, 2, 3, 16, 16)
+        assert batches[0]["local_crops"].shape == (8, 2, 3, 8, 8)
+        assert set(rows) == set(range(15))  # the bad row's place taken by a repeat
+        assert labels == [0 if r < 8 else 1 for r in rows]
         summary = ray.get(reporter.summary.remote())
         assert summary["skipped"] == 1 and str(root / "b" / "bad.jpg") in summary["rows"]
     finally:
         ray.kill(reporter)
-
-
-@pytest.mark.timeout(240)
-@pytest.mark.parametrize("cache_encoded", [False, True])
-def test_train_dataset_is_cut_into_blocks_and_keeps_every_row(tmp_path, cache_encoded):
-    """A single Parquet file must not become one decode task: after the shuffle the rows are
-    cut into blocks of data.rows_per_block, every row still arrives once per pass."""
-    from collections import Counter
-
-    from massl_ray.data.pipeline import build_train_dataset
-    from massl_ray.data.sources import open_source
-
-    cfg = load_config(None, tiny_overrides(tmp_path, "blocks", **{
-        "data.cache_encoded": cache_encoded}))  # default rows_per_block: one decode batch (64)
-    src = open_source(str(QUICK))
-    want = Counter(pq.read_table(QUICK, columns=["label"]).column("label")
-                   .to_numpy()[:512].tolist())
-    ds = build_train_dataset(cfg, src)
-    orders = []
-    for _ in range(2):  # two passes, as two epochs
-        mat = ds.materialize()
-        assert mat.num_blocks() >= 8
-        labels = [int(x) for b in mat.iter_batches(batch_size=None) for x in b["label"]]
-        assert Counter(labels) == want
-        orders.append(labels)
-    assert orders[0] != orders[1]  # a fresh shuffle each pass
 
 
 @pytest.mark.timeout(300)

@@ -26,8 +26,11 @@ read again.
 Why Ray tasks under an actor rather than a Ray Data ``Dataset``: the pieces of a global step
 must reach given ranks in step order, and a restart must resume at a given position; Ray
 Data's ``streaming_split`` hands blocks to whichever consumer asks first, and a Dataset
-restarts from its beginning. The data.order=stream path (Ray Data's shuffle) and the
-evaluation pipelines stay on Ray Data.
+restarts from its beginning. The evaluation pipelines and ``prepare`` stay on Ray Data.
+
+The coordinator is pinned (softly) to the node that starts it, which keeps it alive when worker
+nodes leave and outside the caller's placement group: inside a Tune trial's, the trial's
+placement group would capture its read and decode tasks, which could then never be scheduled.
 """
 
 from __future__ import annotations

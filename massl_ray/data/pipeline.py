@@ -1,7 +1,8 @@
-"""Ray Data pipeline: read encoded rows, decode + multi-crop on CPU tasks, uint8 columns out.
+"""Ray pieces of the data path that are not the training feed: encoded rows as a Ray Dataset
+(the evaluation and embedding jobs read through it), the run's decode report actor, and the
+CPU check of a run against its cluster.
 
-Shell module (imports ray). The decode/crop work is :func:`massl_ray.data.views.make_views`, the
-same function the local mode runs in-process.
+Shell module (imports ray). Training data goes through :mod:`massl_ray.data.feed`.
 """
 
 from __future__ import annotations
@@ -9,13 +10,11 @@ from __future__ import annotations
 import logging
 from typing import Optional
 
-import numpy as np
 import ray
 
-from massl_ray.config import Config, ConfigError, CropConfig
-from massl_ray.data.multicrop import MultiCrop
+from massl_ray.config import Config, ConfigError
 from massl_ray.data.sources import Source
-from massl_ray.data.views import DecodeReport, batch_generator, make_views
+from massl_ray.data.views import DecodeReport
 
 log = logging.getLogger(__name__)
 
@@ -51,39 +50,6 @@ def get_report_actor(run_name: str):
                                      scheduling_strategy=here).remote()
 
 
-class ViewsFn:
-    """``map_batches`` UDF: {image bytes, [label]} -> {global_crops, local_crops, [label]}."""
-
-    def __init__(self, crops: CropConfig, image_column: str, label_column: Optional[str],
-                 classes: Optional[list[str]], reporter=None, seed: Optional[int] = None):
-        self.crops = crops
-        self.image_column = image_column
-        self.label_column = label_column
-        self.classes = classes
-        self.reporter = reporter
-        self.seed = seed
-        self._mc: Optional[MultiCrop] = None
-        self._calls = 0
-
-    def __call__(self, batch: dict) -> dict:
-        if self._mc is None:
-            self._mc = MultiCrop(self.crops)
-        images = batch[self.image_column]
-        paths = batch.get("path")
-        ids = list(paths) if paths is not None else [None] * len(images)
-        labels = None
-        if self.label_column is not None:
-            labels = np.asarray(batch[self.label_column])
-        elif self.classes is not None and paths is not None:
-            labels = np.asarray([self.classes.index(p.rsplit("/", 2)[-2]) for p in paths])
-        self._calls += 1
-        out, bad = make_views(images, ids, self._mc, batch_generator(self.seed, self._calls), labels)
-        if bad and self.reporter is not None:
-            # Wait for the actor (bad rows are rare): the count is complete when the data is.
-            ray.get(self.reporter.record.remote(bad))
-        return out
-
-
 def read_source(src: Source, limit: Optional[int] = None) -> "ray.data.Dataset":
     """Encoded rows of a source as a Ray Dataset (image bytes column + optional label/path)."""
     if src.kind == "parquet":
@@ -95,35 +61,6 @@ def read_source(src: Source, limit: Optional[int] = None) -> "ray.data.Dataset":
     if limit is not None and limit < src.num_rows:
         ds = ds.limit(limit)
     return ds
-
-
-def build_train_dataset(cfg: Config, src: Source, reporter=None) -> "ray.data.Dataset":
-    """The training dataset: shuffled encoded rows -> decoded multi-crop uint8 columns.
-
-    Ray Data re-executes the plan on every pass, so ``random_shuffle`` gives a new order each
-    epoch. The shuffled rows are cut into blocks of ``data.rows_per_block`` (default: one decode
-    batch) so that the decode work spreads over every decode CPU and batches stream to the
-    trainer from the first block. ``data.cache_encoded`` materialises the encoded rows once
-    (before the shuffle). Decode tasks reserve ``data.decode_cpus`` each; together with the
-    train workers' ``run.cpus_per_worker`` this must fit the cluster (see
-    :func:`check_resources`).
-    """
-    d = cfg.data
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False  # the training loop prints its own progress line
-    ds = read_source(src, d.limit)
-    if d.cache_encoded:
-        ds = ds.materialize()
-    if d.shuffle in ("full", "window"):
-        ds = ds.random_shuffle()
-    elif d.shuffle == "blocks":
-        ds = ds.randomize_block_order()
-    rows_per_block = d.decode_batch_size if d.rows_per_block is None else d.rows_per_block
-    if rows_per_block:
-        ds = ds.repartition(target_num_rows_per_block=rows_per_block)
-    fn = ViewsFn(cfg.crops, src.image_column, src.label_column, src.classes, reporter, seed=None)
-    return ds.map_batches(fn, batch_size=d.decode_batch_size, batch_format="numpy",
-                          num_cpus=d.decode_cpus, zero_copy_batch=True)
 
 
 def check_resources(cfg: Config, cluster_cpus: float, max_cpus: Optional[float] = None,

@@ -86,7 +86,7 @@ def prepare(cfg: Config) -> tuple[Config, Source]:
                 f"data.train has {rows} rows, fewer than one global batch "
                 f"({cfg.global_batch_size}): lower optim.batch_size_per_worker")
         cfg.optim.steps_per_epoch = spe
-    elif d.order == "exact" and cfg.optim.steps_per_epoch * cfg.global_batch_size > rows:
+    elif cfg.optim.steps_per_epoch * cfg.global_batch_size > rows:
         raise ConfigError(
             f"optim.steps_per_epoch={cfg.optim.steps_per_epoch} steps of a global batch of "
             f"{cfg.global_batch_size} need {cfg.optim.steps_per_epoch * cfg.global_batch_size} "
@@ -188,15 +188,11 @@ class RayLoopContext(LoopContext):
         self.device = rtt.get_device()
         self.run_dir = run_dir
         self.reporter = reporter
-        self.exact = cfg.data.order == "exact"
-        self.shard = None if self.exact else ray.train.get_dataset_shard("train")
-        self.feed = None
-        if self.exact:
-            from massl_ray.data.feed import RankFeed
+        from massl_ray.data.feed import RankFeed
 
-            self.feed = RankFeed(feed, self.rank, self.world_size,
-                                 lookahead=max(1, cfg.data.prefetch_batches),
-                                 pin_memory=self.device.type == "cuda")
+        self.feed = RankFeed(feed, self.rank, self.world_size,
+                             lookahead=max(1, cfg.data.prefetch_batches),
+                             pin_memory=self.device.type == "cuda")
         self._stream: Optional[Iterator[dict]] = None
         self._next_step = -1
 
@@ -208,20 +204,6 @@ class RayLoopContext(LoopContext):
         return rtt.prepare_model(model, move_to_device=False)
 
     def batches(self, epoch: int, skip: int) -> Iterator[dict]:
-        if self.exact:
-            return self._exact_batches(epoch, skip)
-        # data.order=stream: a new pass over the shard re-executes the pipeline (a fresh shuffle). After a
-        # mid-epoch resume the pass is cut at the epoch's end: the images of that epoch are a
-        # fresh sample, not the exact remainder (see README, "What resume restores").
-        d = self.cfg.data
-        kw = {}
-        if d.shuffle == "blocks":
-            kw["local_shuffle_buffer_size"] = 4 * self.cfg.optim.batch_size_per_worker
-        return self.shard.iter_torch_batches(
-            batch_size=self.cfg.optim.batch_size_per_worker, drop_last=True,
-            prefetch_batches=d.prefetch_batches, pin_memory=self.device.type == "cuda", **kw)
-
-    def _exact_batches(self, epoch: int, skip: int) -> Iterator[dict]:
         # One stream over all remaining steps (massl_ray.data.feed: pieces requested a few
         # steps ahead, decoded ahead by the coordinator across epoch boundaries); each call
         # yields one epoch's steps.
@@ -462,7 +444,7 @@ def _train_ray(cfg: Config, src: Source, run_dir: Path, callbacks: Optional[list
     from ray.train.torch import TorchTrainer
 
     from massl_ray.data.feed import start_feed
-    from massl_ray.data.pipeline import build_train_dataset, check_resources, get_report_actor
+    from massl_ray.data.pipeline import check_resources, get_report_actor
 
     # Every refusal that needs no cluster happens before Ray starts: the config, data and
     # storage (prepare), the resume choice, and the CPU split of a local Ray (its size is known).
@@ -480,11 +462,10 @@ def _train_ray(cfg: Config, src: Source, run_dir: Path, callbacks: Optional[list
     if waits:
         log.warning(waits)
     reporter = get_report_actor(cfg.run.name)
-    exact = cfg.data.order == "exact"
-    # exact order: the run's feed coordinator (massl_ray.data.feed) serves every rank its
-    # pieces; stream order: a Ray Data dataset split across the workers by Ray Train.
-    feed = start_feed(cfg, src, reporter) if exact else None
-    datasets = {} if exact else {"train": build_train_dataset(cfg, src, reporter)}
+    # The run's feed coordinator (massl_ray.data.feed) serves every rank its pieces. It is
+    # pinned to this node, outside the caller's placement group (a Tune trial's would capture
+    # its read and decode tasks).
+    feed = start_feed(cfg, src, reporter)
     r = cfg.run
     res = {"CPU": r.cpus_per_worker}
     if r.use_gpu:
@@ -510,19 +491,16 @@ def _train_ray(cfg: Config, src: Source, run_dir: Path, callbacks: Optional[list
             callbacks=list(callbacks or []),
             logging_config=LoggingConfig(log_level=train_log_level()),
         ),
-        datasets=datasets,
     )
     try:
         result = trainer.fit()
         summary = ray.get(reporter.summary.remote())
         stopped = ray.get(reporter.non_finite.remote())
-        data_stats = ray.get(feed.stats.remote()) if feed is not None else None
+        data_stats = ray.get(feed.stats.remote())
     finally:
         ray.kill(reporter)
-        if feed is not None:
-            ray.kill(feed)
-    if data_stats is not None:
-        (run_dir / "data_feed.json").write_text(json.dumps(data_stats))
+        ray.kill(feed)
+    (run_dir / "data_feed.json").write_text(json.dumps(data_stats))
     _report_decode_errors(run_dir, summary)
     if stopped is not None:  # the workers ended normally at a non-finite loss (_worker_loop)
         raise NonFiniteLoss(stopped["step"], stopped["value"])
