@@ -171,8 +171,11 @@ class RunConfig:
     # same step.
     checkpoint_every_minutes: float = 0.0
     # Checkpoint upload to run.storage_path: async (Ray Train uploads in a background thread;
-    # the loop only waits for the local write) or sync (the loop waits for the upload).
-    checkpoint_upload: str = "async"
+    # the loop only waits for the local write), sync (the loop waits for the upload) or auto
+    # (async to object storage, sync to a local path: a local copy is fast, and an async one
+    # is lost to a crash right after the checkpoint). Metrics-only reports are always async
+    # unless sync.
+    checkpoint_upload: str = "auto"
     num_checkpoints_to_keep: int = 2
     max_failures: int = 0
     # Restarts after a node preemption (Ray Train's FailureConfig.max_preemption_failures),
@@ -460,8 +463,8 @@ class Config:
              "run.checkpoint_every_minutes must be >= 0 (0 = step interval only)")
         need(r.preemption_check_seconds >= 0,
              "run.preemption_check_seconds must be >= 0 (0 = never poll)")
-        need(r.checkpoint_upload in ("async", "sync"),
-             f"run.checkpoint_upload ({r.checkpoint_upload!r}) must be async or sync")
+        need(r.checkpoint_upload in ("auto", "async", "sync"),
+             f"run.checkpoint_upload ({r.checkpoint_upload!r}) must be auto, async or sync")
         need(r.max_steps is None or r.max_steps > 0, "run.max_steps must be positive or null")
         need(r.knn_k > 0, "run.knn_k must be positive")
         need(r.online_knn_every_steps >= 0, "run.online_knn_every_steps must be >= 0 (0 = off)")
