@@ -193,7 +193,10 @@ def test_gpu_recipe_shrunk_runs_one_step_on_cpu(path, tmp_path):
     over = _local_overrides(tmp_path, **{
         "model.arch": "vit_micro", "model.depth": 1, "model.head_hidden_dim": 256,
         "optim.batch_size_per_worker": 4, "data.limit": 8, "run.max_steps": 1,
-        "data.eval_train": "null", "data.eval_test": "null", "data.decode_batch_size": 4})
+        "data.eval_train": "null", "data.eval_test": "null", "data.decode_batch_size": 4,
+        # the recipe's epoch length is ImageNet's: 8 rows hold 2 steps (a longer epoch than the
+        # data is refused before training)
+        "optim.steps_per_epoch": "null"})
     cfg = load_config(path, over)
     assert cfg.massl.memory_size == shipped.massl.memory_size
     assert cfg.block_size == shipped.block_size

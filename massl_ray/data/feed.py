@@ -139,8 +139,11 @@ class FeedCoordinator:
         tasks = decode_tasks(self.spe, self.batch, self.world, from_step, to, self.decode_rows)
         self.ep = _Epoch(plan, tasks, epoch)
         self.reads.setdefault(epoch, np.zeros(len(self.groups), np.int64))
-        while len(self.reads) > 4:  # keep recent epochs only: bounded memory
-            del self.reads[min(self.reads)]
+        for e in sorted(self.reads):  # keep 4 epochs, this one always: bounded memory
+            if len(self.reads) <= 4:
+                break
+            if e != epoch:
+                del self.reads[e]
         return True
 
     # -- submission -----------------------------------------------------------------------------
