@@ -59,9 +59,6 @@ def test_data_path_benchmark_quick(tmp_path):
     assert res["setting"]["old_commit"].startswith("c95e937")
     for name in ("reference", "old_exact", "old_stream", "new"):
         r = res["paths"][name]
-        if name == "new" and not r["available"]:
-            assert r["reason"]  # named, never a number
-            continue
         assert r["available"] and _positive(r["img_s"]) and _positive(r["img_s_per_core"])
         # a quick window is a few batches: the CPU reading may round down to 0
         assert math.isfinite(r["cores_busy"]) and r["cores_busy"] >= 0 and _positive(r["startup_s"])
