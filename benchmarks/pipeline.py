@@ -304,7 +304,7 @@ def parse_args(argv=None):
                         "GaussianBlur (the exact kernel massl_ray matches; ~30x slower on PIL "
                         "images at 224 px)")
     p.add_argument("--set", nargs="*", default=[], metavar="data.KEY=VALUE",
-                   help="config overrides for every Ray path (e.g. data.rows_per_block=64)")
+                   help="config overrides for every Ray path (e.g. data.decode_rows=128)")
     p.add_argument("--quick", action="store_true", help="CI-sized: few hundred images, 1 round")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--object-store-mib", type=int, default=None,
@@ -406,8 +406,8 @@ def main(argv=None) -> int:
                        "decode_cpus": cfg.data.decode_cpus,
                        "prefetch_batches": cfg.data.prefetch_batches,
                        "shuffle": cfg.data.shuffle, "overrides": a.set,
-                       "variants": {v: {"rows_per_block": built[v][1].data.rows_per_block,
-                                        "cache_encoded": built[v][1].data.cache_encoded,
+                       "variants": {v: {"order": built[v][1].data.order,
+                                        "decode_rows": built[v][1].data.decode_rows,
                                         "build_s": built[v][2]} for v in ray_paths}}
         else:
             ray_cfg = {}

@@ -253,8 +253,8 @@ def run_ray(a) -> dict:
         cpu_steps = smp[-1][0] - smp[0][0] if len(smp) >= 2 else 0
         cpu_per_step = (smp[-1][1] - smp[0][1]) / cpu_steps if cpu_steps else float("nan")
         return {
-            "path": "ray", "cpus": a.cpus, "rows_per_block": cfg.data.rows_per_block,
-            "cache_encoded": cfg.data.cache_encoded, "cpus_per_worker": cfg.run.cpus_per_worker,
+            "path": "ray", "cpus": a.cpus, "decode_rows": cfg.data.decode_rows,
+            "cpus_per_worker": cfg.run.cpus_per_worker,
             "decode_cpus": cfg.data.decode_cpus, "torch_threads_worker": max(1, int(cfg.run.cpus_per_worker)),
             "batch_size": bs, "steps": int(lines[-1]["step"]) if lines else 0,
             "steps_per_epoch": spe, "log_every_steps": cfg.run.log_every_steps,
