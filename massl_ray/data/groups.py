@@ -183,14 +183,14 @@ def route(plan: EpochPlan, groups: Sequence[Group], tasks: Sequence[DecodeTask],
     return out
 
 
-def split_rows(rows: dict, r: Route) -> list[dict]:
-    """Cut a read row group into one part per task of ``r.tasks``: ``{"pos", "row", "image",
-    "label", "id"}`` (``row``: the global row index)."""
+def split_rows(rows: dict, r: Route, start: int) -> list[dict]:
+    """Cut a read row group (its first row is global row ``start``) into one part per task of
+    ``r.tasks``: ``{"pos", "row", "image", "label", "id"}`` (``row``: the global row index)."""
     out = []
     for t in r.tasks:
         sel = np.flatnonzero(r.dest == t)
         offs = r.offsets[sel]
-        part = {"pos": r.positions[sel], "row": offs,  # "row" made global by the caller
+        part = {"pos": r.positions[sel], "row": offs + start,
                 "image": [rows["image"][i] for i in offs],
                 "label": rows["label"][offs] if rows["label"] is not None else None,
                 "id": [rows["id"][i] for i in offs]}
@@ -200,10 +200,7 @@ def split_rows(rows: dict, r: Route) -> list[dict]:
 
 def read_and_split(gr: GroupRead, r: Route) -> list[dict]:
     """A read task's work: the group read once, then cut into its decode tasks' parts."""
-    parts = split_rows(read_group(gr), r)
-    for p in parts:
-        p["row"] = p["row"] + gr.group.start
-    return parts
+    return split_rows(read_group(gr), r, gr.group.start)
 
 
 # -- decoding ----------------------------------------------------------------------------------
@@ -321,10 +318,7 @@ class LocalFeed:
             w1, _ = plan.window_at(t.stop - 1)
             for w in range(w0, w1 + 1):
                 for r in route(plan, self.groups, [t], w, ti):
-                    rows = self._group(r.group)
-                    for p in split_rows(rows, r):
-                        p["row"] = p["row"] + self.groups[r.group].start
-                        parts.append(p)
+                    parts += split_rows(self._group(r.group), r, self.groups[r.group].start)
             pieces, _ = decode_task(parts, t, self.mc, self.seed, epoch, self.report)
             self.decoded += t.stop - t.start
             for (s, rk, _, _), p in zip(t.pieces, pieces):

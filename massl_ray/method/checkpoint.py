@@ -88,16 +88,22 @@ def read_meta(directory: str | os.PathLike) -> dict:
         raise CheckpointError(f"checkpoint {d} has an unreadable {META_FILE}: {e}") from None
 
 
-def verify_checkpoint(directory: str | os.PathLike) -> dict:
-    """Check completeness and checksum; returns the meta dict or raises CheckpointError."""
-    d = Path(directory)
-    meta = read_meta(d)
+def _complete_state_file(d: Path, meta: dict) -> Path:
+    """``d``'s state file, present and of the size its meta records (else CheckpointError)."""
     state_path = d / STATE_FILE
     if not state_path.is_file():
         raise CheckpointError(f"checkpoint {d} has no {STATE_FILE}")
     if state_path.stat().st_size != meta.get("bytes"):
         raise CheckpointError(f"checkpoint {d}: {STATE_FILE} is truncated "
                               f"({state_path.stat().st_size} of {meta.get('bytes')} bytes)")
+    return state_path
+
+
+def verify_checkpoint(directory: str | os.PathLike) -> dict:
+    """Check completeness and checksum; returns the meta dict or raises CheckpointError."""
+    d = Path(directory)
+    meta = read_meta(d)
+    state_path = _complete_state_file(d, meta)
     if _sha256(state_path) != meta.get("sha256"):
         raise CheckpointError(f"checkpoint {d}: {STATE_FILE} fails its sha256 check (corrupt)")
     return meta
@@ -119,12 +125,7 @@ def load_checkpoint(directory: str | os.PathLike, map_location="cpu") -> dict:
     if not d.is_dir():
         raise CheckpointError(f"checkpoint {d} does not exist")
     meta = read_meta(d)
-    state_path = d / STATE_FILE
-    if not state_path.is_file():
-        raise CheckpointError(f"checkpoint {d} has no {STATE_FILE}")
-    if state_path.stat().st_size != meta.get("bytes"):
-        raise CheckpointError(f"checkpoint {d}: {STATE_FILE} is truncated "
-                              f"({state_path.stat().st_size} of {meta.get('bytes')} bytes)")
+    state_path = _complete_state_file(d, meta)
     data = _read_state_bytes(state_path)
     if len(data) != meta.get("bytes") or hashlib.sha256(data).hexdigest() != meta.get("sha256"):
         raise CheckpointError(f"checkpoint {d}: {STATE_FILE} fails its sha256 check (corrupt)")
