@@ -82,3 +82,32 @@ def ray_instance(tmp_path_factory):
              _temp_dir=str(tmp_path_factory.mktemp("ray")), log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+# ---- failures reported as they happen ------------------------------------------------------
+# pytest prints failure details only in its final summary. A session that dies before it (a Ray
+# driver whose cluster went away exits its process; a CI limit) would leave a bare "F". So each
+# failure's report is also written at once, to the terminal, as the test ends.
+
+_CONFIG = None
+
+
+def pytest_configure(config):
+    global _CONFIG
+    _CONFIG = config
+
+
+def pytest_runtest_logreport(report):
+    if not report.failed or _CONFIG is None:
+        return
+    tr = _CONFIG.pluginmanager.get_plugin("terminalreporter")
+    if tr is None:
+        return
+    text = report.longreprtext or ""
+    if len(text) > 4000:
+        text = "...\n" + text[-4000:]
+    tr.write_line("")
+    tr.write_line(f"FAILED ({report.when}) {report.nodeid}:", red=True)
+    for line in text.splitlines():
+        tr.write_line(line)
+    tr.flush()

@@ -120,8 +120,10 @@ def test_a_node_lost_mid_run_shrinks_the_group_and_the_run_feeds_the_same_images
 
     if ray.is_initialized():
         ray.shutdown()
+    # a removed node is declared dead after ~5 s of missed health checks (default: ~30 s)
     cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 0, "object_store_memory": 256 * 1024**2, "include_dashboard": False})
+        "num_cpus": 0, "object_store_memory": 256 * 1024**2, "include_dashboard": False,
+        "_system_config": {"health_check_period_ms": 1000, "health_check_failure_threshold": 5}})
     nodes = [cluster.add_node(num_cpus=2, object_store_memory=256 * 1024**2) for _ in range(2)]
     try:
         ray.init(address=cluster.address, log_to_driver=False)
@@ -143,7 +145,11 @@ def test_a_node_lost_mid_run_shrinks_the_group_and_the_run_feeds_the_same_images
         def remove_rank1_node():
             deadline = time.time() + 300
             while time.time() < deadline:
-                ck = list(run_dir.glob("checkpoint_*"))
+                # a checkpoint Ray Train has registered (rank 0 records it once its report
+                # returned), not one still being written: a node removed mid-write would
+                # resume from scratch
+                ck = (run_dir / "checkpoints.jsonl")
+                ck = ck.read_text().splitlines() if ck.is_file() else []
                 info = run_dir / "workers" / "rank_1.json"
                 if ck and info.exists():
                     node_id = json.loads(info.read_text())["node_id"]
