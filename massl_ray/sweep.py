@@ -14,8 +14,10 @@ a training config plus a ``sweep:`` section (its keys: :class:`SweepSpec`; docs/
 
 Grid points are validated before Ray starts (all invalid ones named at once), sampled values
 when the searcher proposes them (:class:`TrialRefused`); the concurrency is derived from the
-cluster and what a trial holds. Each trial (:func:`run_trial`) trains, evaluates its final
-checkpoint in a Ray task with its own resources and reports the evaluation as its last result:
+cluster and what a trial holds. Each trial (:func:`run_trial`) takes a training slot
+(:class:`TrainingSlots`), trains, gives the slot back (the next trial starts training), evaluates
+its final checkpoint in a Ray task with its own resources and reports the evaluation as its last
+result:
 ``ResultGrid.get_best_result(metric="knn_top1")``. Running the command again restores the Tune
 experiment; a recorded evaluation (``evaluations/<trial>.json``) of the same checkpoint is
 reused. ``results.csv``/``.md`` and ``knn_heatmap.png`` come from the ResultGrid; Tune itself
@@ -47,6 +49,7 @@ from massl_ray.evaluate.jobs import EvalSettings
 log = logging.getLogger("massl_ray")
 
 SWEEP_FILE = "sweep.json"
+SLOTS = "massl_sweep_slots"  # the training slots' actor: name f"{SLOTS}:{sweep name}"
 TRIAL_CPU = 0.01  # the function trainable itself; its TorchTrainer reserves the real resources
 # tune.<fn> a sweep may name; grid_search and choice take the list itself.
 DOMAINS = ("grid_search", "choice", "uniform", "quniform", "loguniform", "qloguniform", "randn",
@@ -399,21 +402,38 @@ def eval_resources(settings: EvalSettings, res: dict) -> dict:
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class Concurrency:
+    """``trials``: Tune's concurrency (trials running at once, training, waiting for a training
+    slot, or evaluating); ``training``: how many of them may train at once (the slots of
+    :class:`TrainingSlots`)."""
+    trials: int
+    training: int
+
+
 def derive_concurrency(cluster: dict, trials: list[dict], evaluation: dict,
-                       max_concurrent: Optional[int], n_trials: int) -> int:
-    """How many trials may run at once. A trial is either training (it holds ``CPU``/``GPU``
-    and its Ray Data needs ``data_CPU`` more to progress) or awaiting its evaluation (the task's
-    resources, plus its Ray Data's when not local). With ``c`` trials in any mix of phases,
-    one can progress if ``(c - 1) x hold + need <= cluster`` per resource, where ``hold`` is
-    the most a trial holds in either phase and ``need`` the most one needs, holding included;
-    so ``c = floor((cluster - need) / hold) + 1``. A trial whose ``need`` exceeds the cluster
-    would hang, not fail: refused before launch, with the numbers."""
+                       max_concurrent: Optional[int], n_trials: int) -> Concurrency:
+    """How many trials may run, and train, at once.
+
+    Training: a trial holds ``CPU``/``GPU`` and its Ray Data needs ``data_CPU`` more to
+    progress. ``t`` training trials never all wait if ``(t - 1) x hold + need <= cluster`` per
+    resource (``hold`` what one holds, ``need`` that plus its Ray Data), so ``t = floor((cluster
+    - need) / hold) + 1``: the training slots, taken before a trial's TorchTrainer starts and
+    given back when its training ends. An evaluation (a self-contained Ray task, ``local``
+    features) then runs beside the trials training in the freed slot, so ``e`` more trials may
+    run with ``e = floor((cluster - (t - 1) x hold - need) / eval)``: their evaluations overlap
+    the next trials' training. Evaluations by Ray Data batch inference (``data_CPU`` in
+    ``evaluation``) hold actors while they wait for more, so they get no extra slots: every
+    trial counts as holding the most of either phase. A trial whose ``need`` exceeds the
+    cluster would hang, not fail: refused before launch, with the numbers."""
     have = {k: float(cluster.get(k, 0.0)) for k in ("CPU", "GPU")}
     train = {k: max(t.get(k, 0.0) for t in trials) for k in ("CPU", "GPU")}
     data = max(t.get("data_CPU", 0.0) for t in trials)
     ev = {"CPU": evaluation["CPU"], "GPU": evaluation.get("GPU", 0.0)}
     ev_data = {"CPU": evaluation.get("data_CPU", 0.0), "GPU": evaluation.get("data_GPU", 0.0)}
+    pipelined = not any(ev_data.values())
     n = min(n_trials, max_concurrent or n_trials)
+    t_slots, extra = n, n
     for k in ("CPU", "GPU"):
         need_train, need_eval = train[k] + (data if k == "CPU" else 0.0), ev[k] + ev_data[k]
         if need_train > have[k] + 1e-9:
@@ -431,10 +451,69 @@ def derive_concurrency(cluster: dict, trials: list[dict], evaluation: dict,
                 + (f", the trainable awaiting it {TRIAL_CPU:g}" if k == "CPU" else "")
                 + (f", its Ray Data {ev_data[k]:g}" if ev_data[k] else "")
                 + f"), but the cluster has {have[k]:g} {k}: it could never run")
-        hold = max(train[k], ev[k])
+        hold, need = ((train[k], need_train) if pipelined
+                      else (max(train[k], ev[k]), max(need_train, need_eval)))
         if hold > 0:
-            n = min(n, int((have[k] - max(need_train, need_eval) + 1e-9) // hold) + 1)
-    return max(1, n)
+            t_slots = min(t_slots, int((have[k] - need + 1e-9) // hold) + 1)
+    t_slots = max(1, min(t_slots, n))
+    if pipelined:
+        for k in ("CPU", "GPU"):
+            if ev[k] > 0:
+                free = have[k] - (t_slots - 1) * train[k] - train[k] - (data if k == "CPU" else 0)
+                extra = min(extra, max(0, int((free + 1e-9) // ev[k])))
+        return Concurrency(trials=max(1, min(n, t_slots + extra)), training=t_slots)
+    return Concurrency(trials=t_slots, training=t_slots)
+
+
+class TrainingSlots:
+    """A counting semaphore over the sweep's training slots, a CPU-free async actor the driver
+    owns: a trial takes one before its TorchTrainer starts and gives it back when its training
+    ends, before its evaluation. A trial that ends any other way (stopped by a scheduler,
+    failed, killed) has its slot given back by Tune's callback on the driver
+    (:func:`_slot_keeper`); a trial that asks again (Tune restarting it) keeps its own."""
+
+    def __init__(self, n: int):
+        import asyncio
+
+        self.n, self.holders, self.cond = n, set(), asyncio.Condition()
+        self.log: list[tuple] = []  # (time, trial, "take" | "give")
+
+    async def take(self, trial: str) -> float:
+        async with self.cond:
+            await self.cond.wait_for(lambda: trial in self.holders or len(self.holders) < self.n)
+            self.holders.add(trial)
+            self.log.append((time.time(), trial, "take"))
+            return time.time()
+
+    async def give(self, trial: str) -> None:
+        async with self.cond:
+            if trial in self.holders:
+                self.holders.discard(trial)
+                self.log.append((time.time(), trial, "give"))
+                self.cond.notify_all()
+
+    def history(self) -> list[tuple]:
+        return list(self.log)
+
+
+def _slots(sweep: str):
+    import ray
+
+    return ray.get_actor(f"{SLOTS}:{sweep}", namespace=SLOTS)
+
+
+def _slot_keeper(sweep: str):
+    """Tune callback (driver): a trial that ended, however, gives its training slot back. (It
+    finds the slots by name: a restored experiment's callback is this one, unpickled.)"""
+
+    class SlotKeeper(tune.Callback):
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            _slots(sweep).give.remote(trial.trial_id)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            _slots(sweep).give.remote(trial.trial_id)
+
+    return SlotKeeper()
 
 
 # ---- the trial ------------------------------------------------------------------------------
@@ -486,13 +565,23 @@ def run_trial(config: dict, base: dict, spec: dict, settings: dict, eval_res: di
     run_dir.mkdir(parents=True, exist_ok=True)
     with open(run_dir / "attempts.jsonl", "a") as f:  # one line per attempt of this trial
         f.write(json.dumps({"started_at": started, "pid": os.getpid()}) + "\n")
-    result = train(cfg, callbacks=[_report_callback()])
+    import ray
+
+    slots = _slots(sp.name)
+    log.info("sweep: %s waits for a training slot", trial)
+    train_started = ray.get(slots.take.remote(trial))
+    try:
+        result = train(cfg, callbacks=[_report_callback()])
+    finally:  # the workers are gone: the next trial trains while this one evaluates
+        train_ended = time.time()
+        ray.get(slots.give.remote(trial))
     m = dict(result.get("metrics") or {})
     if "loss" not in m:  # resumed after the last step: nothing trained now, take the logged end
         m.update(_last_logged(run_dir / "metrics.jsonl"))
     ckpt = result.get("checkpoint") or latest_valid_checkpoint(run_dir)
     out = {"final_loss": m.get("loss"), "step": m.get("step"), "train_wall_s": result.get("wall_s"),
            "checkpoint": str(ckpt) if ckpt else None, "trial_started_at": started,
+           "train_started_at": train_started, "train_ended_at": train_ended,
            "trial_ended_at": time.time(), "training_done": True,
            **{k: m[k] for k in ("online_knn_top1", "online_knn_step") if k in m}}
     ev = evaluate(trial, out["checkpoint"], settings, eval_res, sp.dir) if ckpt else {}
@@ -584,6 +673,7 @@ def collect_rows(grid, base: dict, spec: SweepSpec) -> list[dict]:
             "online_knn_top1": num("online_knn_top1"), "knn_top1": num("knn_top1"),
             "linear_top1": num("linear_top1"), "eval_status": evaluated,
             "train_wall_s": num("train_wall_s"), "eval_s": num("eval_s"),
+            "train_started_at": m.get("train_started_at"), "train_ended_at": m.get("train_ended_at"),
             "trial_ended_at": m.get("trial_ended_at"), "eval_started_at": m.get("eval_started_at"),
             "eval_ended_at": m.get("eval_ended_at"), "checkpoint": str(ckpt) if ckpt else None,
             "error": str(r.error).strip().splitlines()[-1][:500] if r.error is not None else None,
@@ -593,7 +683,7 @@ def collect_rows(grid, base: dict, spec: SweepSpec) -> list[dict]:
 
 # Swept keys shown through the derived columns memory_size / num_blocks / block_size.
 DERIVED_COLUMNS = ("massl.memory_size", "massl.num_blocks", "massl.block_size")
-HIDDEN_MD = ("trial_ended_at", "eval_started_at", "eval_ended_at", "checkpoint", "error")
+HIDDEN_MD = ("train_started_at", "train_ended_at", "trial_ended_at", "eval_started_at", "eval_ended_at", "checkpoint", "error")
 
 
 def write_table(rows: list[dict], sweep_dir: Path) -> tuple[Path, Path]:
@@ -694,10 +784,10 @@ def run_sweep(config_path: Union[str, os.PathLike], overrides: Optional[list[str
     n_trials = len(cfgs) * spec.num_samples if grid_like else spec.num_samples
     conc = derive_concurrency(cluster, [trial_resources(c) for c in cfgs], per_eval,
                               spec.max_concurrent, n_trials)
-    log.info("sweep %r: %d trial(s), %d at a time (cluster %g CPU / %g GPU; a training trial "
-             "holds %s, an evaluating one %s) -> %s", spec.name, n_trials, conc,
-             cluster.get("CPU", 0), cluster.get("GPU", 0), trial_resources(cfgs[0]), per_eval,
-             sweep_dir)
+    log.info("sweep %r: %d trial(s), %d at a time, %d training at a time (cluster %g CPU / %g "
+             "GPU; a training trial holds %s, an evaluating one %s) -> %s", spec.name, n_trials,
+             conc.trials, conc.training, cluster.get("CPU", 0), cluster.get("GPU", 0),
+             trial_resources(cfgs[0]), per_eval, sweep_dir)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     _write_json(sweep_dir / SWEEP_FILE, record)
 
@@ -707,6 +797,8 @@ def run_sweep(config_path: Union[str, os.PathLike], overrides: Optional[list[str
         {"CPU": TRIAL_CPU})
     tune_path = sweep_dir / "tune"
     t0 = time.time()
+    slots = ray.remote(num_cpus=0)(TrainingSlots).options(
+        name=f"{SLOTS}:{spec.name}", namespace=SLOTS).remote(conc.training)
     if tune.Tuner.can_restore(str(tune_path)):
         log.info("sweep %r: resuming the Tune experiment in %s", spec.name, tune_path)
         tuner = tune.Tuner.restore(str(tune_path), trainable=trainable, resume_unfinished=True,
@@ -714,10 +806,16 @@ def run_sweep(config_path: Union[str, os.PathLike], overrides: Optional[list[str
     else:
         tuner = tune.Tuner(
             trainable, param_space=param_space(spec),
-            tune_config=tune.TuneConfig(search_alg=build_searcher(spec, conc), scheduler=scheduler,
-                                        num_samples=spec.num_samples),
-            run_config=tune.RunConfig(name="tune", storage_path=str(sweep_dir), verbose=1))
-    grid = tuner.fit()
+            tune_config=tune.TuneConfig(search_alg=build_searcher(spec, conc.trials),
+                                        scheduler=scheduler, num_samples=spec.num_samples,
+                                        reuse_actors=False),
+            run_config=tune.RunConfig(name="tune", storage_path=str(sweep_dir), verbose=1,
+                                      callbacks=[_slot_keeper(spec.name)]))
+    try:
+        grid = tuner.fit()
+        slot_log = ray.get(slots.history.remote())
+    finally:
+        ray.kill(slots)
     rows = collect_rows(grid, base, spec)
     csv_path, md_path = write_table(rows, sweep_dir)
     png = write_heatmap(rows, sweep_dir / "knn_heatmap.png",
@@ -735,7 +833,8 @@ def run_sweep(config_path: Union[str, os.PathLike], overrides: Optional[list[str
                "stopped_early": [r["trial"] for r in stopped],
                "errors": [r["trial"] for r in rows if r["status"] == "error"],
                "refused": [r["trial"] for r in rows if r["status"] == "refused"],
-               "interrupted": interrupted, "concurrency": conc, "wall_s": time.time() - t0,
+               "interrupted": interrupted, "concurrency": conc.trials,
+               "training_slots": conc.training, "slot_log": slot_log, "wall_s": time.time() - t0,
                "best": best, "results_csv": str(csv_path), "results_md": str(md_path),
                "heatmap": str(png) if png else None, "tensorboard": str(tune_path), "rows": rows}
     _write_json(sweep_dir / "summary.json", summary)

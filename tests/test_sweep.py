@@ -209,28 +209,41 @@ def test_invalid_grid_points_refused_before_anything_launches(tmp_path, capsys):
 
 @pytest.mark.timeout(30)
 def test_concurrency_counts_what_trials_hold_in_either_phase():
+    from massl_ray.sweep import Concurrency as C
+
     # Training: one worker of 1 CPU + the trainable's 0.01, Ray Data 1 CPU beside it.
     # Evaluating: the task's 1 CPU + the trainable awaiting it.
     trial = {"CPU": 1.01, "data_CPU": 1.0}
     ev = {"CPU": 1.01, "GPU": 0.0}
-    # (c - 1) x 1.01 + 2.01 <= cluster
-    assert derive_concurrency({"CPU": 4}, [trial], ev, None, 10) == 2
-    assert derive_concurrency({"CPU": 5.03}, [trial], ev, None, 10) == 3
-    assert derive_concurrency({"CPU": 5.03}, [trial], ev, 1, 10) == 1
-    assert derive_concurrency({"CPU": 64}, [trial], ev, None, 4) == 4  # no more than trials
-    assert derive_concurrency({"CPU": 2.5}, [trial], ev, None, 4) == 1
-    # An evaluation holding more than training counts as the hold of every trial.
+    # training slots t: (t - 1) x 1.01 + 2.01 <= cluster; more trials only if an evaluation
+    # fits beside t training ones
+    assert derive_concurrency({"CPU": 4}, [trial], ev, None, 10) == C(2, 2)
+    assert derive_concurrency({"CPU": 5.03}, [trial], ev, None, 10) == C(3, 3)
+    assert derive_concurrency({"CPU": 5.03}, [trial], ev, 1, 10) == C(1, 1)
+    assert derive_concurrency({"CPU": 64}, [trial], ev, None, 4) == C(4, 4)  # no more than trials
+    assert derive_concurrency({"CPU": 2.5}, [trial], ev, None, 4) == C(1, 1)
+    # One trial trains at a time (2.01 + 1 of 4 CPU), and its predecessor's evaluation (0.51)
+    # fits beside it: two trials at once, the evaluation overlapping the next training.
+    assert derive_concurrency({"CPU": 4}, [{"CPU": 2.01, "data_CPU": 1.0}], {"CPU": 0.51}, None,
+                              4) == C(2, 1)
+    assert derive_concurrency({"CPU": 4}, [{"CPU": 2.01, "data_CPU": 1.0}], {"CPU": 0.51}, 1,
+                              4) == C(1, 1)  # sweep.max_concurrent caps both
+    # An evaluation larger than a training trial: evaluations wait for CPUs holding nothing
+    # (a self-contained task), so they do not limit the training slots.
     assert derive_concurrency({"CPU": 8}, [{"CPU": 0.51, "data_CPU": 1.0}], {"CPU": 2.01}, None,
-                              9) == 3  # 2 x 2.01 + 2.01 <= 8
-    # Features by Ray Data batch inference: the evaluation's pipeline needs more beside it.
-    assert derive_concurrency({"CPU": 4}, [trial], {"CPU": 1.01, "data_CPU": 2.0}, None, 4) == 1
-    # GPUs: an evaluation takes a GPU its trial's training released.
+                              9) == C(9, 9)
+    # Features by Ray Data batch inference: the evaluation's actors hold CPUs while they wait
+    # for more, so every trial counts as holding the most of either phase, and needing it.
+    assert derive_concurrency({"CPU": 4}, [trial], {"CPU": 1.01, "data_CPU": 2.0}, None, 4) == \
+        C(1, 1)
+    # GPUs: 4 trials train on 8 GPUs; CPU-only evaluations fit beside them (up to the trials).
     gpu_trial = {"CPU": 5.01, "GPU": 2, "data_CPU": 1.0}
-    assert derive_concurrency({"CPU": 64, "GPU": 8}, [gpu_trial], ev, None, 9) == 4
+    assert derive_concurrency({"CPU": 64, "GPU": 8}, [gpu_trial], ev, None, 9) == C(9, 4)
+    # a GPU evaluation does not fit beside 4 training trials: no extra trial
     assert derive_concurrency({"CPU": 64, "GPU": 8}, [gpu_trial], {"CPU": 4.01, "GPU": 1}, None,
-                              9) == 4
+                              9) == C(4, 4)
     assert derive_concurrency({"CPU": 64, "GPU": 8}, [gpu_trial],
-                              {"CPU": 4.01, "GPU": 1, "data_GPU": 2}, None, 9) == 3
+                              {"CPU": 4.01, "GPU": 1, "data_GPU": 2}, None, 9) == C(3, 3)
     # Refused before launch, with the numbers.
     with pytest.raises(ConfigError, match="a trial needs 2 GPU .* the cluster has 1"):
         derive_concurrency({"CPU": 64, "GPU": 1}, [{"CPU": 2, "GPU": 2}], ev, None, 2)
@@ -243,11 +256,37 @@ def test_concurrency_counts_what_trials_hold_in_either_phase():
                                           r"task 5, the trainable awaiting it 0\.01\), but the "
                                           r"cluster has 4 CPU"):
         derive_concurrency({"CPU": 4}, [trial], {"CPU": 5.01}, None, 2)
-    assert derive_concurrency({"CPU": 2}, [{"CPU": 0.91, "data_CPU": 1.0}], ev, None, 4) == 1
+    assert derive_concurrency({"CPU": 2}, [{"CPU": 0.91, "data_CPU": 1.0}], ev, None, 4) == C(1, 1)
     # jobs/sweep_cpu.yaml (0.9 per worker) on 2 CPUs: 1 at a time (line above); with
     # run.cpus_per_worker=0.49 two trials at a time (0.5 + 0.5 + 1 <= 2).
     assert derive_concurrency({"CPU": 2}, [{"CPU": 0.5, "data_CPU": 1.0}], {"CPU": 0.46}, None,
-                              4) == 2
+                              4) == C(2, 2)
+
+
+@pytest.mark.timeout(60)
+def test_training_slots_admit_n_and_take_back_a_trial_that_ended():
+    """The semaphore (run in-process on an event loop, as Ray runs an async actor): n holders
+    at a time, a re-take by a holder is its own slot, a give from anyone else changes nothing."""
+    import asyncio
+
+    from massl_ray.sweep import TrainingSlots
+
+    async def scenario():
+        slots = TrainingSlots(1)
+        await slots.take("a")
+        await slots.take("a")  # a restarted trial keeps its slot
+        b = asyncio.ensure_future(slots.take("b"))
+        await asyncio.sleep(0.05)
+        assert not b.done()  # one slot, held by a
+        await slots.give("c")  # not a holder: nothing
+        await asyncio.sleep(0.05)
+        assert not b.done()
+        await slots.give("a")
+        await asyncio.wait_for(b, 2)
+        assert slots.holders == {"b"}
+        return [(t, what) for _, t, what in slots.history()]
+
+    assert asyncio.run(scenario()) == [("a", "take"), ("a", "take"), ("a", "give"), ("b", "take")]
 
 
 def test_trial_and_evaluation_resources(tmp_path):
@@ -347,13 +386,21 @@ def test_optuna_search_end_to_end(ray_instance, tmp_path):
     assert not (tmp_path / "sweeps" / "optuna" / "tune").exists()
 
     t_start = time.time()
-    s = run_sweep(p)
+    # One 2-CPU worker: a training trial holds 2.01 CPU and its Ray Data needs 1 more, so one
+    # trains at a time on the 4-CPU Ray; an evaluation (0.51) fits beside it: two trials at once.
+    s = run_sweep(p, ["run.cpus_per_worker=2"])
     t_end = time.time()
     assert s["trials"] == 4 and s["finished"] == 4 and s["evaluated"] == 4
     assert not s["interrupted"] and not s["errors"] and not s["refused"]
-    # (c - 1) x 0.51 (what a trial holds, training or evaluating) + 1.51 (a training one with
-    # its Ray Data) <= 4 -> 5, so all 4 at once
-    assert s["concurrency"] == 4
+    assert (s["concurrency"], s["training_slots"]) == (2, 1)
+    # The trainings ran one at a time, each in the slot the one before gave back; each
+    # evaluation but the last ran while the next trial trained.
+    order = sorted(s["rows"], key=lambda r: r["train_started_at"])
+    for prev, nxt in zip(order, order[1:]):
+        assert prev["train_ended_at"] <= nxt["train_started_at"]
+        assert nxt["train_started_at"] < prev["eval_ended_at"] and \
+            prev["eval_started_at"] < nxt["train_ended_at"], (prev, nxt)
+    assert [what for _, _, what in s["slot_log"]] == ["take", "give"] * 4
     sweep_dir = Path(s["sweep_dir"])
     evals, attempts = _records(sweep_dir), _attempts(sweep_dir)
     assert sorted(evals) == sorted(attempts) == sorted(r["trial"] for r in s["rows"])
