@@ -379,12 +379,14 @@ def build_scheduler(spec: SweepSpec, cfgs: list[Config]):
 
 def trial_resources(cfg: Config) -> dict:
     """What a training trial holds: ``CPU``/``GPU`` (its workers and the trainable), and
-    ``data_CPU``, what Ray Data needs beside them to make progress (a decode task of
-    data.decode_cpus; Ray Data's read/shuffle tasks take a whole CPU)."""
+    ``data_CPU``, what its data feed needs beside them to make progress (one read or decode
+    task at a time: :func:`massl_ray.data.pipeline.feed_cpus`)."""
+    from massl_ray.data.pipeline import feed_cpus
+
     r = cfg.run
     workers = cfg.world_size  # an elastic trial holds at most its maximum
     out = {"CPU": workers * r.cpus_per_worker + TRIAL_CPU,
-           "data_CPU": max(1.0, cfg.data.decode_cpus)}
+           "data_CPU": feed_cpus(cfg)}
     if r.use_gpu:
         out["GPU"] = workers * r.gpus_per_worker
     return out
@@ -438,8 +440,8 @@ def derive_concurrency(cluster: dict, trials: list[dict], evaluation: dict,
         need_train, need_eval = train[k] + (data if k == "CPU" else 0.0), ev[k] + ev_data[k]
         if need_train > have[k] + 1e-9:
             what = (f"{train[k]:g} CPU while it trains (workers x run.cpus_per_worker + the "
-                    f"trainable) and Ray Data {data:g} more (data.decode_cpus, at least one "
-                    f"whole CPU for its read and shuffle tasks)" if k == "CPU"
+                    f"trainable) and its data feed {data:g} more (a read task data.read_cpus "
+                    f"or a decode task data.decode_cpus at a time)" if k == "CPU"
                     else f"{train[k]:g} GPU (workers x run.gpus_per_worker)")
             raise ConfigError(
                 f"a trial needs {what}, but the cluster has {have[k]:g} {k}: it could never "

@@ -458,14 +458,19 @@ def test_non_finite_loss_on_ray_ends_the_run_at_once_and_is_not_retried(tmp_path
     assert torch.isfinite(state["memory"]["rows"]).all()
 
 
-def test_a_cpu_split_that_would_starve_ray_data_is_refused(tmp_path):
-    """Ray Data's read/shuffle tasks take a whole CPU: a split leaving less would hang silently."""
+def test_a_cpu_split_that_would_starve_the_data_feed_is_refused(tmp_path):
+    """The feed needs one read or decode task at a time beside the workers: a split leaving
+    less would hang silently."""
     from massl_ray.data.pipeline import check_resources
 
-    cfg = load_config(None, tiny_overrides(tmp_path, "cpus", **{"data.decode_cpus": 0.5}))
-    check_resources(cfg, 2.0)  # 1 train CPU + 1 for Ray Data
-    with pytest.raises(ValueError, match=r"Ray Data needs 1 more .* the cluster has 1\.5 CPUs"):
-        check_resources(cfg, 1.5)
+    cfg = load_config(None, tiny_overrides(tmp_path, "cpus", **{"data.decode_cpus": 0.5,
+                                                                 "data.read_cpus": 0.25}))
+    check_resources(cfg, 1.5)  # 1 train CPU + 0.5 for a decode task
+    with pytest.raises(ValueError, match=r"the data feed needs 0\.5 more \(a read task "
+                                         r"data\.read_cpus=0\.25 or a decode task "
+                                         r"data\.decode_cpus=0\.5 at a time\), but the "
+                                         r"cluster has 1\.4 CPUs"):
+        check_resources(cfg, 1.4)
     two = load_config(None, tiny_overrides(tmp_path, "cpus2", **{"run.num_workers": 2}))
     with pytest.raises(ValueError, match="2 x run.cpus_per_worker=1"):
         check_resources(two, 2.0)

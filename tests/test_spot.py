@@ -325,7 +325,7 @@ def test_a_failing_log_copy_is_logged_and_training_goes_on(tmp_path, caplog):
 def test_resources_refuse_only_what_the_largest_cluster_cannot_hold():
     from massl_ray.data.pipeline import check_resources
 
-    four = make_tiny_config("run.num_workers=4")  # 4 train CPUs + 1 for Ray Data
+    four = make_tiny_config("run.num_workers=4")  # 4 train CPUs + a 1-CPU decode task
     with pytest.raises(ConfigError, match="the cluster has 2 CPUs"):
         check_resources(four, 2.0)  # no autoscaler: now is the maximum
     with pytest.raises(ConfigError, match="can grow to at most 4 CPUs"):

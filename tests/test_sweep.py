@@ -247,7 +247,7 @@ def test_concurrency_counts_what_trials_hold_in_either_phase():
     # Refused before launch, with the numbers.
     with pytest.raises(ConfigError, match="a trial needs 2 GPU .* the cluster has 1"):
         derive_concurrency({"CPU": 64, "GPU": 1}, [{"CPU": 2, "GPU": 2}], ev, None, 2)
-    with pytest.raises(ConfigError, match=r"2\.01 CPU while it trains .* Ray Data 1 more .* "
+    with pytest.raises(ConfigError, match=r"2\.01 CPU while it trains .* data feed 1 more .* "
                                           r"the cluster has 2 CPU: it could never run"):
         derive_concurrency({"CPU": 2}, [{"CPU": 2.01, "data_CPU": 1.0}], ev, None, 2)
     with pytest.raises(ConfigError, match="could never run"):
@@ -296,7 +296,7 @@ def test_trial_and_evaluation_resources(tmp_path):
 
     cfg = load_config(None, ["run.num_workers=2", "run.cpus_per_worker=1.5",
                              "data.decode_cpus=0.5"])
-    assert trial_resources(cfg) == {"CPU": 3.01, "data_CPU": 1.0}
+    assert trial_resources(cfg) == {"CPU": 3.01, "data_CPU": 0.5}  # a 0.5-CPU read or decode
     cfg = load_config(None, ["data.decode_cpus=2", "run.use_gpu=true", "run.num_workers=2"])
     assert trial_resources(cfg) == {"CPU": 2.01, "data_CPU": 2.0, "GPU": 2.0}
     res = {"num_cpus": 2.0, "num_gpus": 1.0}
@@ -380,19 +380,21 @@ def test_optuna_search_end_to_end(ray_instance, tmp_path):
     # seed 5: Optuna's first 4 (random start-up) proposals are the 4 cells, for the heatmap
     p = tiny_sweep(tmp_path, "optuna", space, search="optuna", num_samples=4, seed=5)
     # Too large for the 4-CPU Ray: refused before launch, with the numbers.
-    with pytest.raises(ConfigError, match=r"a trial needs 4\.01 CPU while it trains .* Ray Data 1 "
-                                          r"more .* the cluster has 4 CPU: it could never run"):
+    with pytest.raises(ConfigError, match=r"a trial needs 4\.01 CPU while it trains .* data "
+                                          r"feed 0\.5 more .* the cluster has 4 CPU: it could "
+                                          r"never run"):
         run_sweep(p, ["run.cpus_per_worker=4"])
     assert not (tmp_path / "sweeps" / "optuna" / "tune").exists()
 
     t_start = time.time()
-    # One 2-CPU worker: a training trial holds 2.01 CPU and its Ray Data needs 1 more, so one
-    # trains at a time on the 4-CPU Ray; an evaluation (0.51) fits beside it: two trials at once.
+    # One 2-CPU worker: a training trial holds 2.01 CPU and its data feed needs 0.5 more, so
+    # one trains at a time on the 4-CPU Ray; two evaluations (0.51 each) fit beside it: three
+    # trials at once.
     s = run_sweep(p, ["run.cpus_per_worker=2"])
     t_end = time.time()
     assert s["trials"] == 4 and s["finished"] == 4 and s["evaluated"] == 4
     assert not s["interrupted"] and not s["errors"] and not s["refused"]
-    assert (s["concurrency"], s["training_slots"]) == (2, 1)
+    assert (s["concurrency"], s["training_slots"]) == (3, 1)
     # The trainings ran one at a time, each in the slot the one before gave back; each
     # evaluation but the last ran while the next trial trained.
     order = sorted(s["rows"], key=lambda r: r["train_started_at"])

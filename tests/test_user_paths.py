@@ -210,7 +210,7 @@ def test_train_local_runs_in_one_process_without_ray(clone, tmp_path):
 
 @pytest.mark.timeout(420)
 def test_train_with_two_workers_keeps_identical_memory_banks(clone, tmp_path):
-    # 2 workers x 0.5 CPU + 1 CPU for Ray Data fit this machine's 2 cores (the README's CPU rule)
+    # 2 workers x 0.5 CPU + a 1-CPU decode task fit this machine's 2 cores (the README's CPU rule)
     p = run([sys.executable, "-m", "massl_ray", "train", "--config", "jobs/quickstart.yaml",
              "--num-workers", "2", *TINY, "optim.batch_size_per_worker=16",
              "run.cpus_per_worker=0.5", f"run.storage_path={tmp_path}", "run.final_knn=false"],

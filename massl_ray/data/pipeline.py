@@ -63,10 +63,17 @@ def read_source(src: Source, limit: Optional[int] = None) -> "ray.data.Dataset":
     return ds
 
 
+def feed_cpus(cfg: Config) -> float:
+    """CPUs the data feed needs beside the train workers to make progress: one of its tasks at
+    a time (a read task of data.read_cpus, or a decode task of data.decode_cpus; its
+    coordinator actor takes none)."""
+    return max(cfg.data.read_cpus, cfg.data.decode_cpus)
+
+
 def check_resources(cfg: Config, cluster_cpus: float, max_cpus: Optional[float] = None,
                     cluster_gpus: Optional[float] = None,
                     max_gpus: Optional[float] = None) -> Optional[str]:
-    """Refuse only what can never run: a CPU split that would leave Ray Data no CPU (a silent
+    """Refuse only what can never run: a CPU split that would leave the data feed no CPU (a silent
     deadlock otherwise), or more GPUs than the cluster can ever have. ``max_*``: the most the
     cluster can grow to (its autoscaler's configuration); None: it cannot grow, its size now
     is its maximum. Returns None when the run fits the cluster now, else a message saying
@@ -74,8 +81,7 @@ def check_resources(cfg: Config, cluster_cpus: float, max_cpus: Optional[float] 
     r = cfg.run
     workers = cfg.min_workers  # an elastic run starts once its minimum fits
     train_cpus = workers * r.cpus_per_worker
-    # Decode tasks need data.decode_cpus; Ray Data's read and shuffle tasks need a whole CPU.
-    data_cpus = max(1.0, cfg.data.decode_cpus)
+    data_cpus = feed_cpus(cfg)
     most = cluster_cpus if max_cpus is None else max(max_cpus, cluster_cpus)
     grows = max_cpus is not None and most > cluster_cpus
     if train_cpus + data_cpus > most + 1e-9:
@@ -83,9 +89,9 @@ def check_resources(cfg: Config, cluster_cpus: float, max_cpus: Optional[float] 
                if grows else f"the cluster has {cluster_cpus:g} CPUs")
         raise ConfigError(
             f"the train workers reserve {train_cpus:g} CPUs ({workers} x "
-            f"run.cpus_per_worker={r.cpus_per_worker:g}) and Ray Data needs {data_cpus:g} more "
-            f"(its read and shuffle tasks take 1 CPU each, a decode task "
-            f"data.decode_cpus={cfg.data.decode_cpus:g}), but {has}: lower "
+            f"run.cpus_per_worker={r.cpus_per_worker:g}) and the data feed needs {data_cpus:g} "
+            f"more (a read task data.read_cpus={cfg.data.read_cpus:g} or a decode task "
+            f"data.decode_cpus={cfg.data.decode_cpus:g} at a time), but {has}: lower "
             f"run.cpus_per_worker or data.decode_cpus, or add CPUs")
     waits = []
     if train_cpus + data_cpus > cluster_cpus + 1e-9:
