@@ -585,6 +585,10 @@ def run_trial(config: dict, base: dict, spec: dict, settings: dict, eval_res: di
            "checkpoint": str(ckpt) if ckpt else None, "trial_started_at": started,
            "train_started_at": train_started, "train_ended_at": train_ended,
            "trial_ended_at": time.time(), "training_done": True,
+           # the memory as trained, derived values included (the block size when only the
+           # block count is swept): TensorBoard's hparams view shows them beside the metrics
+           "memory_size": cfg.massl.memory_size, "num_blocks": cfg.num_blocks,
+           "block_size": cfg.block_size,
            **{k: m[k] for k in ("online_knn_top1", "online_knn_step") if k in m}}
     ev = evaluate(trial, out["checkpoint"], settings, eval_res, sp.dir) if ckpt else {}
     out.update({k: ev.get(k, float("nan")) for k in EVAL_METRICS})

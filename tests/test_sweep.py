@@ -465,11 +465,15 @@ def test_optuna_search_end_to_end(ray_instance, tmp_path):
     with Image.open(sweep_dir / "knn_heatmap.png") as im:
         im.verify()
         assert im.format == "PNG" and im.size[0] > 100 and im.size[1] > 100
-    # TensorBoard hparams (Tune's own logger): one run per trial, with the evaluation's k-NN.
+    # TensorBoard hparams (Tune's own logger): one run per trial, with the evaluation's k-NN
+    # and the memory as trained (the block size derived from the swept block count).
     events = sorted(Path(s["tensorboard"]).glob("*/events.out.tfevents.*"))
     assert len(events) == 4
-    assert all(b"_hparams_/session_start_info" in e.read_bytes() and b"ray/tune/knn_top1" in
-               e.read_bytes() for e in events)
+    for e in events:
+        data = e.read_bytes()
+        assert b"_hparams_/session_start_info" in data
+        for tag in (b"ray/tune/knn_top1", b"ray/tune/block_size", b"ray/tune/num_blocks"):
+            assert tag in data, (e, tag)
 
 
 @pytest.mark.ray
