@@ -417,9 +417,9 @@ def derive_concurrency(cluster: dict, trials: list[dict], evaluation: dict,
                        max_concurrent: Optional[int], n_trials: int) -> Concurrency:
     """How many trials may run, and train, at once.
 
-    Training: a trial holds ``CPU``/``GPU`` and its Ray Data needs ``data_CPU`` more to
+    Training: a trial holds ``CPU``/``GPU`` and its data feed needs ``data_CPU`` more to
     progress. ``t`` training trials never all wait if ``(t - 1) x hold + need <= cluster`` per
-    resource (``hold`` what one holds, ``need`` that plus its Ray Data), so ``t = floor((cluster
+    resource (``hold`` what one holds, ``need`` that plus its data feed), so ``t = floor((cluster
     - need) / hold) + 1``: the training slots, taken before a trial's TorchTrainer starts and
     given back when its training ends. An evaluation (a self-contained Ray task, ``local``
     features) then runs beside the trials training in the freed slot, so ``e`` more trials may
@@ -461,7 +461,7 @@ def derive_concurrency(cluster: dict, trials: list[dict], evaluation: dict,
     if pipelined:
         for k in ("CPU", "GPU"):
             if ev[k] > 0:
-                free = have[k] - (t_slots - 1) * train[k] - train[k] - (data if k == "CPU" else 0)
+                free = have[k] - t_slots * train[k] - (data if k == "CPU" else 0)
                 extra = min(extra, max(0, int((free + 1e-9) // ev[k])))
         return Concurrency(trials=max(1, min(n, t_slots + extra)), training=t_slots)
     return Concurrency(trials=t_slots, training=t_slots)
@@ -689,7 +689,8 @@ def collect_rows(grid, base: dict, spec: SweepSpec) -> list[dict]:
 
 # Swept keys shown through the derived columns memory_size / num_blocks / block_size.
 DERIVED_COLUMNS = ("massl.memory_size", "massl.num_blocks", "massl.block_size")
-HIDDEN_MD = ("train_started_at", "train_ended_at", "trial_ended_at", "eval_started_at", "eval_ended_at", "checkpoint", "error")
+HIDDEN_MD = ("train_started_at", "train_ended_at", "trial_ended_at", "eval_started_at",
+             "eval_ended_at", "checkpoint", "error")
 
 
 def write_table(rows: list[dict], sweep_dir: Path) -> tuple[Path, Path]:
