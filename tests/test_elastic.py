@@ -128,6 +128,15 @@ def test_a_node_lost_mid_run_shrinks_the_group_and_the_run_feeds_the_same_images
     try:
         ray.init(address=cluster.address, log_to_driver=False)
         cluster.wait_for_nodes()
+        # The run's driver-side actors live on the driver's (CPU-less) head, not on a worker
+        # node the run may lose (a soft node affinity put them there: this test then failed
+        # when rank 1's node went, taking the decode report with it).
+        from massl_ray.data.pipeline import get_report_actor
+
+        probes = [get_report_actor(f"probe{i}") for i in range(4)]
+        assert set(ray.get([p.node_id.remote() for p in probes])) == {cluster.head_node.node_id}
+        for p in probes:
+            ray.kill(p)
         # The uninterrupted run's rows: the exact order is a pure function of (seed, epoch,
         # position), computed here in-process (tests/test_ray_train.py shows a Ray run feeds
         # exactly the local feed's batches).

@@ -37,6 +37,10 @@ class DecodeReportActor(DecodeReport):
     def non_finite(self) -> Optional[dict]:
         return getattr(self, "_non_finite", None)
 
+    def node_id(self) -> str:
+        """The node it lives on: its caller's (the driver's)."""
+        return ray.get_runtime_context().get_node_id()
+
 
 def get_report_actor(run_name: str):
     """The run's decode report actor, owned by the calling process (the driver or the Tune
@@ -44,8 +48,9 @@ def get_report_actor(run_name: str):
     nothing. Named per run so that it shows up by name in the dashboard."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    # On the caller's node, so that losing a worker node (an elastic run) loses no report.
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    # On the caller's node, so that losing a worker node (an elastic run) loses no report
+    # (hard affinity: see massl_ray.data.feed.start_feed).
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     return DecodeReportActor.options(name=REPORT_ACTOR_PREFIX + run_name, get_if_exists=True,
                                      scheduling_strategy=here).remote()
 
