@@ -72,11 +72,35 @@ def run(cmd: list[str], cwd: Path, timeout: float, env: dict | None = None
                           timeout=timeout, stdin=subprocess.DEVNULL)
 
 
+def _ray_teardown_sigterm(text: str) -> str:
+    """``text`` without one known Ray teardown message: a finished Tune trial's actor process
+    that Tune's end-of-experiment cleanup (5 s, then a forced kill) SIGTERMs while it exits,
+    the SIGTERM landing in a garbage-collection callback, which Python prints as "Exception
+    ignored in: ... sigterm_handler ... SystemExit: 1" (seen once in four CI-like runs of the
+    tune command). Only that block, forwarded from a Ray worker, is dropped; any other
+    traceback still fails."""
+    lines, out, i = text.splitlines(), [], 0
+    while i < len(lines):
+        plain = ANSI.sub("", lines[i])
+        m = RAY_PREFIX.match(plain)
+        if m and plain[m.end():].startswith("Exception ignored in:"):
+            prefix, j = m.group(0), i + 1
+            while j < len(lines) and ANSI.sub("", lines[j]).startswith(prefix.rstrip()):
+                j += 1
+            block = "\n".join(ANSI.sub("", x) for x in lines[i:j])
+            if "in sigterm_handler" in block and block.rstrip().endswith("SystemExit: 1"):
+                i = j
+                continue
+        out.append(lines[i])
+        i += 1
+    return "\n".join(out)
+
+
 def succeeded(p: subprocess.CompletedProcess) -> str:
     """Assert exit 0 and no traceback; returns stdout + stderr."""
     out = p.stdout + p.stderr
     assert p.returncode == 0, f"exit {p.returncode}:\n{out[-6000:]}"
-    assert "Traceback" not in out, out[-6000:]
+    assert "Traceback" not in _ray_teardown_sigterm(out), out[-6000:]
     return out
 
 
