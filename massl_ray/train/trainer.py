@@ -6,6 +6,7 @@ Shell module (imports ray). The loop itself is :func:`massl_ray.train.loop.run_l
 from __future__ import annotations
 
 import json
+import math
 import logging
 import os
 import shutil
@@ -480,7 +481,7 @@ def _train_ray(cfg: Config, src: Source, run_dir: Path, callbacks: Optional[list
     trainer = TorchTrainer(
         _worker_loop,
         train_loop_config={"config": cfg.to_dict(), "run_dir": str(run_dir),
-                           "torch_threads": max(1, int(r.cpus_per_worker)),
+                           "torch_threads": max(1, math.ceil(r.cpus_per_worker - 1e-9)),
                            "resume_from": str(resume) if resume else None,
                            "feed": feed,
                            "reporter": reporter},
