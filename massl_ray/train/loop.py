@@ -113,20 +113,23 @@ class ControlPoints:
         """At a control point (every rank): ``"preemption"`` or ``"time"`` when this step must
         checkpoint, else None."""
         notice = None
-        t0, now = time.perf_counter(), self.clock()
+        poll_start = now = self.clock()
         if self.poll:
             notice = ctx.preemption_notice()
-        s0, t0 = self._mark
-        per_step = (now - t0) / (step - s0) if step > s0 else None
+        s0, t_mark = self._mark
+        per_step = (now - t_mark) / (step - s0) if step > s0 else None
         gap = 1 if per_step is None else int(self.every_s / max(per_step, 1e-9))
         gap = max(1, min(self.max_gap, gap))
         time_due = int(self.checkpoint_every_s > 0
                        and now - self._last_checkpoint >= self.checkpoint_every_s)
         gap, time_due = ctx.agree([gap, time_due])
+        poll_end = self.clock()
         self.polls += 1
-        self.seconds += time.perf_counter() - t0
+        # this control point's own time (the poll's barrier and the broadcast), never the
+        # steps between control points
+        self.seconds += poll_end - poll_start
         # the next interval is measured from here: the steps' time, not this poll's
-        self._mark = (step, self.clock())
+        self._mark = (step, poll_end)
         self.next_step = step + int(gap)
         if notice is not None and notice != self._handled:
             self._handled = notice
