@@ -37,6 +37,7 @@ def knn_of(learner: Learner, cfg: Config, train_src: Source, test_src: Source, k
 
 def knn_vs_random_init(cfg: Config, checkpoint_dir: str) -> dict:
     """k-NN top-1 of the trained teacher next to the same backbone at random initialisation."""
+    t0 = time.perf_counter()
     d = cfg.data
     tr = open_source(d.eval_train, "auto", d.image_column, d.label_column, require_labels=True,
                      what="data.eval_train")
@@ -51,7 +52,8 @@ def knn_vs_random_init(cfg: Config, checkpoint_dir: str) -> dict:
     res_trained = knn_of(trained, cfg, tr, te, k)
     key = f"knn_top1_k{k}"
     out = {"k": k, "trained_top1": res_trained[key], "random_init_top1": res_rand[key],
-           "train_rows": tr.num_rows, "test_rows": te.num_rows, "step": trained.global_step}
+           "train_rows": tr.num_rows, "test_rows": te.num_rows, "step": trained.global_step,
+           "seconds": round(time.perf_counter() - t0, 2)}
     log.info("k-NN top-1 (k=%d, %d bank / %d query images): trained %.2f%% | random init %.2f%%",
              k, tr.num_rows, te.num_rows, out["trained_top1"], out["random_init_top1"])
     return out
