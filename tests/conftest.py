@@ -111,3 +111,81 @@ def pytest_runtest_logreport(report):
     for line in text.splitlines():
         tr.write_line(line)
     tr.flush()
+
+
+# ---- an S3 server on loopback (moto), for the object-storage tests ---------------------------
+
+class S3Server:
+    """A running S3-compatible server: its ``endpoint``, the ``env`` (endpoint, dummy keys,
+    region) a process needs to use it, and boto3 helpers to make buckets and read objects."""
+
+    def __init__(self, endpoint: str, env: dict):
+        import boto3
+
+        self.endpoint, self.env = endpoint, dict(env)
+        self.client = boto3.client("s3", endpoint_url=endpoint)
+
+    def bucket(self, name: str) -> str:
+        """Create the bucket ``name`` (3-63 lower-case letters, digits, '-'); returns it."""
+        self.client.create_bucket(Bucket=name)
+        return name
+
+    def keys(self, bucket: str, prefix: str = "") -> list[str]:
+        out = []
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=bucket,
+                                                                           Prefix=prefix):
+            out += [o["Key"] for o in page.get("Contents", [])]
+        return sorted(out)
+
+    def get(self, bucket: str, key: str) -> bytes:
+        return self.client.get_object(Bucket=bucket, Key=key)["Body"].read()
+
+    def put(self, bucket: str, key: str, data: bytes) -> None:
+        self.client.put_object(Bucket=bucket, Key=key, Body=data)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server in this process on 127.0.0.1 (a free port), for the whole session. Its
+    endpoint (``AWS_ENDPOINT_URL``, which pyarrow's S3 filesystem and boto3 honour), dummy keys
+    and a region are set in ``os.environ`` until the session ends (earlier AWS_* values put
+    back then): every process started after it (a CLI subprocess and its Ray) inherits them.
+    A Ray started before (the session's shared ``ray_instance``) has not: a test that needs
+    Ray and S3 starts its own (e.g. a CLI subprocess). Under ``CI=true`` a server that cannot
+    start fails the test; elsewhere it skips it."""
+    import logging
+    import threading
+
+    def unavailable(why: str):
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"the S3 test server cannot start: {why}")
+        pytest.skip(f"the S3 test server cannot start: {why}")
+
+    try:
+        from moto.server import ThreadedMotoServer
+    except ImportError as e:  # requirements-test.txt: moto[server]
+        unavailable(str(e))
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    # start() waits for the server without a deadline (forever if it failed to bind)
+    starter = threading.Thread(target=server.start, daemon=True)
+    starter.start()
+    starter.join(timeout=60)
+    if starter.is_alive():
+        unavailable("not listening after 60 s")
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+    saved = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+    for k in saved:  # a developer's own profile or session token must not reach the server
+        del os.environ[k]
+    os.environ.update(env)
+    try:
+        yield S3Server(endpoint, env)
+    finally:
+        for k in [k for k in os.environ if k.startswith("AWS_")]:
+            del os.environ[k]
+        os.environ.update(saved)
+        server.stop()
