@@ -6,7 +6,10 @@ the store but the logs are written to a local run directory (``trainer.run_dir_o
 ``<storage_path>/<run name>/logs/`` through ``pyarrow.fs``: every file it owns whose size or
 modification time changed since its last copy, whole (object stores have no append). Rank 0
 syncs its metrics (``metrics.jsonl``, ``checkpoints.jsonl``, the TensorBoard event files) after
-each checkpoint and when its loop ends; the driver syncs the config and the summaries. Ray-free.
+each checkpoint and when its loop ends; the driver syncs the config and the summaries. A run
+resumed on another machine (a new rank-0 node, a new driver) first fetches the files it appends
+to (:meth:`LogSync.restore`), so its copies continue the run's logs instead of replacing them.
+Ray-free.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ LOGS_DIR = "logs"
 WORKER_FILES = ("metrics.jsonl", "checkpoints.jsonl", "tb/")
 # What the driver writes.
 DRIVER_FILES = ("config.yaml", "summary.json", "decode_errors.json")
+# What a run appends to over all its attempts (rank 0's): fetched before a resume writes there.
+APPEND_FILES = ("metrics.jsonl", "checkpoints.jsonl")
 
 
 def logs_uri(storage_path: str, run_name: str) -> str:
@@ -42,7 +47,41 @@ class LogSync:
             self.fs, self.root = filesystem, dest
         self.root = self.root.rstrip("/")
         self._seen: dict[str, tuple[int, int]] = {}
+        self._held: set[str] = set()  # never copied: their copy could not be fetched first
         self.bytes_copied = 0
+
+    def restore(self, names: Iterable[str]) -> int:
+        """Fetch each of ``names`` (relative to the run directory) that this machine lacks but
+        the storage path holds; returns how many were fetched. Call it before the run writes
+        them: the run then appends to its earlier lines. A file whose copy exists but cannot be
+        fetched is never copied by this LogSync (the copy keeps its earlier lines; the new ones
+        stay in the local file), with a warning."""
+        import pyarrow
+        import pyarrow.fs as pafs
+
+        n = 0
+        for name in names:
+            p = self.local_dir / name
+            if p.exists():
+                continue
+            src = f"{self.root}/{name}"
+            try:
+                if self.fs.get_file_info(src).type != pafs.FileType.File:
+                    continue
+                with self.fs.open_input_stream(src) as f:
+                    data = f.read()
+                p.parent.mkdir(parents=True, exist_ok=True)
+                p.write_bytes(data)
+                st = p.stat()
+                self._seen[name] = (st.st_size, st.st_mtime_ns)
+                n += 1
+            except (OSError, pyarrow.ArrowException) as e:
+                self._held.add(name)
+                log.warning("could not fetch %s to continue it (it will not be copied there "
+                            "by this run; its new lines stay in %s): %s", src, p, e)
+        if n:
+            log.info("continuing %d log file(s) of this run from %s", n, self.root)
+        return n
 
     def _local_files(self) -> list[Path]:
         out = []
@@ -63,6 +102,8 @@ class LogSync:
         n = 0
         for p in self._local_files():
             rel = p.relative_to(self.local_dir).as_posix()
+            if rel in self._held:
+                continue
             try:
                 st = p.stat()
                 key = (st.st_size, st.st_mtime_ns)

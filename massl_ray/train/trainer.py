@@ -14,13 +14,15 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Union
 
+import pyarrow as pa
 import ray
 import torch
 
-from massl_ray.method.checkpoint import (CheckpointError, load_checkpoint, save_checkpoint,
-                         verify_checkpoint)
+from massl_ray.method.checkpoint import (CheckpointError, copy_checkpoint, delete_checkpoint,
+                                        is_uri, probe_writable, read_meta, save_checkpoint,
+                                        verify_checkpoint)
 from massl_ray.config import Config, ConfigError, config_from_dict, dump_config
 from massl_ray.method.distributed import all_gather_cat, broadcast_state
 from massl_ray.method.learner import NonFiniteLoss
@@ -29,7 +31,7 @@ from massl_ray.evaluate.online import OnlineKnn, knn_vs_random_init
 from massl_ray.method.checkpoint import (READ_BYTES, latest_valid_checkpoint, list_checkpoints,
                                         load_latest_valid_checkpoint)
 from massl_ray.train.loop import LocalLoopContext, LoopContext, run_loop
-from massl_ray.train.log_sync import DRIVER_FILES, WORKER_FILES, log_sync_for
+from massl_ray.train.log_sync import APPEND_FILES, DRIVER_FILES, WORKER_FILES, log_sync_for
 from massl_ray.data.sources import DataSourceError, Source, open_source
 from massl_ray.data.views import DecodeReport
 from massl_ray.runtime import cluster_capacity, init_ray, planned_cluster_cpus, train_log_level
@@ -68,10 +70,20 @@ def setup_logging(rank: int = 0, level: int = logging.INFO) -> None:
 
 def run_dir_of(cfg: Config) -> Path:
     """Where logs (TensorBoard, JSONL, config, summaries) go. For object-store storage the logs
-    stay on the driver's disk under ``~/massl_runs/<name>``; checkpoints go to the URI."""
-    if "://" in cfg.run.storage_path:
+    are written on the driver's (and rank 0's) disk under ``~/massl_runs/<name>`` and copied to
+    ``<storage_path>/<name>/logs/`` (massl_ray.train.log_sync); checkpoints go to the URI."""
+    if is_uri(cfg.run.storage_path):
         return Path.home() / "massl_runs" / cfg.run.name
     return Path(cfg.run.storage_path).absolute() / cfg.run.name
+
+
+def checkpoint_root(cfg: Config) -> Union[Path, str]:
+    """Where this run's checkpoints live, ``<storage_path>/<name>/checkpoint_*``: the run
+    directory for a local storage path (a :class:`Path`), a URI prefix for an object store (a
+    ``str``), which Ray Train (and ``--local``) write to and every resume reads from."""
+    if is_uri(cfg.run.storage_path):
+        return f"{cfg.run.storage_path.rstrip('/')}/{cfg.run.name}"
+    return run_dir_of(cfg)
 
 
 def prepare(cfg: Config) -> tuple[Config, Source]:
@@ -121,12 +133,20 @@ def estimate_checkpoint_bytes(cfg: Config) -> int:
 
 
 def check_storage(cfg: Config) -> None:
-    """Refuse an unwritable or too full local storage path at start-up, not after an hour.
+    """Refuse an unwritable or too full storage path at start-up, not after an hour.
 
-    Needs room for ``run.num_checkpoints_to_keep + 1`` checkpoints (a new one is written
-    before the oldest is deleted) plus 64 MiB for logs.
+    Object storage (a URI): one small object written and deleted under the run's prefix (a
+    missing bucket, a wrong endpoint or credentials that may not write there are refused here,
+    in one line, before Ray starts). A local path needs room for
+    ``run.num_checkpoints_to_keep + 1`` checkpoints (a new one is written before the oldest is
+    deleted) plus 64 MiB for logs.
     """
-    if "://" in cfg.run.storage_path:
+    if is_uri(cfg.run.storage_path):
+        try:
+            probe_writable(checkpoint_root(cfg))
+        except (OSError, pa.ArrowException, CheckpointError) as e:
+            raise ConfigError(f"run.storage_path {cfg.run.storage_path!r} is not writable: "
+                              f"{_one_line(e)}") from None
         return
     d = run_dir_of(cfg)
     try:
@@ -149,26 +169,38 @@ def check_storage(cfg: Config) -> None:
             f"run.storage_path or lower run.num_checkpoints_to_keep")
 
 
-def resume_checkpoint(cfg: Config, ckpt_root: Path) -> Optional[Path]:
-    """Resolve run.resume: auto (latest valid checkpoint of this run, if any) | never | path."""
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
+
+
+def resume_checkpoint(cfg: Config, ckpt_root: Union[Path, str]) -> Union[Path, str, None]:
+    """Resolve run.resume: auto (latest valid checkpoint of this run, if any) | never | a
+    checkpoint directory. The same for a local run directory and an object-store prefix, and a
+    checkpoint given by path or by URI (returned as given: a Path, or a URI str)."""
     r = cfg.run.resume
-    if r == "never":
-        if list_checkpoints(ckpt_root):
-            raise ConfigError(
-                f"run {cfg.run.name!r} already has checkpoints in {ckpt_root} and run.resume=never: "
-                f"choose another run.name or set run.resume=auto")
-        return None
-    if r == "auto":
-        found = latest_valid_checkpoint(ckpt_root)
-        if found is not None:
-            log.info("resuming run %r from %s", cfg.run.name, found)
-        return found
-    p = Path(r)
     try:
-        verify_checkpoint(p)
-    except CheckpointError as e:
-        raise ConfigError(f"run.resume: {e}") from None
-    return p
+        if r == "never":
+            if list_checkpoints(ckpt_root):
+                raise ConfigError(
+                    f"run {cfg.run.name!r} already has checkpoints in {ckpt_root} and "
+                    f"run.resume=never: choose another run.name or set run.resume=auto")
+            return None
+        if r == "auto":
+            found = latest_valid_checkpoint(ckpt_root)
+            if found is not None:
+                log.info("resuming run %r from %s", cfg.run.name, found)
+            return found
+        p = r if is_uri(r) else Path(r)
+        try:
+            verify_checkpoint(p)
+        except CheckpointError as e:
+            raise ConfigError(f"run.resume: {e}") from None
+        log.info("run %r starts from run.resume=%s (global step %d)", cfg.run.name, p,
+                 int(read_meta(p)["global_step"]))
+        return p
+    except (OSError, pa.ArrowException) as e:  # the storage itself failed (not a checkpoint)
+        raise ConfigError(f"run.resume={r}: cannot read the checkpoints of run {cfg.run.name!r} "
+                          f"in {ckpt_root}: {_one_line(e)}") from None
 
 
 # ---- Ray Train worker ----------------------------------------------------------------------
@@ -178,11 +210,13 @@ class RayLoopContext(LoopContext):
     log_sync = None
 
     def __init__(self, cfg: Config, run_dir: Path, resume_from: Optional[str] = None,
-                 feed=None, reporter=None):
+                 feed=None, reporter=None, ckpt_root: Optional[str] = None):
         import ray.train.torch as rtt
 
         self.cfg = cfg
         self.resume_from = resume_from
+        # <storage_path>/<name>: the run directory, or the URI prefix on an object store
+        self.ckpt_root = ckpt_root or str(run_dir)
         ctx = ray.train.get_context()
         self.rank = ctx.get_world_rank()
         self.world_size = ctx.get_world_size()
@@ -243,23 +277,14 @@ class RayLoopContext(LoopContext):
         return state
 
     def _read_latest_state(self) -> tuple[Optional[dict], Optional[str]]:
-        if "://" not in self.cfg.run.storage_path:
-            # Local storage: every checkpoint of this run is in the run directory, registered
-            # by Ray Train or not yet (ray.train.report persists it before the controller
-            # registers it, and a worker can die in between). The newest valid one wins; a
-            # broken one is skipped with a warning. The driver's run.resume path wins if newer.
-            found, state = load_latest_valid_checkpoint(
-                self.run_dir, Path(self.resume_from) if self.resume_from else None)
-            return state, str(found) if found else None
-        # Object storage: the checkpoint registered by this fit() (a restart after a failure),
-        # otherwise the driver's choice from run.resume (a driver restart of the same run).
-        ckpt = ray.train.get_checkpoint()
-        if ckpt is not None:
-            with ckpt.as_directory() as d:
-                return load_checkpoint(d), str(ckpt.path)
-        if self.resume_from:
-            return load_checkpoint(self.resume_from), str(self.resume_from)
-        return None, None
+        # Every checkpoint of this run is under <storage_path>/<name> (a local directory or an
+        # object-store prefix, the same code for both), registered by Ray Train or not yet
+        # (ray.train.report persists it before the controller registers it, and a worker can
+        # die in between). The newest valid one wins; a broken one (corrupt, or cut short) is
+        # skipped with a warning naming it, as is ray.train.get_checkpoint()'s choice when it is
+        # the broken one. The driver's run.resume checkpoint wins if newer.
+        found, state = load_latest_valid_checkpoint(self.ckpt_root, self.resume_from)
+        return state, str(found) if found else None
 
     def _collective_device(self) -> torch.device:
         """Where tensors travel over the process group: CUDA under NCCL, else the CPU."""
@@ -298,7 +323,7 @@ class RayLoopContext(LoopContext):
         # storage. To a local path the "upload" is a copy on the same disk (fast), and an
         # asynchronous one loses the newest checkpoint to a crash right after it (measured: a
         # worker SIGKILLed one step after a checkpoint resumed from the one before).
-        if up == "auto" and "://" not in self.cfg.run.storage_path:
+        if up == "auto" and not is_uri(self.cfg.run.storage_path):
             mode = CheckpointUploadMode.SYNC
         # Replica check on every checkpoint: all ranks' memory banks must be identical.
         sums = all_gather_cat(_memory_checksum(state).unsqueeze(0)).cpu()
@@ -355,7 +380,8 @@ def _worker_loop(loop_config: dict) -> None:
         cfg = cfg.at_world_size(world).validate()
     _quiet_ray_train_logs()
     ctx = RayLoopContext(cfg, Path(loop_config["run_dir"]), loop_config.get("resume_from"),
-                         loop_config.get("feed"), loop_config.get("reporter"))
+                         loop_config.get("feed"), loop_config.get("reporter"),
+                         loop_config.get("checkpoint_root"))
     setup_logging(ctx.rank)
     _record_worker(ctx)
     with open(ctx.run_dir / "workers" / "starts.jsonl", "a") as f:  # one line per rank per attempt
@@ -364,6 +390,8 @@ def _worker_loop(loop_config: dict) -> None:
     torch.set_num_threads(max(1, int(loop_config.get("torch_threads", 1))))
     if ctx.rank == 0:
         ctx.log_sync = log_sync_for(cfg.run.storage_path, cfg.run.name, ctx.run_dir, WORKER_FILES)
+        if ctx.log_sync is not None:  # a resume on another machine appends to the run's logs
+            ctx.log_sync.restore(APPEND_FILES)
     try:
         run_loop(cfg, ctx, OnlineKnn.from_config(cfg) if ctx.rank == 0 else None)
     except NonFiniteLoss as e:
@@ -418,8 +446,10 @@ def train(cfg: Config, local: bool = False, callbacks: Optional[list] = None) ->
     if cfg.run.final_knn and cfg.data.eval_train and cfg.data.eval_test and result.get("checkpoint"):
         result["knn"] = knn_vs_random_init(cfg, result["checkpoint"])
     _write_summary(run_dir, result)
-    sync = log_sync_for(cfg.run.storage_path, cfg.run.name, run_dir, DRIVER_FILES)
-    if sync is not None and not local:  # rank 0 copies its own files (_worker_loop)
+    # on Ray, rank 0 copies its own files (_worker_loop); --local is rank 0
+    files = DRIVER_FILES + WORKER_FILES if local else DRIVER_FILES
+    sync = log_sync_for(cfg.run.storage_path, cfg.run.name, run_dir, files)
+    if sync is not None:
         sync.sync()
         log.info("logs copied to %s", sync.root)
     return result
@@ -430,9 +460,13 @@ def _train_local(cfg: Config, src: Source, run_dir: Path) -> dict:
         cfg = cfg.at_world_size(1)  # an elastic range that admits one worker
     elif cfg.world_size > 1 or cfg.elastic:
         raise ConfigError("--local runs one process: set run.num_workers to 0 or 1")
-    resume = resume_checkpoint(cfg, run_dir)
+    root = checkpoint_root(cfg)
+    resume = resume_checkpoint(cfg, root)
     report = DecodeReport()
-    ctx = LocalLoopContext(cfg, src, run_dir, resume, report)
+    if is_uri(root):
+        ctx = _LocalToObjectStore(cfg, src, run_dir, resume, report, root)
+    else:
+        ctx = LocalLoopContext(cfg, src, run_dir, resume, report)
     last = run_loop(cfg, ctx, OnlineKnn.from_config(cfg))
     _report_decode_errors(run_dir, report.summary())
     ckpt = ctx.resume_from
@@ -440,10 +474,36 @@ def _train_local(cfg: Config, src: Source, run_dir: Path) -> dict:
             "skipped_images": report.count()}
 
 
-def _ray_checkpoint_root(cfg: Config) -> Optional[Path]:
-    if "://" in cfg.run.storage_path:
-        return None
-    return run_dir_of(cfg)
+class _LocalToObjectStore(LocalLoopContext):
+    """``--local`` with ``run.storage_path`` on an object store: each checkpoint is written to
+    the local run directory as in local mode, then copied to ``<storage_path>/<name>/`` under
+    the same name (meta.json last); there, of the checkpoints up to this step the newest
+    ``run.num_checkpoints_to_keep`` stay (a newer one, e.g. a corrupt one this run resumed
+    past, stays until this run writes its step again). The logs are copied after each."""
+
+    def __init__(self, cfg: Config, src: Source, run_dir: Path, resume_from, report, root: str):
+        super().__init__(cfg, src, run_dir, resume_from, report)
+        self.root = root
+        self.sync = log_sync_for(cfg.run.storage_path, cfg.run.name, run_dir, WORKER_FILES)
+        self.sync.restore(APPEND_FILES)
+
+    def report(self, metrics: dict, state: Optional[dict]) -> None:
+        super().report(metrics, state)
+        if state is None:
+            return
+        step = int(state["global_step"])
+        copy_checkpoint(self.resume_from, f"{self.root}/{Path(self.resume_from).name}")
+        upto = []
+        for d in list_checkpoints(self.root):
+            try:
+                if int(read_meta(d)["global_step"]) > step:
+                    continue
+            except (CheckpointError, KeyError, ValueError, TypeError):
+                pass  # incomplete: counted with the older ones
+            upto.append(d)
+        for old in upto[self.cfg.run.num_checkpoints_to_keep:]:
+            delete_checkpoint(old)
+        self.sync.sync()
 
 
 def _train_ray(cfg: Config, src: Source, run_dir: Path, callbacks: Optional[list] = None) -> dict:
@@ -455,8 +515,8 @@ def _train_ray(cfg: Config, src: Source, run_dir: Path, callbacks: Optional[list
 
     # Every refusal that needs no cluster happens before Ray starts: the config, data and
     # storage (prepare), the resume choice, and the CPU split of a local Ray (its size is known).
-    root = _ray_checkpoint_root(cfg)
-    resume = resume_checkpoint(cfg, root) if root is not None else None
+    root = checkpoint_root(cfg)
+    resume = resume_checkpoint(cfg, root)
     planned = planned_cluster_cpus()
     if planned is not None:
         check_resources(cfg, planned)
@@ -477,12 +537,13 @@ def _train_ray(cfg: Config, src: Source, run_dir: Path, callbacks: Optional[list
     res = {"CPU": r.cpus_per_worker}
     if r.use_gpu:
         res["GPU"] = r.gpus_per_worker
-    storage = r.storage_path if "://" in r.storage_path else str(Path(r.storage_path).absolute())
+    storage = r.storage_path if is_uri(r.storage_path) else str(Path(r.storage_path).absolute())
     trainer = TorchTrainer(
         _worker_loop,
         train_loop_config={"config": cfg.to_dict(), "run_dir": str(run_dir),
                            "torch_threads": max(1, math.ceil(r.cpus_per_worker - 1e-9)),
                            "resume_from": str(resume) if resume else None,
+                           "checkpoint_root": str(root),
                            "feed": feed,
                            "reporter": reporter},
         scaling_config=ScalingConfig(
@@ -514,7 +575,7 @@ def _train_ray(cfg: Config, src: Source, run_dir: Path, callbacks: Optional[list
     ckpt = None
     if result.checkpoint is not None:
         ckpt = result.checkpoint.path
-        if root is None:  # object storage: keep a local copy of the final checkpoint
+        if is_uri(root):  # object storage: keep a local copy of the final checkpoint
             ckpt = result.checkpoint.to_directory(str(run_dir / "final_checkpoint"))
     return {"mode": "ray", "metrics": dict(result.metrics or {}), "checkpoint": ckpt,
             "skipped_images": summary["skipped"]}
