@@ -431,6 +431,10 @@ def train(cfg: Config, local: bool = False, callbacks: Optional[list] = None) ->
     ``callbacks``: Ray Train callbacks for the TorchTrainer's RunConfig (e.g. Tune's
     ``TuneReportCallback`` when a sweep trial calls this)."""
     cfg, src = prepare(cfg)
+    # run.resume is resolved (and refused: never on an existing run, a broken checkpoint)
+    # before this run writes anything, so a refused command leaves the existing run as it was
+    root = checkpoint_root(cfg)
+    resume = resume_checkpoint(cfg, root)
     run_dir = run_dir_of(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, run_dir / "config.yaml")
@@ -439,9 +443,9 @@ def train(cfg: Config, local: bool = False, callbacks: Optional[list] = None) ->
              cfg.optim.steps_per_epoch, cfg.total_steps(), cfg.global_batch_size, run_dir)
     t0 = time.time()
     if local:
-        result = _train_local(cfg, src, run_dir)
+        result = _train_local(cfg, src, run_dir, root, resume)
     else:
-        result = _train_ray(cfg, src, run_dir, callbacks)
+        result = _train_ray(cfg, src, run_dir, root, resume, callbacks)
     result["wall_s"] = time.time() - t0
     if cfg.run.final_knn and cfg.data.eval_train and cfg.data.eval_test and result.get("checkpoint"):
         result["knn"] = knn_vs_random_init(cfg, result["checkpoint"])
@@ -455,13 +459,12 @@ def train(cfg: Config, local: bool = False, callbacks: Optional[list] = None) ->
     return result
 
 
-def _train_local(cfg: Config, src: Source, run_dir: Path) -> dict:
+def _train_local(cfg: Config, src: Source, run_dir: Path, root: Union[Path, str],
+                 resume: Union[Path, str, None]) -> dict:
     if cfg.elastic and cfg.min_workers == 1:
         cfg = cfg.at_world_size(1)  # an elastic range that admits one worker
     elif cfg.world_size > 1 or cfg.elastic:
         raise ConfigError("--local runs one process: set run.num_workers to 0 or 1")
-    root = checkpoint_root(cfg)
-    resume = resume_checkpoint(cfg, root)
     report = DecodeReport()
     if is_uri(root):
         ctx = _LocalToObjectStore(cfg, src, run_dir, resume, report, root)
@@ -506,7 +509,8 @@ class _LocalToObjectStore(LocalLoopContext):
         self.sync.sync()
 
 
-def _train_ray(cfg: Config, src: Source, run_dir: Path, callbacks: Optional[list] = None) -> dict:
+def _train_ray(cfg: Config, src: Source, run_dir: Path, root: Union[Path, str],
+               resume: Union[Path, str, None], callbacks: Optional[list] = None) -> dict:
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -514,9 +518,8 @@ def _train_ray(cfg: Config, src: Source, run_dir: Path, callbacks: Optional[list
     from massl_ray.data.pipeline import check_resources, get_report_actor
 
     # Every refusal that needs no cluster happens before Ray starts: the config, data and
-    # storage (prepare), the resume choice, and the CPU split of a local Ray (its size is known).
-    root = checkpoint_root(cfg)
-    resume = resume_checkpoint(cfg, root)
+    # storage (prepare), the resume choice (train), and the CPU split of a local Ray (its size
+    # is known).
     planned = planned_cluster_cpus()
     if planned is not None:
         check_resources(cfg, planned)
