@@ -69,10 +69,13 @@ def crops() -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
     return make_crops
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def ray_instance(tmp_path_factory):
-    """One small local Ray per test module: 4 logical CPUs on this 2-core machine (two train
-    workers and a decode task fit), a 512 MiB object store, no dashboard, its own temp dir."""
+    """One small local Ray for every in-process Ray test of the session: 4 logical CPUs on this
+    2-core machine (two train workers and a decode task fit), a 512 MiB object store, no
+    dashboard, its own temp dir. A Ray start costs seconds and an idle Ray about 1 GB, so the
+    tests that use it run together (see ``pytest_collection_modifyitems``) and it is shut down
+    before the tests that start Ray processes of their own."""
     ray = pytest.importorskip("ray")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -82,6 +85,29 @@ def ray_instance(tmp_path_factory):
              _temp_dir=str(tmp_path_factory.mktemp("ray")), log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+# ---- test order: Ray-free first, then the shared Ray's tests, then those with a Ray of their own
+# A test marked ``ray`` that does not take ``ray_instance`` starts its own Ray (a CLI subprocess,
+# a multi-node cluster): the shared instance would only compete with it for the two cores.
+
+def _ray_group(item) -> int:
+    if "ray_instance" in getattr(item, "fixturenames", ()):
+        return 1
+    return 2 if item.get_closest_marker("ray") else 0
+
+
+def pytest_collection_modifyitems(session, config, items):
+    items.sort(key=_ray_group)  # stable: the file order within each group
+
+
+def pytest_runtest_setup(item):
+    if _ray_group(item) == 2:
+        import sys
+
+        ray = sys.modules.get("ray")
+        if ray is not None and ray.is_initialized():
+            ray.shutdown()
 
 
 # ---- failures reported as they happen ------------------------------------------------------

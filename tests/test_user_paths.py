@@ -2,15 +2,18 @@
 
 Every command that README.md and docs/ document, started as a subprocess exactly as written
 there: from a copy of the repository (what a fresh clone holds, the package *not* installed,
-as the README's install line leaves it), with no ``PYTHONPATH``, no ``RAY_ADDRESS``, no Ray
-started by the test (each command starts or joins its own), a temporary working directory and
-storage path. Runs are shortened only through documented overrides (``section.key=value``).
-Each test asserts what the user is promised: the exit code, the files written, the figures
-printed, and that a successful run prints no Python traceback.
+as the README's install line leaves it) or through the installed ``massl-ray`` script, with no
+``PYTHONPATH``, no ``RAY_ADDRESS``, no Ray started by the test (each command starts or joins its
+own), a temporary working directory and storage path. Runs are shortened only through documented
+overrides (``section.key=value``). Each test asserts what the user is promised: the exit code,
+the files written, the figures printed, a clean screen, and that a successful run prints no
+Python traceback.
 
-The submit path (``jobs/submit.py`` against a local ``ray start --head``) is
-``tests/test_jobs.py::test_quickstart_submitted_as_a_job_to_a_local_head``, beside the other
-local-cluster tests that share its cluster helper.
+The README's main command itself, unshortened, is the quick start that ``.ci/run`` runs before
+the tests: ``test_the_ci_quick_start_run`` checks its run directory and screen. One shortened Ray
+run (``console_run``: the installed script, two workers) serves the train, eval and export
+checks. The submit path (``jobs/submit.py`` against a local ``ray start --head``) is in
+``tests/test_jobs.py``, beside the other local-cluster tests that share its cluster.
 """
 
 from __future__ import annotations
@@ -32,8 +35,6 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = ROOT / "jobs" / "data" / "cifar10-quick"
 VENV_BIN = Path(sys.executable).parent
-
-pytestmark = pytest.mark.ray
 
 # What a fresh clone holds: the tracked tree without version control, environments and outputs.
 _NOT_IN_A_CLONE = shutil.ignore_patterns(".git", ".venv", "venv", "runs", "__pycache__",
@@ -136,18 +137,48 @@ def knn_data(tmp_path_factory) -> list[str]:
             f"data.eval_test={_subset(QUICK / 'test.parquet', d / 'test.parquet', 200)}"]
 
 
+def _site_packages() -> str:
+    return sysconfig.get_paths()["purelib"]
+
+
 @pytest.fixture(scope="module")
-def ray_run(clone, knn_data, tmp_path_factory) -> dict:
-    """The README's main command (``train --config jobs/quickstart.yaml``) on Ray, shrunk."""
-    runs = tmp_path_factory.mktemp("runs")
-    p = run([sys.executable, "-m", "massl_ray", "train", "--config", "jobs/quickstart.yaml",
-             *TINY, f"run.storage_path={runs}", *knn_data], cwd=clone, timeout=420)
+def console_run(clone, knn_data, tmp_path_factory) -> dict:
+    """``pip install .`` into a new environment, then the README's main command through the
+    installed ``massl-ray`` script, from a directory that holds no copy of the code, on Ray with
+    two workers (``--num-workers 2``, 0.5 CPU each beside a 0.5-CPU decode task: the README's
+    CPU rule on this 2-core machine), shrunk through documented overrides. The new environment
+    sees this session's dependencies through a .pth file (installing torch again would cost
+    GBs), so only the package itself is installed. The README's command itself (``python -m
+    massl_ray`` from a fresh clone, the package not installed) is the CI quick start, checked by
+    ``test_the_ci_quick_start_run``."""
+    tmp = tmp_path_factory.mktemp("console")
+    venv = tmp / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    vpy = venv / "bin" / "python"
+    purelib = subprocess.run([str(vpy), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    Path(purelib, "_deps_of_the_test_session.pth").write_text(_site_packages() + "\n")
+    env = user_env(venv / "bin")
+    inst = run([str(vpy), "-m", "pip", "install", "--no-deps", "-q", str(clone)], cwd=tmp,
+               timeout=240, env=env)
+    assert inst.returncode == 0, inst.stdout[-3000:] + inst.stderr[-3000:]
+    elsewhere = tmp / "elsewhere"
+    elsewhere.mkdir()
+    script = venv / "bin" / "massl-ray"
+    assert script.is_file()
+    runs = tmp / "runs"
+    p = run([str(script), "train", "--config", str(clone / "jobs" / "quickstart.yaml"),
+             "--num-workers", "2", *TINY, "optim.batch_size_per_worker=16",
+             "run.cpus_per_worker=0.5", f"data.train={QUICK / 'train.parquet'}", *knn_data,
+             f"run.storage_path={runs}"], cwd=elsewhere, timeout=420, env=env)
     return {"proc": p, "run_dir": runs / "quickstart", "runs": runs}
 
 
-@pytest.mark.timeout(480)
-def test_readme_main_command_trains_on_ray_from_a_fresh_clone(ray_run, clone):
-    p, run_dir = ray_run["proc"], ray_run["run_dir"]
+@pytest.mark.ray
+@pytest.mark.timeout(720)
+def test_installed_console_script_trains_two_workers_on_ray_from_another_directory(
+        console_run, clone):
+    p, run_dir = console_run["proc"], console_run["run_dir"]
     succeeded(p)
     assert re.search(r"^done: ray run 'quickstart', step 4, loss \d+\.\d{4}", p.stdout, re.M), p.stdout
     m = KNN_LINE.search(p.stdout)
@@ -162,16 +193,22 @@ def test_readme_main_command_trains_on_ray_from_a_fresh_clone(ray_run, clone):
     assert list((run_dir / "tb").iterdir())
     metas = [json.loads(f.read_text()) for f in run_dir.glob("checkpoint_*/meta.json")]
     assert max(int(x["global_step"]) for x in metas) == 4
-    # The worker imported the package Ray shipped (py_modules), not the clone on this disk:
-    # what reaches the workers of a cluster's other machines.
-    worker = json.loads((run_dir / "workers" / "rank_0.json").read_text())
-    assert "runtime_resources" in worker["package"], worker
-    assert not worker["package"].startswith(str(clone)), worker
+    # two ranks whose memory banks ended identical (a checksum per rank)
+    assert summary["metrics"]["memory_replicas_identical"] is True
+    assert len(summary["metrics"]["memory_checksums"]) == 2
+    workers = [json.loads((run_dir / "workers" / f"rank_{r}.json").read_text()) for r in (0, 1)]
+    assert [w["rank"] for w in workers] == [0, 1]
+    # Each worker imported the package Ray shipped (py_modules), not a copy on this disk: what
+    # reaches the workers of a cluster's other machines.
+    for w in workers:
+        assert "runtime_resources" in w["package"], w
+        assert not w["package"].startswith(str(clone)), w
 
 
-@pytest.mark.timeout(480)
-def test_readme_main_command_has_a_clean_first_screen(ray_run):
-    p = ray_run["proc"]
+@pytest.mark.ray
+@pytest.mark.timeout(720)
+def test_console_script_run_has_a_clean_first_screen(console_run):
+    p = console_run["proc"]
     assert p.returncode == 0, p.stderr[-4000:]
     bad = unexpected_lines(p.stderr)
     assert not bad, "noise on the first screen:\n" + "\n".join(bad[:40])
@@ -179,16 +216,19 @@ def test_readme_main_command_has_a_clean_first_screen(ray_run):
     assert len(progress) == 2, p.stderr  # run.log_every_steps=2 over 4 steps
 
 
+@pytest.mark.ray
 @pytest.mark.timeout(300)
-def test_eval_of_the_run_prints_knn_and_linear_and_writes_eval_json(ray_run, clone, knn_data):
-    run_dir = ray_run["run_dir"]
-    assert ray_run["proc"].returncode == 0
-    out_dir = ray_run["runs"] / "eval_out"
+def test_eval_of_the_run_prints_knn_and_linear_and_writes_eval_json(console_run, clone, knn_data):
+    run_dir = console_run["run_dir"]
+    assert console_run["proc"].returncode == 0
+    out_dir = console_run["runs"] / "eval_out"
     tr, te = (kv.split("=", 1)[1] for kv in knn_data)
     p = run([sys.executable, "-m", "massl_ray", "eval", "--checkpoint", str(run_dir),
              "--train-data", tr, "--test-data", te, "--linear-epochs", "3", "--few-shot", "1",
              "--few-shot-draws", "2", "--out", str(out_dir)], cwd=clone, timeout=280)
     succeeded(p)
+    bad = unexpected_lines(p.stderr)
+    assert not bad, "noise on the screen of eval:\n" + "\n".join(bad[:40])
     m = re.search(r"k-NN top-1 \(k=20\): (\d+\.\d\d)% \| linear top-1: (\d+\.\d\d)%", p.stdout)
     assert m, p.stdout
     res = json.loads((out_dir / "eval.json").read_text())
@@ -199,12 +239,13 @@ def test_eval_of_the_run_prints_knn_and_linear_and_writes_eval_json(ray_run, clo
     assert res["timings"]["features_train"]["mode"] == "ray_data"
 
 
+@pytest.mark.ray
 @pytest.mark.timeout(120)
-def test_export_writes_a_timm_loadable_teacher(ray_run, clone):
-    assert ray_run["proc"].returncode == 0
-    out = ray_run["runs"] / "teacher.safetensors"
-    p = run([sys.executable, "-m", "massl_ray", "export", "--checkpoint", str(ray_run["run_dir"]),
-             "--out", str(out)], cwd=clone, timeout=110)
+def test_export_writes_a_timm_loadable_teacher(console_run, clone):
+    assert console_run["proc"].returncode == 0
+    out = console_run["runs"] / "teacher.safetensors"
+    p = run([sys.executable, "-m", "massl_ray", "export", "--checkpoint",
+             str(console_run["run_dir"]), "--out", str(out)], cwd=clone, timeout=110)
     succeeded(p)
     assert out.is_file() and out.with_suffix(".json").is_file()
     meta = json.loads(out.with_suffix(".json").read_text())
@@ -216,8 +257,102 @@ def test_export_writes_a_timm_loadable_teacher(ray_run, clone):
             "missing,unexpected=net.load_state_dict(load_file(sys.argv[2]),strict=False); "
             "assert not unexpected and all(k.startswith('head') for k in missing), (missing,unexpected); print('ok')")
     q = run([sys.executable, "-c", code, str(out.with_suffix(".json")), str(out)],
-            cwd=ray_run["runs"], timeout=100)
+            cwd=console_run["runs"], timeout=100)
     assert succeeded(q).strip().endswith("ok")
+
+
+def _own_progress(stderr: str, command: str) -> str:
+    """``stderr`` without the command's own progress lines (``prepare validate [###...] ...``,
+    ``embed: 24/24 rows ...``): what is left must be our log records only."""
+    return "\n".join(ln for ln in stderr.splitlines()
+                     if not re.match(rf"^{command}(:| \w+ \[)", ANSI.sub("", ln)))
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(420)
+def test_prepare_then_embed_on_ray_print_only_their_own_lines(console_run, clone, tmp_path):
+    """``prepare`` an image folder (two classes, one undecodable file) into Parquet shards on Ray,
+    then ``embed`` them with the run's checkpoint through Ray Data: each exits 0 with its
+    summary line, its outputs, and a clean screen (its own progress lines and log records)."""
+    from PIL import Image
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    src = tmp_path / "imgs"
+    for c in ("cat", "dog"):
+        (src / c).mkdir(parents=True)
+        for i in range(12):
+            Image.fromarray(rng.integers(0, 255, (32, 40, 3), dtype=np.uint8)).save(src / c / f"{i}.png")
+    (src / "dog" / "bad.jpg").write_bytes(b"not an image")
+    prepared, emb = tmp_path / "prepared", tmp_path / "emb"
+    p = run([sys.executable, "-m", "massl_ray", "prepare", str(src), str(prepared),
+             "--rows-per-shard", "10"], cwd=clone, timeout=200)
+    succeeded(p)
+    assert re.search(r"^prepare: wrote 24 rows in 3 files .* skipped 1 undecodable", p.stdout, re.M), p.stdout
+    bad = unexpected_lines(_own_progress(p.stderr, "prepare"))
+    assert not bad, "noise on the screen of prepare:\n" + "\n".join(bad[:40])
+    manifest = json.loads((prepared / "manifest.json").read_text())
+    assert manifest["rows"] == 24 and manifest["classes"] == ["cat", "dog"]
+    e = run([sys.executable, "-m", "massl_ray", "embed", "--checkpoint", str(console_run["run_dir"]),
+             "--data", str(prepared), "--out", str(emb)], cwd=clone, timeout=200)
+    succeeded(e)
+    assert re.search(r"^wrote 24 embeddings \(dim \d+, final \[CLS\]\) in 1 shard\(s\), 0 "
+                     r"undecodable skipped, \d+s \(ray_data\)", e.stdout, re.M), e.stdout
+    bad = unexpected_lines(_own_progress(e.stderr, "embed"))
+    assert not bad, "noise on the screen of embed:\n" + "\n".join(bad[:40])
+    table = pq.read_table(sorted(emb.glob("part-*.parquet")))
+    assert table.num_rows == 24 and sorted(set(table.column("label").to_pylist())) == [0, 1]
+
+
+# ---- the README's main command, as CI ran it ---------------------------------------------------
+
+CI_RUN = ROOT / "runs" / "quickstart"
+CI_LOG = ROOT / "runs" / "ci"
+
+
+def test_the_ci_quick_start_run():
+    """``.ci/run`` runs the README's main command (``python -m massl_ray train --config
+    jobs/quickstart.yaml``, the whole quick start) on the fresh clone before the tests, keeping
+    its stdout and stderr in ``runs/ci/``: its run directory and screen are checked here, so the
+    suite need not train the quick start again. Under ``CI=true`` a missing run fails; elsewhere
+    the test is skipped unless the quick start was run through ``.ci/run``."""
+    files = [CI_RUN / "summary.json", CI_LOG / "quickstart.stdout", CI_LOG / "quickstart.stderr"]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        msg = f"no quick-start run of .ci/run here: missing {missing}"
+        if os.environ.get("CI", "").strip().lower() == "true":
+            pytest.fail(f"CI=true: {msg}", pytrace=False)
+        pytest.skip(msg)
+    out, err = (CI_LOG / "quickstart.stdout").read_text(), (CI_LOG / "quickstart.stderr").read_text()
+    cfg = yaml.safe_load((ROOT / "jobs" / "quickstart.yaml").read_text())
+    assert "Traceback" not in out + err
+    summary = json.loads((CI_RUN / "summary.json").read_text())
+    total = summary["metrics"]["step"]
+    assert summary["mode"] == "ray" and total == 1560  # the README's "1,560 steps"
+    assert re.search(rf"^done: ray run 'quickstart', step {total}, loss \d+\.\d{{4}}", out, re.M), out
+    m = KNN_LINE.search(out)
+    assert m, out
+    knn = summary["knn"]
+    assert knn["trained_top1"] == pytest.approx(float(m.group(1)), abs=0.006)
+    assert knn["random_init_top1"] == pytest.approx(float(m.group(2)), abs=0.006)
+    assert knn["trained_top1"] > knn["random_init_top1"]
+    assert (knn["train_rows"], knn["test_rows"], knn["step"]) == (5000, 1000, total)
+    for name in ("config.yaml", "metrics.jsonl", "decode_errors.json"):
+        assert (CI_RUN / name).is_file(), name
+    assert list((CI_RUN / "tb").iterdir())
+    metas = [json.loads(f.read_text()) for f in CI_RUN.glob("checkpoint_*/meta.json")]
+    assert max(int(x["global_step"]) for x in metas) == total
+    # The worker imported the package Ray shipped (py_modules), not the clone on this disk.
+    worker = json.loads((CI_RUN / "workers" / "rank_0.json").read_text())
+    assert "runtime_resources" in worker["package"], worker
+    assert not worker["package"].startswith(str(ROOT)), worker
+    # A clean screen: only our own lines, a progress line every run.log_every_steps.
+    bad = unexpected_lines(err)
+    assert not bad, "noise on the first screen:\n" + "\n".join(bad[:40])
+    every = cfg["run"]["log_every_steps"]
+    progress = [ln for ln in err.splitlines() if re.search(rf"step \d+/{total} \| epoch", ln)]
+    assert len(progress) == total // every, len(progress)
 
 
 @pytest.mark.timeout(300)
@@ -232,23 +367,6 @@ def test_train_local_runs_in_one_process_without_ray(clone, tmp_path):
     assert list((tmp_path / "quickstart").glob("checkpoint_*/meta.json"))
 
 
-@pytest.mark.timeout(420)
-def test_train_with_two_workers_keeps_identical_memory_banks(clone, tmp_path):
-    # 2 workers x 0.5 CPU + a 1-CPU decode task fit this machine's 2 cores (the README's CPU rule)
-    p = run([sys.executable, "-m", "massl_ray", "train", "--config", "jobs/quickstart.yaml",
-             "--num-workers", "2", *TINY, "optim.batch_size_per_worker=16",
-             "run.cpus_per_worker=0.5", f"run.storage_path={tmp_path}", "run.final_knn=false"],
-            cwd=clone, timeout=400)
-    succeeded(p)
-    run_dir = tmp_path / "quickstart"
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["mode"] == "ray" and summary["metrics"]["step"] == 4
-    assert summary["metrics"]["memory_replicas_identical"] is True
-    assert len(summary["metrics"]["memory_checksums"]) == 2
-    ranks = sorted(json.loads(f.read_text())["rank"] for f in (run_dir / "workers").glob("*.json"))
-    assert ranks == [0, 1]
-
-
 @pytest.mark.timeout(60)
 def test_config_prints_the_resolved_config_and_refuses_a_bad_one(clone):
     p = run([sys.executable, "-m", "massl_ray", "config", "--config", "jobs/quickstart.yaml",
@@ -260,39 +378,6 @@ def test_config_prints_the_resolved_config_and_refuses_a_bad_one(clone):
                "massl.memory_size=1000"], cwd=clone, timeout=50)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert bad.stderr.startswith("config error:") and "massl.memory_size" in bad.stderr
-
-
-def _site_packages() -> str:
-    return sysconfig.get_paths()["purelib"]
-
-
-@pytest.mark.timeout(600)
-def test_installed_console_script_trains_on_ray_from_another_directory(clone, tmp_path):
-    """``pip install .`` into a new environment, then ``massl-ray`` from a directory that holds
-    no copy of the code. The new environment sees this session's dependencies through a .pth
-    file (installing torch again would cost GBs), so only the package itself is installed."""
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
-    vpy = venv / "bin" / "python"
-    purelib = subprocess.run([str(vpy), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                             capture_output=True, text=True, check=True).stdout.strip()
-    Path(purelib, "_deps_of_the_test_session.pth").write_text(_site_packages() + "\n")
-    env = user_env(venv / "bin")
-    inst = run([str(vpy), "-m", "pip", "install", "--no-deps", "-q",
-                str(clone)], cwd=tmp_path, timeout=240, env=env)
-    assert inst.returncode == 0, inst.stdout[-3000:] + inst.stderr[-3000:]
-    elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
-    script = venv / "bin" / "massl-ray"
-    assert script.is_file()
-    p = run([str(script), "train", "--config", str(clone / "jobs" / "quickstart.yaml"), *TINY,
-             f"data.train={QUICK / 'train.parquet'}", "run.final_knn=false",
-             f"run.storage_path={tmp_path / 'runs'}"], cwd=elsewhere, timeout=420, env=env)
-    succeeded(p)
-    assert re.search(r"^done: ray run 'quickstart', step 4,", p.stdout, re.M), p.stdout
-    worker = json.loads((tmp_path / "runs" / "quickstart" / "workers" / "rank_0.json").read_text())
-    assert "runtime_resources" in worker["package"], worker
-    assert not unexpected_lines(p.stderr), p.stderr[-4000:]
 
 
 # ---- refusals on Ray happen before Ray starts --------------------------------------------------
@@ -360,6 +445,7 @@ def test_a_full_storage_path_is_refused_before_ray_starts(tmp_path, monkeypatch,
     assert "MiB free" in err and "run.storage_path" in err
 
 
+@pytest.mark.ray
 @pytest.mark.timeout(600)
 def test_tune_runs_a_tiny_sweep_with_its_dependent_evaluations(clone, tmp_path, knn_data):
     """``tune --config jobs/sweep_cpu.yaml``, shrunk to 2 trials of 4 steps through the
