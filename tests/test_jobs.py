@@ -2,9 +2,9 @@
 configs train, jobs/submit.py builds a safe ``ray job submit``; and, marked ``ray``, the quick
 start submitted as a job to a local head, and a 2-worker run spread over two nodes.
 
-The ``ray`` tests start their own Ray processes (``ray start --block`` in a private temp dir,
-dashboard on 127.0.0.1, free ports) and stop exactly those processes afterwards, whatever
-happens: by the process ids they started, then any process whose command line or working
+The ``ray`` tests share one two-node cluster of their own (``ray start --block`` in a private
+temp dir, dashboard on 127.0.0.1, free ports, a start retried once on other ports) and stop
+exactly those processes afterwards, whatever happens: by the process ids they started, then any process whose command line or working
 directory lies in that temp dir. ``ray stop`` is not used: it kills every Ray process of the
 machine, including other users' sessions.
 """
@@ -371,13 +371,15 @@ class LocalRayCluster:
         self.env = env
         self.ray = str(Path(bin_dir) / "ray") if (Path(bin_dir) / "ray").exists() else "ray"
 
-    def _start(self, name: str, args: list[str]) -> None:
+    def _start(self, name: str, args: list[str]) -> subprocess.Popen:
         log = self.root / f"{name}.log"
         self.logs.append(log)
         with open(log, "wb") as f:
-            self.procs.append(subprocess.Popen(
+            proc = subprocess.Popen(
                 [self.ray, "start", "--block", "--disable-usage-stats", *args],
-                stdout=f, stderr=subprocess.STDOUT, env=self.env, start_new_session=True))
+                stdout=f, stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
+        self.procs.append(proc)
+        return proc
 
     def _node_ports(self) -> list[str]:
         nm, om, ag, agg, me, re_ = _free_ports(6)
@@ -386,29 +388,52 @@ class LocalRayCluster:
                 f"--metrics-export-port={me}", f"--runtime-env-agent-port={re_}",
                 "--node-ip-address=127.0.0.1"]
 
+    def _start_with_retry(self, name: str, make_args, ready, timeout: float, what: str) -> None:
+        """Two Ray nodes on one machine need distinct ports, which ``ray start`` takes as
+        numbers: free ones are picked, but another process can take one before Ray binds it.
+        A node whose ``ray start`` exits before it is up is started once more on fresh ports,
+        saying why; a second failure fails the test with both logs."""
+        for attempt in (1, 2):
+            proc = self._start(name if attempt == 1 else f"{name}-retry", make_args())
+            try:
+                self._wait(ready, timeout, what, proc)
+                return
+            except RuntimeError as e:
+                if attempt == 2:
+                    raise
+                print(f"LocalRayCluster: {what}: `ray start` exited ({proc.returncode}); "
+                      f"starting it once more on other ports. Its log:\n{e}", file=sys.stderr)
+
     def start_head(self, num_cpus: int, resources: Optional[dict] = None,
                    timeout: float = 120) -> None:
-        gcs, dash, client = _free_ports(3)
-        self.gcs_address = f"127.0.0.1:{gcs}"
-        self.dashboard_url = f"http://127.0.0.1:{dash}"
-        args = ["--head", f"--port={gcs}", f"--num-cpus={num_cpus}", "--num-gpus=0",
-                "--object-store-memory=300000000", "--include-dashboard=true",
-                "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-                f"--ray-client-server-port={client}", f"--temp-dir={self.root / 'head'}",
-                *self._node_ports()]
-        if resources:
-            args.append(f"--resources={json.dumps(resources)}")
-        self._start("head", args)
-        self._wait(lambda: self._http_ok("/api/version"), timeout, "the head's dashboard")
-        self._wait(lambda: len(self.alive_nodes()) == 1, timeout, "the head node")
+        def args() -> list[str]:
+            gcs, dash, client = _free_ports(3)
+            self.gcs_address = f"127.0.0.1:{gcs}"
+            self.dashboard_url = f"http://127.0.0.1:{dash}"
+            a = ["--head", f"--port={gcs}", f"--num-cpus={num_cpus}", "--num-gpus=0",
+                 "--object-store-memory=300000000", "--include-dashboard=true",
+                 "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+                 f"--ray-client-server-port={client}", f"--temp-dir={self.root / 'head'}",
+                 *self._node_ports()]
+            if resources:
+                a.append(f"--resources={json.dumps(resources)}")
+            return a
+
+        self._start_with_retry("head", args,
+                               lambda: self._http_ok("/api/version") and len(self.alive_nodes()) == 1,
+                               timeout, "the head node and its dashboard")
 
     def add_node(self, num_cpus: int, resources: dict, timeout: float = 120) -> None:
         n = len(self.alive_nodes())
-        args = [f"--address={self.gcs_address}", f"--num-cpus={num_cpus}", "--num-gpus=0",
-                "--object-store-memory=300000000", f"--resources={json.dumps(resources)}",
-                f"--temp-dir={self.root / f'node{len(self.procs)}'}", *self._node_ports()]
-        self._start(f"node{len(self.procs)}", args)
-        self._wait(lambda: len(self.alive_nodes()) == n + 1, timeout, "the new node")
+        name = f"node{len(self.procs)}"
+
+        def args() -> list[str]:
+            return [f"--address={self.gcs_address}", f"--num-cpus={num_cpus}", "--num-gpus=0",
+                    "--object-store-memory=300000000", f"--resources={json.dumps(resources)}",
+                    f"--temp-dir={self.root / name}", *self._node_ports()]
+
+        self._start_with_retry(name, args, lambda: len(self.alive_nodes()) == n + 1, timeout,
+                               "the new node")
 
     def _http_ok(self, path: str) -> bool:
         try:
@@ -426,13 +451,12 @@ class LocalRayCluster:
         except Exception:  # noqa: BLE001 - not up yet
             return []
 
-    def _wait(self, ready, timeout: float, what: str) -> None:
+    def _wait(self, ready, timeout: float, what: str, proc: subprocess.Popen) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            for p in self.procs:
-                if p.poll() is not None:
-                    raise RuntimeError(f"`ray start` exited ({p.returncode}) before {what} was "
-                                       f"up:\n{self.log_tail()}")
+            if proc.poll() is not None:
+                raise RuntimeError(f"`ray start` exited ({proc.returncode}) before {what} was "
+                                   f"up:\n{self.log_tail()}")
             if ready():
                 return
             time.sleep(1)
@@ -459,9 +483,10 @@ class LocalRayCluster:
         for p in reversed(self.procs):
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10  # then the process groups are killed anyway
         for p in reversed(self.procs):
             try:
-                p.wait(timeout=30)
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 pass
         # 2. Whatever is left in the process groups we created, then anything still working
@@ -516,9 +541,19 @@ def _tiny(tmp_path: Path, name: str, **extra) -> list[str]:
     return [f"{k}={v}" for k, v in o.items()]
 
 
+@pytest.fixture(scope="module")
+def two_nodes():
+    """One local Ray cluster for the module's cluster tests: a 2-CPU head (the job server, a
+    job's driver) and a second 2-CPU node, each with a custom resource naming it."""
+    with LocalRayCluster() as cluster:
+        cluster.start_head(num_cpus=2, resources={"head": 1})
+        cluster.add_node(num_cpus=2, resources={"node2": 1})
+        yield cluster
+
+
 @pytest.mark.ray
 @pytest.mark.timeout(600)
-def test_quickstart_submitted_as_a_job_to_a_local_head(tmp_path):
+def test_quickstart_submitted_as_a_job_to_a_local_head(two_nodes, tmp_path):
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     runs = tmp_path / "runs"
@@ -526,23 +561,22 @@ def test_quickstart_submitted_as_a_job_to_a_local_head(tmp_path):
     knn_train = _subset(QUICK / "train.parquet", tmp_path / "knn_train.parquet", 500)
     knn_test = _subset(QUICK / "test.parquet", tmp_path / "knn_test.parquet", 200)
     sid = f"quickstart-test-{os.getpid()}"
-    with LocalRayCluster() as cluster:
-        cluster.start_head(num_cpus=4)
-        client = JobSubmissionClient(cluster.dashboard_url)
-        cmd = [sys.executable, str(JOBS / "submit.py"), "quickstart",
-               "--address", cluster.dashboard_url, "--submission-id", sid,
-               "run.max_steps=4", f"run.storage_path={runs}", "run.final_knn=true",
-               "data.limit=512", f"data.eval_train={knn_train}", f"data.eval_test={knn_test}"]
-        try:
-            proc = subprocess.run(cmd, cwd=tmp_path, env=cluster.env, capture_output=True,
-                                  text=True, timeout=450)
-        finally:
-            if client.get_job_status(sid) not in (JobStatus.SUCCEEDED, JobStatus.FAILED,
-                                                  JobStatus.STOPPED):
-                client.stop_job(sid)
-        logs = client.get_job_logs(sid)
-        status = client.get_job_status(sid)
-        info = client.get_job_info(sid)
+    cluster = two_nodes
+    client = JobSubmissionClient(cluster.dashboard_url)
+    cmd = [sys.executable, str(JOBS / "submit.py"), "quickstart",
+           "--address", cluster.dashboard_url, "--submission-id", sid,
+           "run.max_steps=4", f"run.storage_path={runs}", "run.final_knn=true",
+           "data.limit=512", f"data.eval_train={knn_train}", f"data.eval_test={knn_test}"]
+    try:
+        proc = subprocess.run(cmd, cwd=tmp_path, env=cluster.env, capture_output=True,
+                              text=True, timeout=450)
+    finally:
+        if client.get_job_status(sid) not in (JobStatus.SUCCEEDED, JobStatus.FAILED,
+                                              JobStatus.STOPPED):
+            client.stop_job(sid)
+    logs = client.get_job_logs(sid)
+    status = client.get_job_status(sid)
+    info = client.get_job_info(sid)
     assert proc.returncode == 0 and status == JobStatus.SUCCEEDED, (
         f"{status}: {proc.stderr[-3000:]}\n{logs[-5000:]}")
     # The job ran the uploaded code, not this checkout, with the runtime environment we built.
@@ -572,30 +606,31 @@ def test_quickstart_submitted_as_a_job_to_a_local_head(tmp_path):
         assert acc * 2 == pytest.approx(round(acc * 2), abs=1e-6), acc
 
 
-def _worker_nodes_from_state_api(dashboard_url: str) -> list[str]:
+def _worker_nodes_from_state_api(dashboard_url: str, pids: list[int]) -> list[str]:
+    """The nodes of the Ray Train worker actors with these process ids, as Ray's state API
+    knows them (the cluster is shared with the module's other tests: other runs' workers too)."""
     from ray.util.state import list_actors
 
     actors = list_actors(address=dashboard_url, filters=[("class_name", "=", "RayTrainWorker")],
-                         detail=True, limit=100)
-    return [a.node_id for a in actors]
+                         detail=True, limit=1000)
+    return [a.node_id for a in actors if a.pid in pids]
 
 
 @pytest.mark.ray
 @pytest.mark.timeout(600)
-def test_two_workers_spread_over_two_nodes(tmp_path):
-    with LocalRayCluster() as cluster:
-        cluster.start_head(num_cpus=2, resources={"head": 1})
-        cluster.add_node(num_cpus=2, resources={"node2": 1})
-        nodes = {n.node_id: n for n in cluster.alive_nodes()}
-        assert len(nodes) == 2
-        env = dict(cluster.env, RAY_ADDRESS=cluster.gcs_address)
-        over = _tiny(tmp_path, "spread", **{"run.num_workers": 2, "run.max_steps": 4,
-                                            "run.placement_strategy": "SPREAD"})
-        proc = subprocess.run([sys.executable, "-m", "massl_ray", "train", *over], cwd=ROOT,
-                              env=env, capture_output=True, text=True, timeout=480)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-        actor_nodes = _worker_nodes_from_state_api(cluster.dashboard_url)
+def test_two_workers_spread_over_two_nodes(two_nodes, tmp_path):
+    cluster = two_nodes
+    nodes = {n.node_id: n for n in cluster.alive_nodes()}
+    assert len(nodes) == 2
+    env = dict(cluster.env, RAY_ADDRESS=cluster.gcs_address)
+    over = _tiny(tmp_path, "spread", **{"run.num_workers": 2, "run.max_steps": 4,
+                                        "run.placement_strategy": "SPREAD"})
+    proc = subprocess.run([sys.executable, "-m", "massl_ray", "train", *over], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=480)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     run_dir = tmp_path / "spread"
+    pids = [json.loads((run_dir / "workers" / f"rank_{r}.json").read_text())["pid"] for r in (0, 1)]
+    actor_nodes = _worker_nodes_from_state_api(cluster.dashboard_url, pids)
     summary = json.loads((run_dir / "summary.json").read_text())
     m = summary["metrics"]
     assert m["step"] == 4
