@@ -132,6 +132,12 @@ class DataConfig:
     decode_batch_size: int = 64
     # Steps each rank requests ahead from the feed.
     prefetch_batches: int = 2
+    # Seconds a rank waits for its batch of one step from the feed (Ray) before it fails,
+    # naming the step, the rank and the decode task and row groups it waited for (a task that
+    # hangs or was lost would otherwise idle every worker forever). The step fails like any
+    # worker error: Ray Train restarts from the last checkpoint while run.max_failures allows.
+    # Generous: a first step also waits for the decode workers to start.
+    fetch_timeout_s: float = 600.0
     # Data order: exact, the only one. The row and crops at each global position of an epoch
     # are fixed by (run.seed, epoch, position), whatever the number of workers
     # (massl_ray/data/plan.py); each row group is read once per epoch and decoded on Ray tasks
@@ -429,6 +435,8 @@ class Config:
                  if d.order == "stream" else ""))
         need(d.row_cache_mb > 0, f"data.row_cache_mb ({d.row_cache_mb}) must be positive")
         need(d.prefetch_batches >= 0, "data.prefetch_batches must be >= 0")
+        need(d.fetch_timeout_s > 0,
+             f"data.fetch_timeout_s ({d.fetch_timeout_s}) must be a positive number of seconds")
 
         # run
         if self.elastic:

@@ -31,13 +31,33 @@ restarts from its beginning. The evaluation pipelines and ``prepare`` stay on Ra
 The coordinator is pinned to the node that starts it, which keeps it alive when worker
 nodes leave and outside the caller's placement group: inside a Tune trial's, the trial's
 placement group would capture its read and decode tasks, which could then never be scheduled.
+
+Faults. Neither a dead actor nor a hung task stops a run silently:
+
+- The coordinator restarts when its process dies (up to
+  :data:`~massl_ray.data.pipeline.ACTOR_MAX_RESTARTS` times; calls to it are retried by Ray
+  meanwhile). Its state is derivable: the constructor rebuilds the plan, and the ranks' next
+  requests reset it at their step, as a restart from a checkpoint does. The pieces it had
+  submitted are lost with it (it owns them): a rank that finds its pieces gone
+  (``OwnerDiedError``, or any lost object) requests the step again, at most
+  :data:`REQUEST_ATTEMPTS` times per step, and gets the same bits (a piece is a pure function of
+  the run's seed, epoch and position). Its :meth:`FeedCoordinator.stats` then describe the
+  restarted coordinator only (``restarted: true``).
+- A rank waits at most ``data.fetch_timeout_s`` for each step (the coordinator's answer and its
+  pieces together). Past it, it force-cancels the decode task(s) it waited for (freeing their
+  CPU) and raises :class:`FeedTimeout`, naming the global step, the rank and the decode task(s)
+  with the row groups that feed them. That is an ordinary worker failure: Ray Train's
+  FailureConfig restarts the worker group from the last checkpoint while ``run.max_failures``
+  allows (a lost or stuck task is redone then; one that hangs on the same rows again times out
+  again, and the run ends with this error once the failures are used up).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import ray
@@ -48,10 +68,33 @@ from massl_ray.config import Config, CropConfig
 from massl_ray.data.groups import (concat_pieces, decode_task, group_read, read_and_split,
                                    route, source_groups, window_groups_of)
 from massl_ray.data.multicrop import MultiCrop
+from massl_ray.data.pipeline import ACTOR_MAX_RESTARTS
 from massl_ray.data.plan import EpochPlan, decode_tasks
 from massl_ray.data.sources import Source
 
 log = logging.getLogger(__name__)
+
+# data.fetch_timeout_s's default (a RankFeed built without one asks its coordinator).
+DEFAULT_FETCH_TIMEOUT_S = 600.0
+# Requests of one step by a rank whose pieces were lost (a restarted coordinator's pieces die
+# with the old process): the first one and up to REQUEST_ATTEMPTS - 1 more.
+REQUEST_ATTEMPTS = 4
+
+
+class FeedError(RuntimeError):
+    """A rank could not get its pieces of a global step (see the module docstring, Faults)."""
+
+    def __init__(self, message: str, step: int, rank: int, waiting_for: str = ""):
+        super().__init__(message)
+        self.step, self.rank, self.waiting_for = step, rank, waiting_for
+
+    def __reduce__(self):
+        return type(self), (self.args[0], self.step, self.rank, self.waiting_for)
+
+
+class FeedTimeout(FeedError, TimeoutError):
+    """A rank waited longer than ``data.fetch_timeout_s`` for its pieces of a global step. An
+    ordinary worker failure: Ray Train's FailureConfig retries it (``run.max_failures``)."""
 
 _MULTICROP: dict = {}
 
@@ -89,17 +132,31 @@ class _Epoch:
         self.next = 0              # next task to submit
         self.routed: set = set()   # windows whose reads were submitted
         self.parts: dict = {}      # task index -> refs of its parts
+        self.task_groups: dict = {}  # task index -> row groups that feed it
 
 
-@ray.remote(num_cpus=0)
+# max_task_retries=-1: a call made while it restarts waits for the new process (a retried
+# piece() is safe: the pieces are a pure function of the step, and a repeated request resets
+# the coordinator at that step at worst).
+@ray.remote(num_cpus=0, max_restarts=ACTOR_MAX_RESTARTS, max_task_retries=-1)
 class FeedCoordinator:
     """Plans and submits the read and decode tasks of the exact order; serves each rank the
-    object refs of its (step, rank) pieces. See the module docstring."""
+    object refs of its (step, rank) pieces. See the module docstring.
+
+    ``fetch_timeout_s``: the run's data.fetch_timeout_s, which it hands to the ranks.
+    ``decode_fn``: a test hook, the decode tasks' function (default :func:`_decode_task`, same
+    signature); no configuration reaches it."""
 
     def __init__(self, src: Source, crops: CropConfig, seed: int, batch: int,
                  steps_per_epoch: int, total_steps: int, limit: Optional[int],
                  window_groups: Optional[int], decode_rows: int, prefetch_tasks: int,
-                 decode_cpus: float, read_cpus: float, shuffle: bool = True, reporter=None):
+                 decode_cpus: float, read_cpus: float, shuffle: bool = True, reporter=None,
+                 fetch_timeout_s: float = DEFAULT_FETCH_TIMEOUT_S,
+                 decode_fn: Optional[Callable] = None):
+        self.restarted = ray.get_runtime_context().was_current_actor_reconstructed
+        if self.restarted:
+            log.warning("data feed: the coordinator restarted (its process died): plan rebuilt; "
+                        "the ranks' next requests reset it at their step")
         self.src, self.crops, self.seed, self.batch = src, crops, seed, batch
         self.spe, self.total = steps_per_epoch, total_steps
         self.groups = source_groups(src, limit)
@@ -108,8 +165,9 @@ class FeedCoordinator:
         self.decode_rows, self.prefetch = decode_rows, max(1, prefetch_tasks)
         self.shuffle = shuffle
         self.reporter = reporter
+        self.fetch_timeout_s = float(fetch_timeout_s)
         self._read = ray.remote(_read_task)
-        self._decode = ray.remote(_decode_task)
+        self._decode = ray.remote(decode_fn or _decode_task)
         self.read_cpus, self.decode_cpus = read_cpus, decode_cpus
         self.world: Optional[int] = None
         self.resets: list = []
@@ -121,8 +179,9 @@ class FeedCoordinator:
 
     def _reset(self, g: int, world: int) -> None:
         self.world = world
-        self.steps: dict = {}        # global step -> {rank: [refs]}
+        self.steps: dict = {}        # global step -> {rank: [(ref, what its task is)]}
         self.taken: dict = {}        # global step -> set of ranks that took their pieces
+        self.upto: dict = {}         # rank -> the step after the last one it requested
         self.inflight: deque = deque()  # last global step of each submitted decode task
         self.base = g                # steps below are done (taken by every rank) or skipped
         self.ep: Optional[_Epoch] = None
@@ -164,6 +223,7 @@ class FeedCoordinator:
             refs = [refs] if len(r.tasks) == 1 else list(refs)
             for t, ref in zip(r.tasks, refs):
                 ep.parts.setdefault(t, []).append(ref)
+                ep.task_groups.setdefault(t, set()).add(r.group)
             self.reads[ep.epoch][r.group] += 1
 
     def _submit_next(self) -> bool:
@@ -181,16 +241,34 @@ class FeedCoordinator:
         for w in range(w0, w1 + 2):  # its windows, and the next one read ahead
             self._route_window(ep, w)
         parts = ep.parts.pop(i)
+        what = self._describe(ep.epoch, t, ep.task_groups.pop(i, ()))
         refs = self._decode.options(num_returns=len(t.pieces), num_cpus=self.decode_cpus).remote(
             t, self.crops, self.seed, ep.epoch, self.reporter, *parts)
         refs = [refs] if len(t.pieces) == 1 else list(refs)
         off = ep.epoch * self.spe
         for (s, rk, _, _), ref in zip(t.pieces, refs):
-            self.steps.setdefault(off + s, {}).setdefault(rk, []).append(ref)
+            self.steps.setdefault(off + s, {}).setdefault(rk, []).append((ref, what))
         ep.next += 1
         self.inflight.append(off + t.units[-1][0])
         self._note_decoded(ep.epoch, t.start, t.stop)
         return True
+
+    def _describe(self, epoch: int, t, groups) -> str:
+        """A decode task and the row groups its read tasks read, for a rank's error message."""
+        gs = sorted(groups)
+        src = self.src
+
+        def name(gi: int) -> str:
+            g = self.groups[gi]
+            if g.file >= 0:
+                return f"{src.files[g.file]} row group {g.index}"
+            return f"{g.rows} files from {src.files[g.start]}"
+
+        idx = ", ".join(str(g) for g in gs[:8]) + (", ..." if len(gs) > 8 else "")
+        named = "; ".join(name(g) for g in gs[:2]) + (f"; {len(gs) - 2} more" if len(gs) > 2
+                                                       else "")
+        return (f"the decode task of epoch {epoch} positions {t.start}..{t.stop - 1}, fed by "
+                f"row group(s) {idx} of {len(self.groups)} ({named})")
 
     def _note_decoded(self, epoch: int, lo: int, hi: int) -> None:
         self.rows_decoded += hi - lo
@@ -208,10 +286,14 @@ class FeedCoordinator:
 
     # -- the ranks' side -------------------------------------------------------------------
 
-    def piece(self, rank: int, world: int, g: int) -> list:
+    def piece(self, rank: int, world: int, g: int) -> tuple[list, list]:
         """The object refs of rank ``rank``'s pieces of global step ``g`` (in order; usually
-        one). A step before the ones still held, a piece already taken, or another world size
-        is a restart: the coordinator starts again at ``g``."""
+        one) and, for each, what produces it (its decode task and row groups, for an error
+        message). A step before the ones still held, a piece already taken, or another world
+        size is a restart: the coordinator starts again at ``g``. A rank that asks for ``g`` is
+        done with every step before it (its requests go forward): a step it skipped (it held
+        the pieces from before a reset, or a restarted coordinator never served it) counts as
+        taken, so the steps held can be released."""
         if not 0 <= g < self.total:
             raise IndexError(f"global step {g} outside the run's 0..{self.total - 1}")
         if (self.world != world or g < self.base
@@ -224,13 +306,28 @@ class FeedCoordinator:
                 break
         while len(self.inflight) < self.prefetch and self._submit_next():
             pass
-        refs = self.steps[g].pop(rank)
+        for s in range(max(self.base, self.upto.get(rank, self.base)), g):
+            self._take(s, rank)
+        got = self.steps[g][rank]
+        self._take(g, rank)
+        self.upto[rank] = g + 1
+        self._advance()
+        return [ref for ref, _ in got], [what for _, what in got]
+
+    def _take(self, g: int, rank: int) -> None:
         took = self.taken.setdefault(g, set())
+        if rank in took:
+            return
         took.add(rank)
-        if len(took) == self.world:
-            del self.steps[g]
-            self._advance()
-        return refs
+        held = self.steps.get(g)
+        if held is not None:
+            held.pop(rank, None)
+            if len(took) == self.world:
+                del self.steps[g]
+
+    def fetch_timeout(self) -> float:
+        """data.fetch_timeout_s of the run, for the ranks."""
+        return self.fetch_timeout_s
 
     def _advance(self) -> None:
         while self.base in self.taken and len(self.taken[self.base]) == self.world:
@@ -242,16 +339,19 @@ class FeedCoordinator:
     def stats(self) -> dict:
         """Reads per row group (recent epochs); decoded position ranges [epoch, lo, hi,
         attempt] (attempt: index into ``resets``, the [global step, world size] of each
-        (re)start)."""
-        return {"reads_per_group": {int(e): c.tolist() for e, c in self.reads.items()},
+        (re)start). ``restarted``: this is a restarted coordinator, whose counts begin at its
+        restart (the process before it took its counts along)."""
+        return {"restarted": bool(self.restarted),
+                "reads_per_group": {int(e): c.tolist() for e, c in self.reads.items()},
                 "decoded": [list(x) for x in self.decoded], "rows_decoded": self.rows_decoded,
                 "resets": self.resets, "row_groups": len(self.groups),
                 "windows": -(-len(self.groups) // self.window_groups)}
 
 
-def start_feed(cfg: Config, src: Source, reporter=None, prefetch_tasks: Optional[int] = None
-               ) -> "ray.actor.ActorHandle":
-    """The run's coordinator, owned by the caller (it dies with the driver or trial)."""
+def start_feed(cfg: Config, src: Source, reporter=None, prefetch_tasks: Optional[int] = None,
+               decode_fn: Optional[Callable] = None) -> "ray.actor.ActorHandle":
+    """The run's coordinator, owned by the caller (it dies with the driver or trial).
+    ``decode_fn``: a test hook (see :class:`FeedCoordinator`)."""
     d = cfg.data
     if prefetch_tasks is None:
         prefetch_tasks = d.prefetch_tasks or auto_prefetch(cfg)
@@ -263,7 +363,8 @@ def start_feed(cfg: Config, src: Source, reporter=None, prefetch_tasks: Optional
     return FeedCoordinator.options(scheduling_strategy=here).remote(
         src, cfg.crops, cfg.run.seed, cfg.global_batch_size, cfg.optim.steps_per_epoch,
         cfg.total_steps(), d.limit, window_groups_of(cfg), d.decode_rows, prefetch_tasks,
-        d.decode_cpus, d.read_cpus, d.shuffle != "none", reporter)
+        d.decode_cpus, d.read_cpus, d.shuffle != "none", reporter,
+        fetch_timeout_s=d.fetch_timeout_s, decode_fn=decode_fn)
 
 
 def auto_prefetch(cfg: Config) -> int:
@@ -284,30 +385,112 @@ def auto_prefetch(cfg: Config) -> int:
     return max(2, min(int(2 * slots), cap))
 
 
+# What a rank survives by requesting its step again: the coordinator restarting or gone (its
+# calls fail), or a piece lost (its owner, the coordinator, died; or it was evicted and could
+# not be rebuilt).
+_LOST = (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError)
+
+
 class RankFeed:
-    """A rank's batches from the coordinator, ``lookahead`` steps requested ahead."""
+    """A rank's batches from the coordinator, ``lookahead`` steps requested ahead.
+
+    ``fetch_timeout_s``: the most it waits for one step (None: the coordinator's, i.e. the
+    run's data.fetch_timeout_s). See the module docstring (Faults) for what it survives and
+    what it raises. ``retries``: the requests it repeated because pieces were lost."""
 
     def __init__(self, coordinator, rank: int, world: int, lookahead: int = 2,
-                 pin_memory: bool = False):
+                 pin_memory: bool = False, fetch_timeout_s: Optional[float] = None):
         self.coord, self.rank, self.world = coordinator, rank, world
         self.lookahead = max(1, lookahead)
         self.pin = pin_memory
+        self.fetch_timeout_s = fetch_timeout_s
+        self.retries = 0
+
+    def _timeout(self) -> float:
+        if self.fetch_timeout_s is None:
+            self.fetch_timeout_s = float(ray.get(self.coord.fetch_timeout.remote(),
+                                                 timeout=DEFAULT_FETCH_TIMEOUT_S))
+        return self.fetch_timeout_s
 
     def iter_steps(self, first: int, stop: int) -> Iterator[dict]:
         """Batches of global steps ``first .. stop-1`` as dicts of torch tensors."""
         pending: deque = deque()
         nxt = first
-        for _ in range(first, stop):
+        for g in range(first, stop):
+            timeout = self._timeout()  # read at each step (the attribute may change)
+            for attempt in range(1, REQUEST_ATTEMPTS + 1):
+                if not pending:  # the first step, or a step requested again
+                    pending.append(self.coord.piece.remote(self.rank, self.world, g))
+                    nxt = g + 1
+                try:
+                    pieces = self._fetch(pending[0], g, timeout)
+                    break
+                except _LOST as e:
+                    if attempt == REQUEST_ATTEMPTS:
+                        raise FeedError(
+                            f"data feed: rank {self.rank} of {self.world} lost its pieces of "
+                            f"global step {g} {attempt} times (the feed's coordinator died and "
+                            f"did not come back, or the pieces keep being lost): "
+                            f"{type(e).__name__}: {_first_line(e)}", g, self.rank) from e
+                    log.warning("data feed: rank %d lost its pieces of global step %d (%s: "
+                                "the coordinator restarted?): requesting it again", self.rank,
+                                g, type(e).__name__)
+                    self.retries += 1
+                    # Every request made before is suspect (refs of a dead coordinator): ask
+                    # again from this step, in order. (Requests ahead go out only once a step's
+                    # pieces arrived, so a restarted coordinator first hears of this step.)
+                    pending.clear()
+            pending.popleft()
             while nxt < stop and len(pending) < self.lookahead:
                 pending.append(self.coord.piece.remote(self.rank, self.world, nxt))
                 nxt += 1
-            refs = ray.get(pending.popleft())
-            batch = concat_pieces(ray.get(refs))
-            del refs
+            batch = concat_pieces(pieces)
+            del pieces
             out = {k: torch.from_numpy(np.array(v)) for k, v in batch.items()}
             if self.pin:
                 out = {k: v.pin_memory() for k, v in out.items()}
             yield out
+
+    def _fetch(self, call, g: int, timeout: float) -> list:
+        """The pieces of step ``g`` (``call``: its piece() request), within ``timeout`` s."""
+        deadline = time.monotonic() + timeout
+        who = f"rank {self.rank} of {self.world}"
+        retried = ("This step fails: Ray Train restarts the worker group from the last "
+                   "checkpoint while run.max_failures allows (a lost or stuck task is redone "
+                   "then; one that hangs again on the same rows times out again)")
+        try:
+            refs, about = ray.get(call, timeout=timeout)
+        except ray.exceptions.GetTimeoutError:
+            raise FeedTimeout(
+                f"data feed: {who} waited {timeout:g} s (data.fetch_timeout_s) for the feed's "
+                f"coordinator to answer its request of global step {g}: the coordinator is "
+                f"stuck or restarting over and over. {retried}.", g, self.rank,
+                "the coordinator") from None
+        what = "; ".join(dict.fromkeys(about))
+        try:
+            return ray.get(refs, timeout=max(0.0, deadline - time.monotonic()))
+        except ray.exceptions.GetTimeoutError:
+            for ref in refs:  # free the CPU of a task that hangs (done ones: nothing happens)
+                try:
+                    ray.cancel(ref, force=True)
+                except Exception:  # noqa: BLE001 - best effort; the error below is the point
+                    pass
+            raise FeedTimeout(
+                f"data feed: {who} waited {timeout:g} s (data.fetch_timeout_s) for its "
+                f"piece(s) of global step {g} and got none: it waited for {what}. That task, "
+                f"or a read task of those row groups, hangs (e.g. on a pathological image) or "
+                f"was lost; the decode task was cancelled. {retried}.", g, self.rank,
+                what) from None
+        except (ray.exceptions.TaskCancelledError, ray.exceptions.WorkerCrashedError) as e:
+            raise FeedError(
+                f"data feed: {who}: its piece(s) of global step {g} failed ({type(e).__name__}: "
+                f"cancelled, e.g. after another rank's timeout, or its worker process died on "
+                f"every try): {what}", g, self.rank, what) from e
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else ""
 
 
 def iter_batches(cfg: Config, src: Source, start_step: int = 0, stop_step: Optional[int] = None,
@@ -317,7 +500,7 @@ def iter_batches(cfg: Config, src: Source, start_step: int = 0, stop_step: Optio
     coord = start_feed(cfg, src, reporter)
     stop = cfg.total_steps() if stop_step is None else stop_step
     try:
-        yield from RankFeed(coord, rank, world, cfg.data.prefetch_batches).iter_steps(
-            start_step, stop)
+        yield from RankFeed(coord, rank, world, cfg.data.prefetch_batches,
+                            fetch_timeout_s=cfg.data.fetch_timeout_s).iter_steps(start_step, stop)
     finally:
         ray.kill(coord)

@@ -7,6 +7,7 @@ Shell module (imports ray). Training data goes through :mod:`massl_ray.data.feed
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Optional
 
@@ -20,22 +21,66 @@ log = logging.getLogger(__name__)
 
 REPORT_ACTOR_PREFIX = "massl_decode_report:"
 
+# How often the data feed's actors (the decode report here, the feed coordinator in
+# massl_ray.data.feed) are restarted when their process dies, in one run. Calls to them are
+# retried by Ray meanwhile (max_task_retries=-1: until they succeed or the restarts are used
+# up), so none of them is lost to a restart; an actor that dies more often than this points at
+# a cause worth failing the run for (e.g. the driver's node out of memory).
+ACTOR_MAX_RESTARTS = 10
 
-@ray.remote(num_cpus=0)
+_KV_NAMESPACE = "massl_ray"
+
+
+@ray.remote(num_cpus=0, max_restarts=ACTOR_MAX_RESTARTS, max_task_retries=-1)
 class DecodeReportActor(DecodeReport):
     """The decode report as a (CPU-free) Ray actor shared by every decode task. It also carries
     a train worker's stop at a non-finite loss to the driver (a recipe error, not a failure for
-    Ray Train to retry): the lowest step recorded, its loss and the ranks that recorded it."""
+    Ray Train to retry): the lowest step recorded, its loss and the ranks that recorded it.
+
+    Restarts (its process died; see :data:`ACTOR_MAX_RESTARTS`): every call is idempotent, so
+    Ray retries a call the death interrupted. The non-finite stop survives a restart (kept in
+    Ray's GCS key-value store under this actor's id: a few bytes, written only at such a stop).
+    The undecodable rows do not: a restarted report lists the rows recorded since its restart
+    (a row is recorded each time it is decoded: after a coordinator restart the rows of the
+    pieces decoded again are recorded again), and its summary says so (``complete: false``,
+    ``restarted: true``): its count is then a lower bound, not the run's count."""
+
+    def __init__(self, max_examples: int = 10000):
+        super().__init__(max_examples)
+        ctx = ray.get_runtime_context()
+        self._key = "non_finite:" + ctx.get_actor_id()
+        self._restarted = ctx.was_current_actor_reconstructed
+        self._non_finite = None
+        if self._restarted:
+            from ray.experimental.internal_kv import _internal_kv_get
+
+            kept = _internal_kv_get(self._key, namespace=_KV_NAMESPACE)
+            self._non_finite = json.loads(kept) if kept else None
+            log.warning("the decode report restarted (its process died): undecodable rows "
+                        "recorded before are not listed; the non-finite stop is kept")
+
+    def summary(self) -> dict:
+        out = super().summary()
+        if self._restarted:
+            out.update(complete=False, restarted=True, note=(
+                "the decode report's process died and restarted during the run: rows recorded "
+                "before its restart are missing, so 'skipped' is a lower bound"))
+        return out
 
     def record_non_finite(self, step: int, value: float, rank: int) -> None:
-        nf = getattr(self, "_non_finite", None)
+        nf = self._non_finite
         if nf is None or step < nf["step"]:
             self._non_finite = {"step": int(step), "value": float(value), "ranks": [int(rank)]}
-        elif step == nf["step"]:
+        elif step == nf["step"] and int(rank) not in nf["ranks"]:  # a retried call: once
             nf["ranks"].append(int(rank))
+        else:
+            return
+        from ray.experimental.internal_kv import _internal_kv_put
+
+        _internal_kv_put(self._key, json.dumps(self._non_finite), namespace=_KV_NAMESPACE)
 
     def non_finite(self) -> Optional[dict]:
-        return getattr(self, "_non_finite", None)
+        return self._non_finite
 
     def node_id(self) -> str:
         """The node it lives on: its caller's (the driver's)."""
