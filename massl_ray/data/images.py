@@ -1,10 +1,15 @@
 """Robust decoding of encoded image bytes into uint8 RGB tensors.
 
-:func:`decode_image` turns the bytes of one encoded image (JPEG, PNG, GIF, WebP, BMP, TIFF, ...,
-whatever Pillow reads) into a ``uint8`` tensor of shape ``[3, H, W]`` with RGB channels, and
-raises :class:`ImageDecodeError` (a :class:`ValueError`) with a short reason for *any* input it
-cannot turn into an image. :func:`try_decode` is the non-raising variant for data pipelines that
-skip bad rows.
+:func:`decode_image` turns the bytes of one encoded image into a ``uint8`` tensor of shape
+``[3, H, W]`` with RGB channels, and raises :class:`ImageDecodeError` (a :class:`ValueError`) with
+a short reason for *any* input it cannot turn into an image. :func:`try_decode` is the
+non-raising variant for data pipelines that skip bad rows.
+
+Accepted formats (:data:`FORMATS`): JPEG, PNG, GIF, WebP, BMP, TIFF and PPM/PGM/PBM, whatever the
+file is named. Pillow is asked for these plugins only (``Image.open(..., formats=FORMATS)``), so
+bytes in any other format Pillow knows (EPS, which Pillow renders with Ghostscript, PSD, ICO,
+PCX, SGI, ...) are refused like any undecodable image (the reason names the accepted formats)
+instead of reaching that format's parser.
 
 Conventions
 -----------
@@ -21,7 +26,8 @@ Conventions
   go through Pillow's conversion to RGB.
 * **EXIF orientation** is applied (``ImageOps.exif_transpose``), so the returned shape is the
   displayed one. A malformed EXIF block is ignored rather than failing the image.
-* **Multi-frame** files (animated GIF/PNG/WebP, multi-page TIFF) yield their first frame.
+* **Multi-frame** files (animated GIF/PNG/WebP, multi-page TIFF) yield their first frame
+  (page); the other frames are never decoded.
 * **Decompression bombs**: the header's ``width * height`` is checked against ``max_pixels``
   *before* any pixel is decoded (explicit check, independent of Pillow's warnings). Pillow's own
   hard limit (``2 * PIL.Image.MAX_IMAGE_PIXELS``) still applies on top and is reported the same way.
@@ -47,10 +53,18 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["ImageDecodeError", "decode_image", "try_decode", "DEFAULT_MAX_PIXELS"]
+__all__ = ["ImageDecodeError", "decode_image", "try_decode", "open_image", "DEFAULT_MAX_PIXELS",
+           "FORMATS"]
 
 #: Default decompression-bomb limit: images with more pixels than this are refused.
 DEFAULT_MAX_PIXELS = 128 * 1024 * 1024
+
+#: The Pillow plugins an image may be decoded by (Pillow's format ids): the formats the README
+#: promises and the image-folder extensions of ``sources.py`` name. Multi-picture JPEGs (MPO)
+#: come through the JPEG plugin.
+FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF", "PPM")
+_NOT_ACCEPTED = ("not a recognised image format (accepted: JPEG, PNG, GIF, WebP, BMP, TIFF, "
+                 "PPM/PGM/PBM)")
 
 _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 _CONVERTIBLE_TO_RGB = {"CMYK", "YCbCr", "RGBX", "HSV", "LAB"}
@@ -147,6 +161,12 @@ def _shrink(arr: np.ndarray, max_side: int) -> torch.Tensor:
     return out[0]
 
 
+def open_image(data: bytes) -> Image.Image:
+    """``Image.open`` of encoded bytes, restricted to :data:`FORMATS` (anything else raises
+    ``PIL.UnidentifiedImageError``); lazy, like ``Image.open``."""
+    return Image.open(io.BytesIO(data), formats=FORMATS)
+
+
 def decode_image(
     data: bytes,
     *,
@@ -172,9 +192,9 @@ def decode_image(
     if max_side is not None and max_side < 1:
         raise ValueError(f"max_side must be a positive integer or None, got {max_side}")
     try:
-        img = Image.open(io.BytesIO(data))
+        img = open_image(data)
     except UnidentifiedImageError:
-        raise ImageDecodeError("not a recognised image format") from None
+        raise ImageDecodeError(_NOT_ACCEPTED) from None
     except Image.DecompressionBombError as e:
         raise ImageDecodeError(f"decompression bomb refused by Pillow: {e}") from None
     except Exception as e:  # noqa: BLE001 - any parser failure is a bad input

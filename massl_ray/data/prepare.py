@@ -41,6 +41,13 @@ Every file is written under a temporary name and renamed, so a file with its fin
 complete. A rerun with the same options skips finished units and shards and says so; a rerun
 with other options is refused (use a new OUT). ``OUT/.prepare`` is removed at the end. The
 temporary files do not end in ``.parquet``, so ``open_source(OUT)`` never sees them.
+
+OUT is refused (:func:`check_out`) when it is SRC or inside it (the shards would become part of
+the source), and when it already holds files that are not an earlier ``prepare``'s
+(``manifest.json``, or ``.prepare/state.json`` of an unfinished one): ``prepare`` writes and
+deletes under OUT, so it never starts in a folder of other files. An earlier ``prepare`` of
+the same SRC with the same options resumes (or has nothing to do); of another SRC or with
+other options it is refused.
 """
 
 from __future__ import annotations
@@ -169,10 +176,10 @@ def _encode_jpeg(t, quality: int) -> bytes:
 
 
 def _short_side(data: bytes) -> Optional[int]:
-    from PIL import Image
+    from massl_ray.data.images import open_image
 
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with open_image(data) as im:  # the formats try_decode accepts, no other parser
             return min(im.size)
     except Exception:  # noqa: BLE001 - try_decode names the reason
         return None
@@ -336,6 +343,56 @@ def _read_json(fs: pafs.FileSystem, path: str) -> Optional[dict]:
         return json.loads(fh.read().decode())
 
 
+# ---------------------------------------------------------------------------- OUT
+def _place(uri: str) -> tuple[str, str]:
+    """(filesystem kind, normalised absolute path) of a local path or URI, for comparing places:
+    local paths with their symbolic links resolved, URIs as ``scheme://bucket/key``."""
+    if "://" in uri:
+        scheme, rest = uri.split("://", 1)
+        return scheme.lower(), posixpath.normpath("/" + rest.split("?", 1)[0]).rstrip("/")
+    return "file", os.path.realpath(os.path.abspath(uri))
+
+
+def check_out(src_uri: str, out_uri: str, fs: pafs.FileSystem, out: str) -> None:
+    """Refuse an OUT that is SRC or inside it, or a non-empty OUT that is not an earlier
+    ``prepare`` (see the module docstring). Whether that earlier one was of the same SRC and
+    options is checked against its ``manifest.json`` / ``state.json`` by :func:`prepare`."""
+    (sk, sp), (ok, op) = _place(src_uri), _place(out_uri)
+    if sk == ok and (op == sp or op.startswith(sp.rstrip("/") + "/")):
+        raise DataSourceError(
+            f"prepare: OUT {out_uri!r} is {'SRC' if op == sp else 'inside SRC'} ({src_uri!r}): "
+            f"the shards would be written into the source; choose an OUT outside it")
+    try:
+        entries = fs.get_file_info(pafs.FileSelector(out, allow_not_found=True))
+    except (OSError, pa.ArrowException) as e:
+        info = fs.get_file_info(out)
+        if info.type == pafs.FileType.File:
+            raise DataSourceError(f"prepare: OUT {out_uri!r} is a file; OUT is a folder") from None
+        raise DataSourceError(f"prepare: OUT {out_uri!r} cannot be listed: {e}") from None
+    names = {posixpath.basename(e.path.rstrip("/")) for e in entries}
+    if not names or MANIFEST in names:
+        return
+    if WORK_DIR in names:
+        work = posixpath.join(out, WORK_DIR)
+        inner = {posixpath.basename(e.path.rstrip("/")) for e in
+                 fs.get_file_info(pafs.FileSelector(work, allow_not_found=True))}
+        # state.json is the first file an unfinished prepare writes (state.json.tmp before it)
+        if "state.json" in inner or inner <= {"state.json.tmp"}:
+            return
+    shown = ", ".join(sorted(names)[:5]) + (", ..." if len(names) > 5 else "")
+    raise DataSourceError(
+        f"prepare: OUT {out_uri!r} is not empty ({shown}) and is not an earlier prepare (no "
+        f"{MANIFEST} or {WORK_DIR}/state.json): prepare writes and deletes files there, so "
+        f"choose an empty or new folder")
+
+
+def _refuse_other_source(out_uri: str, prev: dict, state: dict) -> None:
+    if prev.get("source") != state["source"]:
+        raise DataSourceError(
+            f"prepare: {out_uri!r} holds a prepare of another SRC ({prev.get('source')!r}); "
+            f"use a new OUT for {state['source']!r}")
+
+
 # ---------------------------------------------------------------------------- progress
 class Progress:
     """A progress line on stderr: redrawn in place on a terminal, a line every ``every_s``
@@ -403,6 +460,7 @@ def prepare(src_uri: str, out_uri: str, opts: PrepareOptions = PrepareOptions(),
     work = posixpath.join(out, WORK_DIR)
     state_path = posixpath.join(work, "state.json")
     src = open_source(src_uri, opts.format, opts.image_column, opts.label_column, what="prepare SRC")
+    check_out(src_uri, out_uri, fs, out)
     n = src.num_rows if opts.limit is None else min(opts.limit, src.num_rows)
     src_name = src_uri if "://" in src_uri else os.path.abspath(src_uri)
     state = {"format": FORMAT, "source": src_name, "source_rows": n, "options": opts.result_keys()}
@@ -410,6 +468,7 @@ def prepare(src_uri: str, out_uri: str, opts: PrepareOptions = PrepareOptions(),
     if done_manifest is not None:
         prev = {k: done_manifest.get(k) for k in state}
         if prev != state:
+            _refuse_other_source(out_uri, prev, state)
             raise DataSourceError(
                 f"prepare: {out_uri!r} holds a prepared set made with other settings "
                 f"({json.dumps(prev)}); use a new OUT or repeat those settings")
@@ -421,6 +480,7 @@ def prepare(src_uri: str, out_uri: str, opts: PrepareOptions = PrepareOptions(),
     fs.create_dir(work, recursive=True)
     prev = _read_json(fs, state_path)
     if prev is not None and prev != state:
+        _refuse_other_source(out_uri, prev, state)
         raise DataSourceError(
             f"prepare: {out_uri!r} holds an unfinished run with other settings "
             f"({json.dumps(prev)}); rerun with those settings to finish it, or use a new OUT")
