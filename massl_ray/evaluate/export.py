@@ -11,22 +11,85 @@ timm model name and keyword arguments that build the matching model::
 The name and kwargs come from :func:`massl_ray.method.model.backbone_kwargs`, the function training
 builds the backbone with (drop-path 0, as the teacher). The same pair is stored in the
 safetensors header metadata.
+
+A sidecar or header is data from whoever wrote the file, and ``timm.create_model`` does more
+than build a model with some of its arguments (``pretrained=True`` downloads and loads weights,
+``checkpoint_path`` / ``pretrained_cfg_overlay`` name files to load, an ``hf-hub:`` or
+``local-dir:`` name fetches a config and weights). So :func:`check_timm_spec` admits a plain timm
+model name and only the keyword arguments ``backbone_kwargs`` writes (:data:`TIMM_KWARGS`, each
+with its type; ``pretrained`` only as ``false``) and refuses anything else before timm is
+called, naming the key. :func:`load_exported` and the evaluation jobs' loader
+(``features.load_exported_teacher``) go through it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
-from typing import Union
+from typing import Any, Union
 
 import torch.nn as nn
 
 from massl_ray.config import ConfigError
 from massl_ray.evaluate.features import is_exported, load_teacher
+from massl_ray.method.checkpoint import CheckpointError
 from massl_ray.method.model import backbone_kwargs
 
 EXPORT_FORMAT = "massl_ray/teacher-backbone/1"
+
+#: The keyword arguments a sidecar / header may give ``timm.create_model``: exactly the ones
+#: :func:`massl_ray.method.model.backbone_kwargs` writes, with the types it writes them in.
+TIMM_KWARGS: dict[str, tuple[type, ...]] = {
+    "embed_dim": (int,),
+    "depth": (int,),
+    "num_heads": (int,),
+    "patch_size": (int,),
+    "img_size": (int,),
+    "num_classes": (int,),
+    "global_pool": (str,),
+    "dynamic_img_size": (bool,),
+    "drop_path_rate": (int, float),
+    "pretrained": (bool,),  # only false: true downloads weights
+}
+#: A registered timm model name, optionally with a pretrained tag (``vit_small_patch16_224`` or
+#: ``vit_small_patch16_224.augreg_in21k``); no ``hf-hub:`` / ``local-dir:`` / ``timm/`` source.
+TIMM_NAME = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)?")
+GLOBAL_POOLS = ("", "token", "avg")
+
+
+def check_timm_spec(name: Any, kwargs: Any, where: Union[str, os.PathLike]) -> tuple[str, dict]:
+    """``(name, kwargs)`` of a sidecar or safetensors header, checked before timm sees them:
+    a plain model name and only :data:`TIMM_KWARGS`; raises :class:`CheckpointError` naming
+    the refused name or key (and ``where``)."""
+    if not isinstance(name, str) or not TIMM_NAME.fullmatch(name):
+        raise CheckpointError(
+            f"{where}: timm_name {name!r} is refused: only a timm model name (letters, digits, "
+            f"'_', an optional '.tag'), never a source such as hf-hub: or local-dir:")
+    if kwargs is None:
+        kwargs = {}
+    if not isinstance(kwargs, dict):
+        raise CheckpointError(f"{where}: timm_kwargs must be a mapping, got {type(kwargs).__name__}")
+    for key, value in kwargs.items():
+        if key not in TIMM_KWARGS:
+            raise CheckpointError(
+                f"{where}: timm_kwargs key {key!r} is refused (only {', '.join(TIMM_KWARGS)} "
+                f"build a model from an exported file; a model file cannot choose what timm "
+                f"downloads or loads)")
+        types = TIMM_KWARGS[key]
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            raise CheckpointError(f"{where}: timm_kwargs {key}={value!r} must be "
+                                  f"{' or '.join(t.__name__ for t in types)}")
+        if key == "pretrained" and value:
+            raise CheckpointError(f"{where}: timm_kwargs pretrained=true is refused: the "
+                                  f"weights are the exported file's, never downloaded")
+        if key == "global_pool" and value not in GLOBAL_POOLS:
+            raise CheckpointError(f"{where}: timm_kwargs global_pool={value!r} must be one of "
+                                  f"{GLOBAL_POOLS}")
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
+            raise CheckpointError(f"{where}: timm_kwargs {key}={value!r} must be >= 0")
+    return name, dict(kwargs)
 
 
 def sidecar_path(out: Union[str, os.PathLike]) -> Path:
@@ -81,12 +144,16 @@ def load_exported(path: Union[str, os.PathLike]) -> nn.Module:
     p = Path(path)
     side = sidecar_path(p)
     if side.is_file():
-        meta = json.loads(side.read_text())
-        name, kwargs = meta["timm_name"], meta["timm_kwargs"]
+        meta, where = json.loads(side.read_text()), side
+        if not isinstance(meta, dict):
+            raise CheckpointError(f"sidecar {side} is not a JSON object")
+        name, kwargs = meta.get("timm_name"), meta.get("timm_kwargs")
     else:
         with safe_open(str(p), "pt") as f:
             h = f.metadata() or {}
-        name, kwargs = h["timm_name"], json.loads(h["timm_kwargs"])
+        where = f"{p} (header)"
+        name, kwargs = h.get("timm_name"), json.loads(h.get("timm_kwargs", "{}"))
+    name, kwargs = check_timm_spec(name, kwargs, where)  # before timm sees them
     model = timm.create_model(name, **kwargs)
     model.load_state_dict(load_file(str(p)))
     return model.eval()

@@ -34,6 +34,7 @@ import json
 import math
 import os
 import pickle
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
@@ -193,10 +194,90 @@ class RevisitedDataset:
         return h.hexdigest()[:20]
 
 
+def _latin1_encode(obj, encoding: str = "utf-8", errors: str = "strict") -> bytes:
+    """``_codecs.encode`` as protocol-2 pickles use it (bytes and array data as latin-1 text)."""
+    if encoding not in ("latin1", "latin-1") or not isinstance(obj, str):
+        raise pickle.UnpicklingError(f"_codecs.encode with {encoding!r} is not admitted")
+    return obj.encode("latin-1", errors)
+
+
+def _gnd_globals() -> dict[tuple[str, str], object]:
+    import importlib
+
+    try:  # numpy >= 2; pickles written by numpy 1 name numpy.core, admitted as the same objects
+        ma = importlib.import_module("numpy._core.multiarray")
+        nu = importlib.import_module("numpy._core.numeric")
+    except ImportError:
+        ma = importlib.import_module("numpy.core.multiarray")
+        nu = importlib.import_module("numpy.core.numeric")
+
+    import builtins
+
+    out: dict[tuple[str, str], object] = {
+        ("builtins", n): getattr(builtins, n)
+        for n in ("set", "frozenset", "bytes", "bytearray", "complex")}
+    out[("_codecs", "encode")] = _latin1_encode
+    out[("numpy", "ndarray")] = np.ndarray
+    out[("numpy", "dtype")] = np.dtype
+    for mod in ("numpy._core", "numpy.core"):
+        out[(f"{mod}.multiarray", "_reconstruct")] = ma._reconstruct
+        out[(f"{mod}.multiarray", "scalar")] = ma.scalar
+        out[(f"{mod}.numeric", "_frombuffer")] = nu._frombuffer
+    return out
+
+
+class GroundTruthUnpickler(pickle.Unpickler):
+    """Unpickles data only: dicts, lists, tuples, strings, bytes, numbers, sets and numpy
+    arrays / scalars (what the revisited ``gnd_*.pkl`` files hold: lists of dicts of index
+    arrays and boxes). Any other global a pickle names (a class, a function, ``os.system``, a
+    ``__reduce__`` payload) is refused before it is looked up, so nothing of it runs."""
+
+    ADMITTED: Optional[dict] = None
+
+    def find_class(self, module: str, name: str):
+        if GroundTruthUnpickler.ADMITTED is None:
+            GroundTruthUnpickler.ADMITTED = _gnd_globals()
+        key = ("builtins" if module == "__builtin__" else module, name)
+        if key not in GroundTruthUnpickler.ADMITTED:
+            raise pickle.UnpicklingError(
+                f"the pickle names {module}.{name}, which a ground-truth file never holds")
+        return GroundTruthUnpickler.ADMITTED[key]
+
+
+def read_ground_truth(p: Path) -> dict:
+    """A ``gnd_*.pkl`` file's content through :class:`GroundTruthUnpickler`."""
+    with open(p, "rb") as f:
+        try:
+            cfg = GroundTruthUnpickler(f).load()
+        except pickle.UnpicklingError as e:
+            raise ValueError(f"{p}: refused as a revisited ground-truth file: {e} (only data: "
+                             f"lists, dicts, strings, numbers, numpy arrays)") from None
+        except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
+                MemoryError) as e:
+            raise ValueError(f"{p}: not a readable ground-truth pickle: "
+                             f"{type(e).__name__}: {e}") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{p}: not a revisited ground-truth file (a {type(cfg).__name__}, "
+                         f"not a dict)")
+    return cfg
+
+
+def _check_names(p: Path, key: str, names) -> None:
+    if not isinstance(names, (list, tuple)):
+        raise ValueError(f"{p}: {key} must be a list of image names")
+    for n in names:
+        if (not isinstance(n, str) or not n or "\x00" in n or os.path.isabs(n)
+                or ".." in n.replace("\\", "/").split("/")):
+            raise ValueError(f"{p}: {key} entry {n!r} is not an image name under jpg/")
+
+
 def load_revisited(path: Union[str, os.PathLike]) -> RevisitedDataset:
     """A dataset directory holding ``gnd_<name>.pkl`` (and ``jpg/``), or the .pkl file itself.
 
-    The ground truth is a pickle (the format the protocol ships): only load files you trust.
+    The ground truth is a pickle (the format the protocol ships); it is read with
+    :class:`GroundTruthUnpickler`, which admits data only (no class or function a pickle
+    names is looked up, so a crafted file cannot run code), and image names must stay under
+    ``jpg/``.
     """
     p = Path(path)
     if p.is_dir():
@@ -207,11 +288,17 @@ def load_revisited(path: Union[str, os.PathLike]) -> RevisitedDataset:
         p = found[0]
     if not p.is_file():
         raise ValueError(f"revisited ground truth {p} does not exist")
-    with open(p, "rb") as f:
-        cfg = pickle.load(f)
+    cfg = read_ground_truth(p)
     for key in ("imlist", "qimlist", "gnd"):
         if key not in cfg:
             raise ValueError(f"{p}: not a revisited ground-truth file (no {key!r})")
+    _check_names(p, "imlist", cfg["imlist"])
+    _check_names(p, "qimlist", cfg["qimlist"])
+    ext = cfg.get("ext", ".jpg")
+    if not isinstance(ext, str) or not re.fullmatch(r"\.[A-Za-z0-9]{1,8}", ext):
+        raise ValueError(f"{p}: ext {ext!r} must be a file extension such as '.jpg'")
+    if not isinstance(cfg["gnd"], (list, tuple)) or not all(isinstance(g, dict) for g in cfg["gnd"]):
+        raise ValueError(f"{p}: gnd must be a list of one dict per query")
     if len(cfg["gnd"]) != len(cfg["qimlist"]):
         raise ValueError(f"{p}: {len(cfg['gnd'])} ground-truth entries for "
                          f"{len(cfg['qimlist'])} queries")
