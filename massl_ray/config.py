@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
@@ -19,6 +20,33 @@ import yaml
 
 class ConfigError(ValueError):
     """A configuration that cannot run. The message names the key and the rule."""
+
+
+#: run.name and sweep.name: one path component, never '.', '..' or a hidden name.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+# scheme://userinfo@host...: credentials in a URI (shown in logs, configs and job metadata).
+_URI_USERINFO = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*@")
+
+
+def check_name(value: Any, key: str) -> Optional[str]:
+    """The reason ``value`` is not a valid run/sweep name, or None."""
+    if isinstance(value, str) and NAME_PATTERN.fullmatch(value):
+        return None
+    return (f"{key} ({value!r}) must match [A-Za-z0-9][A-Za-z0-9._-]* (a folder name: "
+            f"letters, digits, '.', '_', '-', not starting with '.' or '-')")
+
+
+def uri_with_credentials(value: Any) -> bool:
+    """Whether ``value`` is a URI with a user or password in it (``s3://KEY:SECRET@bucket``)."""
+    return isinstance(value, str) and bool(_URI_USERINFO.match(value.strip()))
+
+
+def credentials_refusal(key: str, value: str) -> str:
+    """The message refusing a URI with credentials (the credentials themselves not repeated)."""
+    shown = _URI_USERINFO.sub(lambda m: m.group(0).split("://", 1)[0] + "://***@", value.strip())
+    return (f"{key} ({shown}) holds credentials in the URI: they would be written to logs, "
+            f"config.yaml and the job's metadata; remove the user:password@ part and give the "
+            f"nodes an IAM instance profile or the environment's credentials instead")
 
 
 @dataclass
@@ -486,7 +514,14 @@ class Config:
              "run.fault_injection_step must be >= 0 or null")
         need(r.fault_injection_mode in ("raise", "kill"),
              f"run.fault_injection_mode ({r.fault_injection_mode!r}) must be raise or kill")
-        need(bool(r.name) and "/" not in r.name, f"run.name ({r.name!r}) must be a non-empty name without '/'")
+        bad_name = check_name(r.name, "run.name")
+        if bad_name:
+            errs.append(bad_name)
+        for section, values in self.to_dict().items():
+            for key, v in values.items():
+                for item in (v if isinstance(v, (list, tuple)) else [v]):
+                    if uri_with_credentials(item):
+                        errs.append(credentials_refusal(f"{section}.{key}", item))
 
         if errs:
             raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errs))

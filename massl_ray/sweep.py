@@ -34,6 +34,7 @@ import json
 import logging
 import math
 import os
+import stat
 import time
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -42,7 +43,8 @@ import numpy as np
 import yaml
 from ray import tune
 
-from massl_ray.config import Config, ConfigError, apply_overrides, config_from_dict, merge_dict
+from massl_ray.config import (Config, ConfigError, apply_overrides, check_name, config_from_dict,
+                              merge_dict)
 from massl_ray.data.sources import DataSourceError, open_source
 from massl_ray.evaluate.jobs import EvalSettings
 
@@ -145,8 +147,9 @@ def parse_sweep(data: dict) -> SweepSpec:
     if "://" in str(spec.storage_path):
         raise ConfigError("sweep.storage_path must be a filesystem path (on a multi-node cluster, a "
                           "shared filesystem mounted on every node): the sweep's records live there")
-    if not spec.name or "/" in str(spec.name):
-        raise ConfigError(f"sweep.name ({spec.name!r}) must be a non-empty name without '/'")
+    bad_name = check_name(spec.name, "sweep.name")
+    if bad_name:
+        raise ConfigError(bad_name)
     if not isinstance(spec.space, dict):
         raise ConfigError("sweep.space must be a mapping of section.key to a search space")
     for key, value in spec.space.items():
@@ -768,10 +771,68 @@ def _check_same_sweep(sweep_dir: Path, record: dict) -> None:
             f"a resume must use the same sweep file: choose another sweep.name for a new sweep")
 
 
+def check_sweep_dir(sweep_dir: Path) -> None:
+    """Refuse a sweep directory another user could have written to, before anything in it is
+    read: a resume hands ``tune/`` to ``Tuner.restore``, which unpickles what it finds there.
+    Refused: the directory or anything under ``tune/`` writable by group or others, or owned by
+    another user; its parent writable by others without the sticky bit (they could replace
+    the directory). The message says how to fix it."""
+    if not sweep_dir.exists():
+        return
+    uid = os.getuid() if hasattr(os, "getuid") else None
+    problems: list[str] = []
+
+    def check(path: Path, owned: bool = True) -> None:
+        st = path.lstat()
+        if uid is not None and owned and st.st_uid != uid:
+            problems.append(f"{path} is owned by uid {st.st_uid}, not by you (uid {uid})")
+        elif stat.S_ISLNK(st.st_mode):
+            return
+        elif st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            who = " and ".join(w for w, bit in (("group", stat.S_IWGRP), ("others", stat.S_IWOTH))
+                               if st.st_mode & bit)
+            problems.append(f"{path} is writable by {who} (mode {stat.S_IMODE(st.st_mode):o})")
+
+    parent = sweep_dir.parent.lstat()
+    if parent.st_mode & stat.S_IWOTH and not parent.st_mode & stat.S_ISVTX:
+        problems.append(f"{sweep_dir.parent} is writable by others without the sticky bit "
+                        f"(mode {stat.S_IMODE(parent.st_mode):o}): anyone can replace {sweep_dir.name}")
+    check(sweep_dir)
+    tune_dir = sweep_dir / "tune"
+    if tune_dir.is_dir() and not tune_dir.is_symlink():
+        check(tune_dir)
+        for dirpath, dirnames, filenames in os.walk(tune_dir):
+            for n in dirnames + filenames:
+                check(Path(dirpath) / n)
+                if len(problems) > 5:
+                    break
+    if problems:
+        raise ConfigError(
+            f"sweep directory {sweep_dir} is not safe to resume from (Tune unpickles the state "
+            f"in it):\n  - " + "\n  - ".join(problems[:5]) + ("\n  - ..." if len(problems) > 5
+                                                             else "")
+            + f"\nIf you trust its content: chmod -R go-w {sweep_dir} (and chmod +t or go-w its "
+            f"parent); otherwise choose another sweep.name")
+
+
 def run_sweep(config_path: Union[str, os.PathLike], overrides: Optional[list[str]] = None,
               retry_errored: bool = False) -> dict:
-    """Validate, launch (or resume) the sweep, write the results from Tune's ResultGrid."""
+    """Validate, launch (or resume) the sweep, write the results from Tune's ResultGrid.
+
+    The sweep's files are written with group and others' write permission removed from the
+    umask (a later resume refuses a directory they could write: :func:`check_sweep_dir`)."""
+    old_umask = os.umask(0o077)
+    os.umask(old_umask | 0o022)
+    try:
+        return _run_sweep(config_path, overrides, retry_errored)
+    finally:
+        os.umask(old_umask)
+
+
+def _run_sweep(config_path: Union[str, os.PathLike], overrides: Optional[list[str]],
+               retry_errored: bool) -> dict:
     base, spec = load_sweep(config_path, overrides)
+    check_sweep_dir(spec.dir)  # before anything in it is read
     cfgs = check_grid(base, spec)  # nothing launched yet
     settings, eval_res = eval_settings(spec, cfgs[0])
     build_searcher(spec, 1)  # a missing package / bad argument refused before Ray starts
