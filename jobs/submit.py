@@ -1,6 +1,7 @@
 """Submit a jobs/ config to a Ray cluster with ``ray job submit``.
 
     python jobs/submit.py JOB [section.key=value ...] [--address URL] [--dry-run] [--no-wait]
+                          [--insecure]
 
 JOB is a config name (``imagenet_vit_s16_800ep``) or path (``jobs/cifar10_gpu.yaml``). The script
 validates the config and the overrides here, before anything is uploaded; refuses placeholders
@@ -10,20 +11,28 @@ validates the config and the overrides here, before anything is uploaded; refuse
         --runtime-env-json '{"excludes": [...], "env_vars": {...}}' \\
         -- python -m massl_ray train --config jobs/JOB.yaml [overrides]
 
-from the repository root. The working directory is the code the job runs: everything except
-version control, environments, data and run outputs (EXCLUDES), a few MB. The job server
-address comes from --address, else RAY_API_SERVER_ADDRESS or RAY_ADDRESS, else
-http://127.0.0.1:8265 (a local head, or a cluster behind ``ray dashboard cluster.yaml``).
+from the repository root. The working directory is uploaded through an allow-list, not a
+deny-list: the package's ``.py`` files (``massl_ray/``), ``jobs/*.yaml``, the chosen config, and
+the bundled files the config reads (``jobs/data/...`` for the quick start); nothing else of the
+checkout (no ``.env``, key file, notes, data, runs, ``.git``), whatever it holds. Ray applies
+it as ``excludes`` (gitignore patterns, :func:`excludes_for`: everything excluded, the allowed
+entries re-included, then the deny patterns of EXCLUDES and SECRET_FILES, which win); ``--dry-run``
+lists every file that goes. The job server address comes from --address, else
+RAY_API_SERVER_ADDRESS or RAY_ADDRESS, else http://127.0.0.1:8265 (a local head, or a cluster
+behind ``ray dashboard cluster.yaml``); a plain ``http://`` address that is not loopback is
+refused unless --insecure (the token and the code would cross the network in clear text).
 Credentials are never put into the runtime environment: the nodes use their IAM instance
-profile (docs/cluster.md). The exit code is the job's (0 = SUCCEEDED) unless --no-wait; 2 = refused
-here (invalid config, placeholder, unusable path), in which case nothing was submitted.
+profile (docs/cluster.md); a URI with credentials in it (``s3://KEY:SECRET@bucket/...``) is
+refused wherever it appears. The exit code is the job's (0 = SUCCEEDED) unless --no-wait;
+2 = refused here (invalid config, placeholder, unusable path, insecure address, credentials), in
+which case nothing was submitted.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import fnmatch
+import ipaddress
 import json
 import os
 import re
@@ -38,13 +47,20 @@ from urllib.parse import urlparse
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from massl_ray.config import Config, ConfigError, load_config  # noqa: E402
+from massl_ray.config import (Config, ConfigError, credentials_refusal,  # noqa: E402
+                              load_config, uri_with_credentials)
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 
-# Kept out of the upload (gitignore syntax, relative to the repository root): version control,
-# environments, caches, data and run outputs. Ray's package limit is a few hundred MB; the code
-# is well under 1 MB. jobs/data (the quick-start subset, 6 MB) goes only with jobs that use it.
+# What the job may receive of the checkout (relative to the repository root): the package's
+# Python files and the job configs; plus, per job, the chosen config and the bundled data it
+# reads (under BUNDLED_DATA). The code is well under 1 MB; jobs/data (the quick-start subset,
+# 6 MB) goes only with jobs that read it.
+PACKAGE = "massl_ray"
+JOB_CONFIGS = "jobs/*.yaml"
+
+# Deny patterns applied after the allow-list (they win over it): version control,
+# environments, caches, data and run outputs ...
 EXCLUDES = [
     ".git",
     ".venv",
@@ -58,6 +74,23 @@ EXCLUDES = [
     "/data",
     "/tmp",
     "/benchmarks/results",
+]
+# ... and files that hold secrets, wherever they are (even inside an allowed folder).
+SECRET_FILES = [
+    ".env",
+    ".env.*",
+    "*.pem",
+    "*.key",
+    "id_rsa*",
+    "id_ed25519*",
+    "id_ecdsa*",
+    "*.p12",
+    "*.pfx",
+    ".netrc",
+    ".aws",
+    ".ssh",
+    "credentials",
+    "auth_token",
 ]
 BUNDLED_DATA = "jobs/data"
 
@@ -81,30 +114,180 @@ class SubmitError(ValueError):
 
 # ---- what travels with the job --------------------------------------------------------------
 
+def _segment_regex(seg: str) -> str:
+    """One path segment of a gitwildmatch pattern as a regex (``*``, ``?``, ``[...]``)."""
+    out, i, n = "", 0, len(seg)
+    escape = False
+    while i < n:
+        c = seg[i]
+        i += 1
+        if escape:
+            escape = False
+            out += re.escape(c)
+        elif c == "\\":
+            escape = True
+        elif c == "*":
+            out += "[^/]*"
+        elif c == "?":
+            out += "[^/]"
+        elif c == "[":
+            j = i
+            if j < n and seg[j] == "!":
+                j += 1
+            if j < n and seg[j] == "]":
+                j += 1
+            while j < n and seg[j] != "]":
+                j += 1
+            if j < n:
+                j += 1
+                expr = "["
+                if seg[i] == "!":
+                    expr, i = expr + "^", i + 1
+                elif seg[i] == "^":
+                    expr, i = expr + "\\^", i + 1
+                out += expr + seg[i:j].replace("\\", "\\\\")
+                i = j
+            else:
+                out += "\\["
+        else:
+            out += re.escape(c)
+    return out
+
+
+def _compile(pattern: str) -> Optional[tuple[re.Pattern, bool]]:
+    """A gitwildmatch pattern -> (regex, excludes?) as the pathspec that Ray vendors (0.8.1)
+    compiles it; None for a blank line or a comment. A ``!`` pattern re-includes."""
+    pattern = pattern.strip()
+    if not pattern or pattern.startswith("#") or pattern == "/":
+        return None
+    exclude = not pattern.startswith("!")
+    if not exclude:
+        pattern = pattern[1:]
+    if pattern.startswith("\\"):
+        pattern = pattern[1:]
+    segs = pattern.split("/")
+    if not segs[0]:
+        del segs[0]
+    elif len(segs) == 1 or (len(segs) == 2 and not segs[1]):
+        if segs[0] != "**":
+            segs.insert(0, "**")
+    if not segs[-1] and len(segs) > 1:
+        segs[-1] = "**"
+    out, need_slash, end = ["^"], False, len(segs) - 1
+    for i, seg in enumerate(segs):
+        if seg == "**":
+            if i == 0 and i == end:
+                out.append(".+")
+            elif i == 0:
+                out.append("(?:.+/)?")
+                need_slash = False
+            elif i == end:
+                out.append("/.*")
+            else:
+                out.append("(?:/.+)?")
+                need_slash = True
+        elif seg == "*":
+            out.append(("/" if need_slash else "") + "[^/]+")
+            need_slash = True
+        else:
+            out.append(("/" if need_slash else "") + _segment_regex(seg))
+            if i == end and exclude:
+                out.append("(?:/.*)?")
+            need_slash = True
+    out.append("$")
+    return re.compile("".join(out)), exclude
+
+
 def is_excluded(rel: str, excludes: list[str]) -> bool:
-    """Whether a repository-relative path is left out of the upload.
-
-    Handles the three pattern forms used in EXCLUDES with gitignore meaning: ``name`` (any path
-    component), ``/dir`` (anchored at the root, with everything below) and ``*.ext`` globs.
-    """
-    parts = Path(rel).as_posix().strip("/").split("/")
+    """Whether Ray's matcher excludes this repository-relative path itself (the last matching
+    pattern decides; ``!`` re-includes), as ``PathSpec.match_file`` does. Ray also skips
+    everything below an excluded folder: :func:`is_uploaded` checks that."""
+    path = Path(rel).as_posix()
+    path = path[2:] if path.startswith("./") else path.lstrip("/") or "."
+    matched = False
     for pat in excludes:
-        if pat.startswith("/"):
-            anchored = pat.strip("/").split("/")
-            if parts[: len(anchored)] == anchored:
-                return True
-        elif any(fnmatch.fnmatch(p, pat) for p in parts):
-            return True
-    return False
+        c = _compile(pat)
+        if c is not None and c[0].match(path):
+            matched = c[1]
+    return matched
 
 
-def excludes_for(cfg: Optional[Config]) -> list[str]:
-    """EXCLUDES, plus the bundled quick-start data unless the config reads it."""
-    ex = list(EXCLUDES)
-    used = [] if cfg is None else [_get(cfg, k) for k in PATH_KEYS]
-    if not any(isinstance(p, str) and _rel_to_root(p, BUNDLED_DATA) for p in used):
+def is_uploaded(rel: str, excludes: list[str]) -> bool:
+    """Whether ``--working-dir .`` uploads this path: neither it nor a folder above it excluded."""
+    parts = Path(os.path.normpath(rel)).as_posix().split("/")
+    return not any(is_excluded("/".join(parts[:k]), excludes) for k in range(1, len(parts) + 1))
+
+
+def _bundled_paths(cfg: Optional[Config], root: Path) -> list[str]:
+    """The config's relative data paths under BUNDLED_DATA that exist (normalised)."""
+    out = []
+    for key in PATH_KEYS:
+        p = None if cfg is None else _get(cfg, key)
+        if isinstance(p, str) and _rel_to_root(p, BUNDLED_DATA) and (root / p).exists():
+            out.append(Path(os.path.normpath(p)).as_posix())
+    return sorted(set(out))
+
+
+def excludes_for(cfg: Optional[Config], config_rel: Optional[str] = None,
+                 root: Optional[Path] = None) -> list[str]:
+    """The ``excludes`` that make ``--working-dir .`` upload the allow-list only.
+
+    Everything at the top level is excluded (``/[!.]*``, ``/.?*``: every name but the root
+    itself), then each allowed folder is re-included with its direct children excluded again
+    (``!/d``, ``/d/*``; parents first), then the allowed files are re-included (the package's
+    ``*.py`` in each of its folders, ``jobs/*.yaml``, the chosen config, each bundled data file
+    the config reads), and last the deny patterns (EXCLUDES, SECRET_FILES, and
+    ``/jobs/data`` when the config reads none of it), which win over everything before them.
+    Folders created after this call are not uploaded.
+    """
+    root = ROOT if root is None else Path(root)
+    dirs: set[str] = set()
+    files: list[str] = []
+
+    def allow_dir(rel: str) -> None:
+        parts = rel.split("/")
+        for k in range(1, len(parts) + 1):
+            dirs.add("/".join(parts[:k]))
+
+    pkg = root / PACKAGE
+    if pkg.is_dir():
+        for dirpath, dirnames, _ in os.walk(pkg):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != "__pycache__")
+            rel = Path(dirpath).relative_to(root).as_posix()
+            allow_dir(rel)
+            files.append(f"{_escape(rel)}/*.py")
+    allow_dir("jobs")
+    files.append(JOB_CONFIGS)
+    if config_rel:
+        rel = Path(os.path.normpath(config_rel)).as_posix()
+        if "/" in rel:
+            allow_dir(rel.rsplit("/", 1)[0])
+        files.append(_escape(rel))
+    bundled = _bundled_paths(cfg, root)
+    for rel in bundled:
+        p = root / rel
+        if p.is_dir():
+            for dirpath, dirnames, filenames in os.walk(p):
+                dirnames.sort()
+                d = Path(dirpath).relative_to(root).as_posix()
+                allow_dir(d)
+                files += [f"{d}/{_escape(f)}" for f in sorted(filenames)]
+        else:
+            allow_dir(rel.rsplit("/", 1)[0])
+            files.append(_escape(rel))
+    ex = ["/[!.]*", "/.?*"]
+    for d in sorted(dirs, key=lambda d: (d.count("/"), d)):
+        ex += [f"!/{_escape(d)}", f"/{_escape(d)}/*"]
+    ex += [f"!/{f}" for f in dict.fromkeys(files)]
+    ex += EXCLUDES + SECRET_FILES
+    if not bundled:
         ex.append("/" + BUNDLED_DATA)
     return ex
+
+
+def _escape(rel: str) -> str:
+    """A literal path for a gitwildmatch pattern (glob characters escaped)."""
+    return re.sub(r"([\\*?\[\]!#])", r"\\\1", rel)
 
 
 def _rel_to_root(path: str, prefix: str) -> bool:
@@ -113,19 +296,28 @@ def _rel_to_root(path: str, prefix: str) -> bool:
     return Path(os.path.normpath(path)).as_posix().startswith(prefix + "/")
 
 
-def upload_size(excludes: list[str]) -> tuple[int, int]:
-    """(files, bytes) that ``--working-dir .`` would upload with these excludes."""
-    n = size = 0
-    for dirpath, dirnames, filenames in os.walk(ROOT):
-        rel_dir = os.path.relpath(dirpath, ROOT)
+def upload_files(excludes: list[str], root: Optional[Path] = None) -> list[tuple[str, int]]:
+    """(path, bytes) of every file ``--working-dir .`` uploads with these excludes, walked as
+    Ray walks it (an excluded folder is not entered). Ray also honours the checkout's
+    ``.gitignore`` / ``.rayignore``, which can only leave more out."""
+    root = ROOT if root is None else Path(root)
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel_dir = os.path.relpath(dirpath, root)
         rel_dir = "" if rel_dir == "." else rel_dir
-        dirnames[:] = [d for d in dirnames if not is_excluded(os.path.join(rel_dir, d), excludes)]
-        for f in filenames:
+        dirnames[:] = sorted(d for d in dirnames
+                             if not is_excluded(os.path.join(rel_dir, d), excludes))
+        for f in sorted(filenames):
             rel = os.path.join(rel_dir, f)
             if not is_excluded(rel, excludes):
-                n += 1
-                size += os.path.getsize(os.path.join(dirpath, f))
-    return n, size
+                out.append((Path(rel).as_posix(), os.path.getsize(os.path.join(dirpath, f))))
+    return out
+
+
+def upload_size(excludes: list[str], root: Optional[Path] = None) -> tuple[int, int]:
+    """(files, bytes) that ``--working-dir .`` would upload with these excludes."""
+    files = upload_files(excludes, root)
+    return len(files), sum(b for _, b in files)
 
 
 # ---- checks on the resolved config ------------------------------------------------------------
@@ -155,7 +347,7 @@ def check_paths(cfg: Config, excludes: list[str], same_machine: bool,
         local = (ROOT / p).resolve()
         norm = os.path.normpath(p)
         inside = not (norm == ".." or norm.startswith(".." + os.sep))
-        if local.exists() and inside and not is_excluded(norm, excludes):
+        if local.exists() and inside and is_uploaded(norm, excludes):
             continue  # uploaded with the code: the same relative path works on every node
         if same_machine and local.exists():
             fixes.append(f"{key}={local}")
@@ -259,6 +451,47 @@ def load_for_submit(path: Path, sub: str, overrides: list[str]) -> tuple[Config,
     return cfg, {"sweep.storage_path": str(sweep.get("storage_path", "runs/sweeps"))}
 
 
+def check_address(address: str, insecure: bool) -> Optional[str]:
+    """Why the job server address is refused, or None: plain http:// to a host that is not
+    loopback (the cluster token and the uploaded code would travel in clear
+    text; reach a remote head through ``ray dashboard cluster.yaml``, an SSH tunnel, or TLS)."""
+    url = address if "://" in address else "http://" + address
+    scheme = url.split("://", 1)[0].lower()
+    host = urlparse(url).hostname or ""
+    if scheme != "http" or insecure:
+        return None
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if loopback:
+        return None
+    return (f"--address {address} is plain http:// to another machine: the cluster token and the "
+            f"job's code would cross the network unencrypted. Reach the job server through "
+            f"`ray dashboard cluster.yaml` (an SSH tunnel to http://127.0.0.1:8265) or https://, "
+            f"or pass --insecure if this network is trusted")
+
+
+def credentials_in(cfg: Config, outputs: dict[str, str], overrides: list[str],
+                   env: list[str]) -> list[str]:
+    """A refusal per URI with credentials in the config, the overrides or --env values (the
+    command line would carry them into the job's metadata and the dashboard)."""
+    found = []
+    for section, values in cfg.to_dict().items():
+        for key, v in values.items():
+            for item in (v if isinstance(v, (list, tuple)) else [v]):
+                if uri_with_credentials(item):
+                    found.append(credentials_refusal(f"{section}.{key}", item))
+    for key, v in outputs.items():
+        if uri_with_credentials(v):
+            found.append(credentials_refusal(key, v))
+    for item in overrides + env:
+        key, _, value = item.partition("=")
+        if uri_with_credentials(value):
+            found.append(credentials_refusal(key, value))
+    return list(dict.fromkeys(found))
+
+
 def default_address() -> str:
     return (os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
             or DEFAULT_ADDRESS)
@@ -275,12 +508,22 @@ def build(args: argparse.Namespace) -> tuple[list[str], dict]:
     rel = path.relative_to(ROOT).as_posix()
     sub = subcommand_of(path)
     overrides = list(args.overrides)
+    for item in overrides + list(args.env) + [f"--address={args.address}"]:
+        key, _, value = item.partition("=")  # refused before anything could echo them
+        if uri_with_credentials(value if "://" in value else "http://" + value):
+            raise SubmitError(credentials_refusal(key, value))
     try:
         cfg, outputs = load_for_submit(path, sub, overrides)
     except ConfigError as e:
         raise SubmitError(str(e)) from None
-    excludes = excludes_for(cfg)
+    creds = credentials_in(cfg, outputs, overrides, list(args.env))
+    if creds:
+        raise SubmitError("\n  - ".join(["refused:"] + creds))
+    excludes = excludes_for(cfg, rel)
     info: dict = {"config": rel, "command": sub, "problems": []}
+    bad_address = check_address(args.address, getattr(args, "insecure", False))
+    if bad_address:
+        info["problems"].append(bad_address)
     ph = placeholders(cfg) + [f"{k}={v}" for k, v in outputs.items()
                               if PLACEHOLDER in v and k != "run.storage_path"]
     if ph:
@@ -323,6 +566,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                    help="extra environment variable for the job (not for credentials)")
     p.add_argument("--entrypoint-num-cpus", type=float, default=None,
                    help="CPUs reserved for the driver process (default: none)")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow a plain http:// job server address that is not loopback")
     args = p.parse_intermixed_args(argv)
     try:
         cmd, info = build(args)
@@ -331,18 +576,16 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     shown = shlex.join(["ray", *cmd[1:]])
     if args.dry_run:
-        files, size = upload_size(json.loads(cmd[cmd.index("--runtime-env-json") + 1])["excludes"])
+        files = upload_files(json.loads(cmd[cmd.index("--runtime-env-json") + 1])["excludes"])
         for problem in info["problems"]:
             print(f"# to fix before submitting: {problem}")
-        print(f"# working dir upload: {files} files, {size / 2**20:.1f} MiB")
+        size = sum(b for _, b in files)
+        print(f"# working dir upload: {len(files)} files, {size / 2**20:.1f} MiB:")
+        for rel_path, b in files:
+            print(f"#   {rel_path} ({b} bytes)")
         print(f"# (cd {shlex.quote(str(ROOT))} &&)")
         print(shown)
         return 0
-    host = urlparse(args.address if "://" in args.address else "http://" + args.address).hostname
-    if host not in ("127.0.0.1", "localhost", "::1") and not args.address.startswith("https"):
-        print(f"submit: note: {args.address} is not a local or TLS address; the job server "
-              f"should be reached through `ray dashboard cluster.yaml` (an SSH tunnel)",
-              file=sys.stderr)
     print(f"submit: {info['config']} as {info['submission_id']} -> {args.address}", file=sys.stderr)
     return subprocess.call(cmd, cwd=ROOT)
 
