@@ -218,7 +218,7 @@ def probe_writable(location: Location) -> None:
     bucket that does not exist or credentials that may not write there."""
     d = _Loc.of(location)
     probe = d.child(f".write_probe_{uuid.uuid4().hex}")
-    if not is_uri(d.shown):
+    if isinstance(d.fs, pafs.LocalFileSystem):  # a path or file://; an object store needs none
         d.fs.create_dir(d.path, recursive=True)
     with d.fs.open_output_stream(probe.path) as out:
         out.write(b"x" * 4096)
