@@ -219,7 +219,7 @@ def _upload_checkpoint(s3, uri: str, step: int, tmp: Path) -> None:
     copy_checkpoint(save_checkpoint(_tiny_state(step), tmp / f"local_{step}"), uri)
 
 
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(900)  # ~20 s alone; each CLI start took ~50 s on a machine at load 50
 def test_a_missing_bucket_or_resume_never_on_an_existing_s3_run_is_refused_before_ray_starts(
         s3_server, tmp_path):
     """Each refusal: exit 2, one line on stderr, nothing on stdout, no Ray process started
@@ -244,7 +244,7 @@ def test_a_missing_bucket_or_resume_never_on_an_existing_s3_run_is_refused_befor
     try:
         said = []
         for over, says in cases:
-            p = run(train_cmd(data, *over), env, timeout=150)
+            p = run(train_cmd(data, *over), env, timeout=280)
             lines = p.stderr.strip().splitlines()
             assert p.returncode == 2 and len(lines) == 1 and lines[0].startswith(says), \
                 (over, p.returncode, p.stderr[-3000:])
@@ -303,7 +303,7 @@ def _jsonl(text: str) -> list[dict]:
 
 
 @pytest.mark.ray
-@pytest.mark.timeout(480)
+@pytest.mark.timeout(600)  # the shared run included
 def test_a_ray_run_reads_s3_data_and_writes_checkpoints_and_logs_to_the_bucket(s3_ray_run):
     r = s3_ray_run
     out = succeeded(r["proc"])
@@ -362,7 +362,7 @@ def test_rerun_on_a_new_machine_after_a_corrupt_newest_checkpoint_resumes_from_t
 
 
 @pytest.mark.ray  # its fixture's Ray run
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(900)
 def test_local_run_on_s3_starts_from_the_checkpoint_run_resume_names(s3_ray_run, s3_server):
     """``--local`` (no Ray) with data, storage and run.resume on S3: starts at the named
     checkpoint's step (2), writes its checkpoint and logs to the bucket."""
