@@ -40,10 +40,11 @@ class DecodeReportActor(DecodeReport):
     Restarts (its process died; see :data:`ACTOR_MAX_RESTARTS`): every call is idempotent, so
     Ray retries a call the death interrupted. The non-finite stop survives a restart (kept in
     Ray's GCS key-value store under this actor's id: a few bytes, written only at such a stop).
-    The undecodable rows do not: a restarted report lists the rows recorded since its restart
-    (a row is recorded each time it is decoded: after a coordinator restart the rows of the
-    pieces decoded again are recorded again), and its summary says so (``complete: false``,
-    ``restarted: true``): its count is then a lower bound, not the run's count."""
+    The undecodable rows do not: a restarted report lists the rows recorded since its restart,
+    and its summary says so (``complete: false``, ``restarted: true``): its count is then a
+    lower bound, not the run's count. (A row is recorded each time it is decoded, and counted
+    once: the pieces a restarted coordinator decodes again record their rows again, which
+    changes no count.)"""
 
     def __init__(self, max_examples: int = 10000):
         super().__init__(max_examples)
