@@ -2,14 +2,16 @@
 from what trials hold, the results table of stopped/refused trials, and on one shared Ray
 instance: a too-large sweep refused, a 4-trial Optuna search end to end (each trial's evaluation
 a separate Ray task, its k-NN in Tune's ResultGrid and Optuna's study), a sampled invalid trial
-refused, and a 2 x 2 grid whose driver is SIGKILLed resumed without redoing finished trials or
-their evaluations."""
+refused; and the user's tune command (its own Ray) SIGKILLed at a point the test controls, then
+run again: resumed without redoing a finished trial or its evaluation."""
 
 from __future__ import annotations
 
 import csv
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,6 +19,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
@@ -495,62 +498,188 @@ def _tune_status(sweep_dir: Path) -> dict:
     states = sorted((sweep_dir / "tune").glob("experiment_state*.json"), key=os.path.getmtime)
     try:
         data = json.loads(states[-1].read_text())
-    except (IndexError, OSError, ValueError):  # none yet
+    except (IndexError, OSError, ValueError):  # none yet, or being written
         return {}
     return {t["trial_id"]: t["status"] for t in (json.loads(js) for js, _ in data["trial_data"])}
 
 
-@pytest.mark.ray
-@pytest.mark.timeout(900)
-def test_resume_after_the_driver_is_killed(ray_instance, tmp_path):
-    """A 2 x 2 grid whose driver (a separate process on the same Ray) gets SIGKILL once Tune has
-    saved a finished trial while another trains; the same sweep run again completes the grid
-    without re-running a finished trial or redoing a recorded evaluation."""
-    p = tiny_sweep(tmp_path, "resume", {"massl.memory_size": [256, 512],
-                                        "massl.num_blocks": [1, 2]}, max_concurrent=3, seed=1)
-    sweep_dir = tmp_path / "sweeps" / "resume"
-    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
-    driver = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from massl_ray.sweep import run_sweep; "
-         "run_sweep(sys.argv[1])", str(p)], cwd=str(ROOT), env=env,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 500
-        while time.time() < deadline and driver.poll() is None:
-            status = _tune_status(sweep_dir)
-            training = [t for t in _attempts(sweep_dir) if status.get(t) == "RUNNING"]
-            if "TERMINATED" in status.values() and training:
-                break
-            time.sleep(0.5)
-        assert driver.poll() is None, "the driver ended before the test could kill it"
-        driver.send_signal(signal.SIGKILL)
-        driver.wait(30)
-    finally:
-        if driver.poll() is None:
-            driver.kill()
-    status = _tune_status(sweep_dir)  # what the restore starts from
-    finished = sorted(t for t, st in status.items() if st == "TERMINATED")
-    interrupted = sorted(t for t in _attempts(sweep_dir) if t not in finished)
-    assert finished and interrupted, status
-    evaluated = {name: ((sweep_dir / "evaluations" / f"{name}.json").read_text(),
-                        (sweep_dir / "eval" / name / "eval.json").stat().st_mtime_ns)
-                 for name in _records(sweep_dir)}
-    assert set(finished) <= set(evaluated)  # a trial ends with its evaluation
-    metrics = {t: (sweep_dir / "trials" / t / "metrics.jsonl").read_text() for t in finished}
+def _processes() -> dict[int, tuple[int, int, str, int]]:
+    """pid -> (parent pid, process group, state, start time) of every process on the machine."""
+    out = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                stat = Path("/proc", d, "stat").read_text()
+            except OSError:  # gone meanwhile
+                continue
+            f = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) "
+            out[int(d)] = (int(f[1]), int(f[2]), f[0], int(f[19]))
+    return out
 
-    s = run_sweep(p)  # the same command again: Tuner.restore
-    assert not s["interrupted"] and s["finished"] == 4 and s["evaluated"] == 4
-    assert {(r["memory_size"], r["num_blocks"]) for r in s["rows"]} == \
-        {(256, 1), (256, 2), (512, 1), (512, 2)}
-    assert [r["status"] for r in s["rows"]] == ["ok"] * 4
-    assert all(r["knn_top1"] is not None and r["final_loss"] is not None for r in s["rows"])
+
+def _kill_command(leader: int) -> dict[int, int]:
+    """SIGKILL a command started in a session of its own (``start_new_session``) and the local
+    Ray it started: its process group (the driver, GCS, raylet, agents) and every process
+    descended from it (Ray 2.60's raylet starts each worker in a process group of its own; they
+    would exit once the raylet is gone, but a frozen one cannot). Returns {pid: start time} of
+    what was killed."""
+    procs = _processes()
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, *_) in procs.items():
+        children.setdefault(ppid, []).append(pid)
+    doomed, todo = set(), [leader]
+    while todo:
+        pid = todo.pop()
+        if pid not in doomed:
+            doomed.add(pid)
+            todo += children.get(pid, [])
+    doomed |= {pid for pid, (_, group, *_) in procs.items() if group == leader}
+    try:
+        os.killpg(leader, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    for pid in doomed:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return {pid: procs[pid][3] for pid in doomed if pid in procs}
+
+
+def _alive(killed: dict[int, int]) -> list[int]:
+    """Those of ``killed`` still running (a zombie, or a new process with a reused pid, is not)."""
+    procs = _processes()
+    return [pid for pid, start in killed.items()
+            if pid in procs and procs[pid][3] == start and procs[pid][2] not in "ZX"]
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(1200)
+def test_tune_killed_and_run_again_resumes_without_redoing_finished_work(tmp_path):
+    """The user's ``tune --config jobs/sweep_cpu.yaml`` (shrunk to 2 trials of 4 steps through
+    documented overrides, from a copy of the repository, the user's environment, its own local
+    Ray) killed with SIGKILL, its whole process group and local Ray with it, then the same
+    command again: it restores the Tune experiment (``Tuner.restore``) and finishes the grid
+    without training a finished trial again or redoing a recorded evaluation, exits 0, prints no
+    traceback and nothing on stderr but our own log lines, and writes results.csv / results.md.
+
+    The kill point is the test's, not the machine speed's. Trial A is the one that took a
+    training slot first (its config.yaml, written once it holds one; on 2 CPUs there is one
+    slot and both trials start at once); the other, B, is frozen (SIGSTOP of its trainable
+    process, the pid it records in attempts.jsonl) as soon as it has started: it can then
+    neither report a result nor launch its evaluation, while A, which needs nothing from it,
+    trains, is evaluated and ends. The command is killed once Tune's saved experiment state
+    (what a restore reads) shows A TERMINATED and A's evaluation record exists. So at every
+    kill one trial is finished and evaluated and one has started and not finished: the two
+    cases a restore must tell apart (keep A and its evaluation; run B again). Two trials are
+    therefore enough; a larger grid would only add trials waiting in Tune's queue, which a
+    restore starts like any new one. Whether B was frozen waiting for the slot or already
+    training changes only what its second attempt resumes from, not what is asserted. (B would
+    have to train and be evaluated within one 0.2 s poll to escape the freeze; the test then
+    fails, "B was evaluated before the kill", rather than passing.)"""
+    from test_user_paths import (_NOT_IN_A_CLONE, QUICK, TINY, run, succeeded, unexpected_lines,
+                                 user_env)
+
+    clone = tmp_path / "massl_ray"
+    shutil.copytree(ROOT, clone, ignore=_NOT_IN_A_CLONE)
+    knn = []  # smaller k-NN sets than the quick start's (the same code, seconds)
+    for key, split, rows in (("eval_train", "train", 500), ("eval_test", "test", 200)):
+        dst = tmp_path / f"knn_{split}.parquet"
+        pq.write_table(pq.read_table(QUICK / f"{split}.parquet").slice(0, rows), dst)
+        knn.append(f"data.{key}={dst}")
+    cmd = [sys.executable, "-m", "massl_ray", "tune", "--config", "jobs/sweep_cpu.yaml",
+           *[o for o in TINY if not o.startswith("massl.")], "optim.epochs=1",
+           "optim.warmup_epochs=0", *knn, f"sweep.storage_path={tmp_path / 'sweeps'}",
+           "sweep.space={massl.memory_size: [512, 1024]}",
+           "sweep.evaluation={num_cpus: 0.45, limit_train: 300, limit_test: 100, "
+           "linear_epochs: 3, few_shot: [1], few_shot_draws: 2, ks: [20]}"]
+    sweep_dir = tmp_path / "sweeps" / "mem_blocks_cpu"
+    trials_dir = sweep_dir / "trials"
+
+    first_out = tmp_path / "first_run.txt"
+    with open(first_out, "w") as out:
+        driver = subprocess.Popen(cmd, cwd=clone, env=user_env(), stdin=subprocess.DEVNULL,
+                                  stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    killed: dict[int, int] = {}
+    frozen: dict[int, int] = {}  # B's trainable: {pid: start time}
+    try:
+        a = b = None
+        deadline = time.monotonic() + 540
+        while True:
+            assert driver.poll() is None, \
+                f"the command ended (exit {driver.returncode}) before the kill point:\n" \
+                + first_out.read_text()[-4000:]
+            assert time.monotonic() < deadline, \
+                f"no kill point in 540 s (A={a}, B={b}, saved state {_tune_status(sweep_dir)}):\n" \
+                + first_out.read_text()[-4000:]
+            if b is None:
+                try:
+                    attempts = _attempts(sweep_dir)
+                except ValueError:  # a line being written
+                    attempts = {}
+                # config.yaml is written by the training, after the trial took the slot
+                slotted = sorted(trials_dir.glob("*/config.yaml"), key=lambda f: f.stat().st_mtime)
+                others = [t for t in attempts if slotted and t != slotted[0].parent.name]
+                if others:
+                    a, b = slotted[0].parent.name, others[0]
+                    pid = attempts[b][0]["pid"]
+                    frozen = {pid: _processes()[pid][3]}
+                    os.kill(pid, signal.SIGSTOP)
+            elif _tune_status(sweep_dir).get(a) == "TERMINATED" and \
+                    (sweep_dir / "evaluations" / f"{a}.json").is_file():
+                break
+            time.sleep(0.2)
+        killed = _kill_command(driver.pid)
+        driver.wait(30)
+        deadline = time.monotonic() + 60
+        while _alive(killed):  # the local Ray it started: gone before the rerun starts its own
+            assert time.monotonic() < deadline, f"still running after SIGKILL: {_alive(killed)}"
+            time.sleep(0.2)
+    finally:  # whatever failed: nothing of the first run outlives the test, frozen or not
+        if driver.poll() is None:
+            _kill_command(driver.pid)
+        for pid in _alive({**killed, **frozen}):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    status, attempts = _tune_status(sweep_dir), _attempts(sweep_dir)
+    assert status.get(a) == "TERMINATED" and status.get(b) not in (None, "TERMINATED"), status
+    assert sorted(attempts) == sorted([a, b]) and len(attempts[a]) == len(attempts[b]) == 1
+    assert sorted(_records(sweep_dir)) == [a], "B was evaluated before the kill"
+    record = sweep_dir / "evaluations" / f"{a}.json"
+    eval_json = sweep_dir / "eval" / a / "eval.json"
+    kept = {f: (f.read_bytes(), f.stat().st_mtime_ns)
+            for f in (record, eval_json, trials_dir / a / "metrics.jsonl")}
+
+    p = run(cmd, cwd=clone, timeout=540)  # the same command again
+    assert p.returncode == 0, f"exit {p.returncode}:\n{(p.stdout + p.stderr)[-6000:]}"
+    assert f"sweep 'mem_blocks_cpu': resuming the Tune experiment in {sweep_dir / 'tune'}" \
+        in p.stderr, p.stderr[-3000:]
+    m = re.search(r"^sweep: 2/2 trials finished, 2 evaluated, \d+s -> (\S+)$", p.stdout, re.M)
+    assert m, p.stdout[-3000:]
+    assert Path(m.group(1)) == sweep_dir / "results.md"
     attempts = _attempts(sweep_dir)
-    for t in finished:
-        assert len(attempts[t]) == 1, f"the finished trial {t} ran again"
-        assert (sweep_dir / "trials" / t / "metrics.jsonl").read_text() == metrics[t]
-    for name, (text, mtime) in evaluated.items():
-        assert (sweep_dir / "evaluations" / f"{name}.json").read_text() == text, \
-            f"the evaluation of {name} ran again"
-        assert (sweep_dir / "eval" / name / "eval.json").stat().st_mtime_ns == mtime
-    for t in interrupted:  # restarted by the restore (from its checkpoint, if it had one)
-        assert len(attempts[t]) == 2, (t, attempts[t])
+    assert len(attempts[a]) == 1, f"the finished trial {a} trained again: {attempts[a]}"
+    assert len(attempts[b]) == 2, f"the interrupted trial {b} ran other than twice: {attempts[b]}"
+    for f, (content, mtime) in kept.items():  # A's evaluation and training records untouched
+        assert (f.read_bytes(), f.stat().st_mtime_ns) == (content, mtime), f
+    assert _records(sweep_dir)[b]["status"] == "ok"
+    rows = list(csv.DictReader((sweep_dir / "results.csv").open()))
+    assert sorted(r["trial"] for r in rows) == sorted([a, b])
+    assert sorted(int(r["memory_size"]) for r in rows) == [512, 1024], rows
+    for r in rows:  # each trial trained its 4 steps, then its dependent evaluation ran
+        assert r["status"] == "ok" and int(r["step"]) == 4 and r["eval_status"] == "ok", r
+        assert float(r["trial_ended_at"]) <= float(r["eval_started_at"]), r
+        assert 0 <= float(r["knn_top1"]) <= 100 and 0 <= float(r["linear_top1"]) <= 100, r
+        float(r["final_loss"])  # a number
+    md = (sweep_dir / "results.md").read_text().splitlines()
+    assert len(md) == 2 + 2 and "knn_top1" in md[0], md
+    # The screens last (every claim above holds when one of these fails): no traceback in the
+    # rerun, nor before the kill (A trained and was evaluated there), and nothing on the rerun's
+    # stderr but our own log lines.
+    succeeded(p)
+    first = first_out.read_text()
+    assert "Traceback" not in first, first[-6000:]
+    bad = unexpected_lines(p.stderr)
+    assert not bad, "noise on the screen of the resumed sweep:\n" + "\n".join(bad[:40])
