@@ -68,7 +68,7 @@ from massl_ray.config import Config, CropConfig
 from massl_ray.data.groups import (concat_pieces, decode_task, group_read, read_and_split,
                                    route, source_groups, window_groups_of)
 from massl_ray.data.multicrop import MultiCrop
-from massl_ray.data.pipeline import ACTOR_MAX_RESTARTS
+from massl_ray.data.pipeline import ACTOR_MAX_RESTARTS, restarted_actor
 from massl_ray.data.plan import EpochPlan, decode_tasks
 from massl_ray.data.sources import Source
 
@@ -150,10 +150,11 @@ class FeedCoordinator:
     def __init__(self, src: Source, crops: CropConfig, seed: int, batch: int,
                  steps_per_epoch: int, total_steps: int, limit: Optional[int],
                  window_groups: Optional[int], decode_rows: int, prefetch_tasks: int,
-                 decode_cpus: float, read_cpus: float, shuffle: bool = True, reporter=None,
+                 decode_cpus: float, read_cpus: float, shuffle: bool = True,
+                 reporter: Optional[str] = None,
                  fetch_timeout_s: float = DEFAULT_FETCH_TIMEOUT_S,
                  decode_fn: Optional[Callable] = None):
-        self.restarted = ray.get_runtime_context().was_current_actor_reconstructed
+        self.restarted = restarted_actor()
         if self.restarted:
             log.warning("data feed: the coordinator restarted (its process died): plan rebuilt; "
                         "the ranks' next requests reset it at their step")
@@ -164,7 +165,10 @@ class FeedCoordinator:
         self.window_groups = len(self.groups) if window_groups is None else window_groups
         self.decode_rows, self.prefetch = decode_rows, max(1, prefetch_tasks)
         self.shuffle = shuffle
-        self.reporter = reporter
+        # The decode report by name, not by handle: an actor handle among the constructor's
+        # arguments travels through the object store, which Ray warns about on the screen for
+        # an actor that restarts (its restart would need that object).
+        self.reporter = ray.get_actor(reporter) if reporter else None
         self.fetch_timeout_s = float(fetch_timeout_s)
         self._read = ray.remote(_read_task)
         self._decode = ray.remote(decode_fn or _decode_task)
@@ -360,10 +364,11 @@ def start_feed(cfg: Config, src: Source, reporter=None, prefetch_tasks: Optional
     # head mostly lands on a worker node (measured: 5 of 6 actors), which an elastic run may
     # lose; a 0-resource actor always fits its caller's own node.
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    reporter_name = ray.get(reporter.name.remote()) if reporter is not None else None
     return FeedCoordinator.options(scheduling_strategy=here).remote(
         src, cfg.crops, cfg.run.seed, cfg.global_batch_size, cfg.optim.steps_per_epoch,
         cfg.total_steps(), d.limit, window_groups_of(cfg), d.decode_rows, prefetch_tasks,
-        d.decode_cpus, d.read_cpus, d.shuffle != "none", reporter,
+        d.decode_cpus, d.read_cpus, d.shuffle != "none", reporter_name,
         fetch_timeout_s=d.fetch_timeout_s, decode_fn=decode_fn)
 
 

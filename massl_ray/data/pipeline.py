@@ -31,6 +31,17 @@ ACTOR_MAX_RESTARTS = 10
 _KV_NAMESPACE = "massl_ray"
 
 
+def restarted_actor() -> bool:
+    """Whether the calling actor's process is a restart of it. (Ray's own
+    ``was_current_actor_reconstructed`` reads a deprecated property of its runtime context,
+    whose warning would reach the user's screen through the log forwarding.)"""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return bool(ray.get_runtime_context().was_current_actor_reconstructed)
+
+
 @ray.remote(num_cpus=0, max_restarts=ACTOR_MAX_RESTARTS, max_task_retries=-1)
 class DecodeReportActor(DecodeReport):
     """The decode report as a (CPU-free) Ray actor shared by every decode task. It also carries
@@ -50,7 +61,7 @@ class DecodeReportActor(DecodeReport):
         super().__init__(max_examples)
         ctx = ray.get_runtime_context()
         self._key = "non_finite:" + ctx.get_actor_id()
-        self._restarted = ctx.was_current_actor_reconstructed
+        self._restarted = restarted_actor()
         self._non_finite = None
         if self._restarted:
             from ray.experimental.internal_kv import _internal_kv_get
@@ -86,6 +97,10 @@ class DecodeReportActor(DecodeReport):
     def node_id(self) -> str:
         """The node it lives on: its caller's (the driver's)."""
         return ray.get_runtime_context().get_node_id()
+
+    def name(self) -> str:
+        """Its actor name, by which the feed's coordinator finds it (see ``start_feed``)."""
+        return ray.get_runtime_context().get_actor_name()
 
 
 def get_report_actor(run_name: str):
