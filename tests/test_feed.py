@@ -17,6 +17,7 @@ import massl_ray.data.groups as groups_mod
 from massl_ray.config import CropConfig
 from massl_ray.data.groups import LocalFeed, source_groups
 from massl_ray.data.multicrop import MultiCrop
+from massl_ray.data.plan import EpochPlan
 from massl_ray.data.sources import open_source
 from massl_ray.data.views import DecodeReport
 
@@ -170,13 +171,15 @@ def test_folder_sources_are_read_in_groups_of_files(tmp_path, monkeypatch):
     assert sorted(labels.tolist()) == [0] * 7 + [1] * 7
 
 
+@pytest.mark.ray
 @pytest.mark.timeout(240)
 def test_ray_feed_equals_the_local_feed_reads_once_and_restarts_at_a_step(tmp_path,
                                                                           ray_instance):
     """The coordinator on Ray: two ranks' pieces over two epochs are the in-process feed's,
-    bitwise; each row group is read once per epoch; a request that goes back to step 13 (a
-    restart from a checkpoint) restarts there, decoding nothing before it; a restart with one
-    worker continues the same global batches."""
+    bitwise; each row group is read once per epoch; a request that goes back to step 14 (a
+    restart from a checkpoint, mid-window) restarts there, decoding nothing before it and
+    reading again exactly the row groups that hold its epoch's positions from there on; a
+    restart with one worker continues the same global batches."""
     import ray
 
     from massl_ray.data.feed import FeedCoordinator, RankFeed
@@ -198,14 +201,24 @@ def test_ray_feed_equals_the_local_feed_reads_once_and_restarts_at_a_step(tmp_pa
     st = ray.get(coord.stats.remote())
     assert st["reads_per_group"] == {0: [1] * GROUPS, 1: [1] * GROUPS}
     assert st["decoded"] == [[0, 0, 120, 0], [1, 0, 120, 0]]
-    # A restart from the checkpoint of step 13 (epoch 1, position 36), now with one worker.
-    again = list(RankFeed(coord, 0, 1).iter_steps(13, 2 * spe))
-    for a, b in zip(want[13:], again):
+    # A restart from the checkpoint of step 14 (epoch 1, position 48), now with one worker.
+    restart = 14
+    pos = (restart - spe) * B
+    again = list(RankFeed(coord, 0, 1).iter_steps(restart, 2 * spe))
+    assert len(again) == 2 * spe - restart
+    for a, b in zip(want[restart:], again):
         for k in COLS:
             assert np.array_equal(a[k], b[k].numpy()), k
     st = ray.get(coord.stats.remote())
-    assert st["resets"] == [[0, 2], [13, 1]]
-    assert st["decoded"][-1] == [1, 36, 120, 1]  # nothing before the resume position
-    # Only the row groups holding rows at or after position 36 of epoch 1 are read again.
-    assert 1 <= sum(st["reads_per_group"][1]) - GROUPS <= GROUPS
+    assert st["resets"] == [[0, 2], [restart, 1]]
+    assert st["decoded"][-1] == [1, pos, 120, 1]  # nothing before the resume position
+    # Exactly the row groups holding rows at positions >= 48 of epoch 1's plan are read again,
+    # once each. Here (seed 7, windows of 2 groups: [0, 3] at positions 0-39, [1, 5] at 40-79,
+    # [2, 4] at 80-119) those are 1, 2, 4 and 5: position 48 lies inside window [1, 5], which is
+    # read again, and window [0, 3], wholly before it, is not.
+    plan = EpochPlan([GROUP_ROWS] * GROUPS, 7, 1, 2)
+    needed = sorted(set((plan.rows(pos, GROUPS * GROUP_ROWS) // GROUP_ROWS).tolist()))
+    assert needed == [1, 2, 4, 5]
+    assert st["reads_per_group"][1] == [1 + (g in needed) for g in range(GROUPS)]
+    assert st["reads_per_group"][0] == [1] * GROUPS  # epoch 0 is not read again
     ray.kill(coord)
