@@ -85,6 +85,15 @@ def _rows_by_step(run_dir: Path) -> dict:
     return {s: [x for r in range(w) for x in recs[(s, w, r)]] for s, w in world.items()}
 
 
+def _registered_checkpoints(run_dir: Path) -> list[dict]:
+    """The metrics of the checkpoints Ray Train has registered for the run in ``run_dir`` (its
+    record of the kept ones, read with the public ``ray.train.Result.from_path``), by step."""
+    from ray.train import Result
+
+    return sorted((m for _, m in Result.from_path(str(run_dir)).best_checkpoints or []),
+                  key=lambda m: m["step"])
+
+
 @pytest.mark.ray
 @pytest.mark.timeout(420)
 def test_a_node_lost_mid_run_shrinks_the_group_and_the_run_feeds_the_same_images(tmp_path):
@@ -93,7 +102,9 @@ def test_a_node_lost_mid_run_shrinks_the_group_and_the_run_feeds_the_same_images
     run.num_workers=[1, 2]. The node of rank 1 is removed once a checkpoint exists: Ray Train
     restarts the group with one worker from the last checkpoint; the run finishes; for every
     global step the rows fed equal an uninterrupted run's (the exact order does not depend on
-    the world size); the memory banks of all ranks agree at every checkpoint."""
+    the world size); the memory banks of both ranks agreed at the checkpoints the two-worker
+    group took before the removal (two per-rank checksums, equal: Ray Train's record of every
+    checkpoint's metrics, all of them kept), and the checkpoints after the shrink carry one."""
     import ray
     from ray.cluster_utils import Cluster
 
@@ -114,7 +125,10 @@ def test_a_node_lost_mid_run_shrinks_the_group_and_the_run_feeds_the_same_images
              "run.log_every_steps": 2, "run.checkpoint_every_steps": 4, "run.final_knn": False,
              "run.cpus_per_worker": 1.5, "run.num_workers": "[1,2]", "run.max_failures": 2,
              "run.record_rows": True, "run.placement_strategy": "SPREAD",
-             "run.elastic_resize_interval_s": 3600}
+             "run.elastic_resize_interval_s": 3600,
+             # Ray Train keeps every checkpoint's metrics (6 interval/final checkpoints and
+             # the redone ones): the two-worker checkpoints before the removal among them
+             "run.num_checkpoints_to_keep": 20}
         o.update(extra)
         return [f"{k}={v}" for k, v in o.items()]
 
@@ -154,22 +168,25 @@ def test_a_node_lost_mid_run_shrinks_the_group_and_the_run_feeds_the_same_images
         def remove_rank1_node():
             deadline = time.time() + 300
             while time.time() < deadline:
-                # a checkpoint Ray Train has registered (rank 0 records it once its report
-                # returned), not one still being written: a node removed mid-write would
-                # resume from scratch
-                ck = (run_dir / "checkpoints.jsonl")
-                ck = ck.read_text().splitlines() if ck.is_file() else []
+                # a checkpoint Ray Train has registered (in its own record, which the final
+                # check reads), not one only written: rank 0's checkpoints.jsonl line comes
+                # once its report returned, and a node removed then, before the controller
+                # took the report, leaves the checkpoint out of Ray Train's record (seen here)
+                try:
+                    reg = _registered_checkpoints(run_dir)
+                except Exception:  # no record yet, or one being rewritten
+                    reg = []
                 info = run_dir / "workers" / "rank_1.json"
-                if ck and info.exists():
+                if reg and info.exists():
                     node_id = json.loads(info.read_text())["node_id"]
                     for n in nodes:
                         if n.node_id == node_id:
-                            removed["step_files"] = len(ck)
+                            removed["ckpt_step"] = reg[-1]["step"]
                             cluster.remove_node(n)
                             removed["node"] = node_id
                             return
                     return
-                time.sleep(0.05)
+                time.sleep(0.2)
 
         t = threading.Thread(target=remove_rank1_node, daemon=True)
         t.start()
@@ -181,7 +198,22 @@ def test_a_node_lost_mid_run_shrinks_the_group_and_the_run_feeds_the_same_images
         worlds = [s.get("world_size") for s in starts]
         assert worlds[:2] == [2, 2] and 1 in worlds[2:], starts  # shrunk to one worker
         assert res["metrics"]["start_step"] > 0  # resumed from a checkpoint, not from scratch
-        assert res["metrics"]["memory_replicas_identical"] is True
+        # The replica check at checkpoints the two-worker group took: rank 0 reports every
+        # rank's memory-bank checksum with each checkpoint (RayLoopContext.report), and Ray
+        # Train records those metrics per checkpoint.
+        reported = _registered_checkpoints(run_dir)
+        before = [m for m in reported if m["step"] <= removed["ckpt_step"]]
+        assert [m["step"] for m in before if m["step"] == removed["ckpt_step"]] == \
+            [removed["ckpt_step"]], reported  # the checkpoint registered before the removal
+        for m in before:
+            sums = m["memory_checksums"]
+            assert len(sums) == 2 and sums[0] == sums[1], (m["step"], sums)
+            assert m["memory_replicas_identical"] is True
+        # after the shrink: one rank's checksum (the final checkpoint is the one-worker group's)
+        assert len(res["metrics"]["memory_checksums"]) == 1
+        assert reported[-1]["step"] == 24 and len(reported[-1]["memory_checksums"]) == 1
+        # the checksum follows the bank: it moved between the two-worker checkpoint and the end
+        assert before[-1]["memory_checksums"][0] != reported[-1]["memory_checksums"][0]
         got = _rows_by_step(run_dir)
         assert sorted(got) == list(range(24))
         for s in range(24):
