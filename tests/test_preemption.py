@@ -1,7 +1,7 @@
 """A spot preemption on a two-node Ray cluster on one machine (``ray.cluster_utils.Cluster``).
 
 One rank runs on a second node. Mid-run that node is drained with reason preemption and a
-25 s deadline (the ``ray drain-node`` CLI: what Ray's autoscaler does on a spot reclaim
+60 s deadline (the ``ray drain-node`` CLI: what Ray's autoscaler does on a spot reclaim
 notice). The ranks see the notice at their next control point and checkpoint the next step;
 a replacement node joins; at the deadline Ray Train ends the preempted worker group and
 restarts it (a preemption, counted against run.max_preemption_failures, not max_failures)
@@ -31,7 +31,11 @@ ROOT = Path(__file__).resolve().parents[1]
 QUICK = ROOT / "jobs" / "data" / "cifar10-quick" / "train.parquet"
 
 pytestmark = pytest.mark.ray
-DEADLINE_S = 25  # the drain's deadline: the notice and the checkpoint fit well inside it
+# The drain's deadline. Ray Train needs one (it ends the preempted group at it). The notice and
+# the checkpoint took 8.7-11 s after the drain on this loaded 2-core machine (steps of 2-5 s):
+# 60 s leaves them 5x that, at the cost of the first attempt training on until it (the
+# assertions count steps and order events; none measures a time against it).
+DEADLINE_S = 60
 MAX_STEPS = 5000  # never reached: the test ends the run after the resume
 STEPS_AFTER = 5  # steps the resumed attempt trains before the test ends it
 
@@ -52,7 +56,7 @@ def _wait(cond, timeout: float, what: str):
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-@pytest.mark.timeout(420)
+@pytest.mark.timeout(600)
 def test_a_preempted_node_costs_one_step_and_the_run_resumes_from_it(tmp_path, monkeypatch):
     for k, v in {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
                  "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": "0.5"}.items():
@@ -135,22 +139,46 @@ def _preempt_and_check(cluster, spot, run_dir: Path, driver: subprocess.Popen, t
     cluster.add_node(num_cpus=2, object_store_memory=128 * 2**20)
     ckpts = run_dir / "checkpoints.jsonl"
     pre = _wait(lambda: [r for r in _lines(ckpts) if r["reason"] == "preemption"],
-                DEADLINE_S + 30, "the preemption checkpoint")[0]
+                DEADLINE_S + 60, "the preemption checkpoint")[0]
     t_ckpt = time.time()
-    assert pre["time"] - t_drain < DEADLINE_S, "the preemption checkpoint missed the deadline"
-    # The restarted attempt trains on from the preemption checkpoint: the steps after it were
-    # all that was lost. (The run is long, run.max_steps=MAX_STEPS, so that it is still
-    # training at the deadline on any machine; the test ends it once the resumed attempt has
-    # trained STEPS_AFTER steps.)
+    # The restarted attempt trains on from the preemption checkpoint. (The run is long,
+    # run.max_steps=MAX_STEPS, so that it is still training at the deadline on any machine;
+    # the test ends it once the resumed attempt has trained STEPS_AFTER steps.)
     resumed = _wait(lambda: [m for m in _lines(metrics) if m.get("start_step", 0) > 0
                              and m["step"] >= m["start_step"] + STEPS_AFTER]
                     or driver.poll() is not None, 300, "the resumed attempt's steps")
     assert driver.poll() is None, f"the driver ended (exit {driver.returncode}) before resuming"
-    assert resumed[0]["start_step"] == pre["step"]
-    assert pre["step"] >= step_at_notice
+    driver.kill()  # the records below are final: no attempt writes after this
+    driver.wait(30)
+    log = _lines(metrics)
+    first = [m for m in log if m["start_step"] == 0]
+    second = [m for m in log if m["start_step"] > 0]
+    # run.log_every_steps=1: every step of each attempt has its record, in order
+    assert [m["step"] for m in first] == list(range(1, len(first) + 1))
+    assert [m["step"] for m in second] == list(range(second[0]["start_step"] + 1,
+                                                     second[-1]["step"] + 1))
+    # One notice, one checkpoint for it; no other checkpoint (run.checkpoint_every_steps=1000
+    # is never reached), so the resumed attempt can only have started from it.
+    assert [r["reason"] for r in _lines(ckpts)] == ["preemption"]
+    # The notice costs one step: it is seen at a control point (the control-point count of the
+    # step's record went up: ControlPoints.decide ran before that step), and the checkpoint is
+    # that very step's: the ranks trained one step between the control point that saw the
+    # notice and the checkpoint. The drain came after step step_at_notice.
+    by_step = {m["step"]: m for m in first}
+    assert step_at_notice < pre["step"] <= len(first)
+    assert by_step[pre["step"]]["control_points"] == by_step[pre["step"] - 1]["control_points"] + 1
+    # The run resumes from it: the second attempt starts at the checkpointed step.
+    assert resumed[0]["start_step"] == second[0]["start_step"] == pre["step"]
+    # The redone steps: the first attempt's steps after its checkpoint (it trains on until the
+    # deadline), which the resumed attempt trains again from the step right after it; no step
+    # up to the checkpoint is trained twice.
+    redone = [m["step"] for m in first if m["step"] > pre["step"]]
+    assert redone == list(range(pre["step"] + 1, len(first) + 1))
+    assert second[0]["step"] == pre["step"] + 1
     restores = _lines(run_dir / "workers" / "restores.jsonl")
     after = [r for r in restores if r["step"] == pre["step"]]
     assert {r["rank"] for r in after} == {0, 1}, restores
+    assert len(restores) == 3, restores  # the first attempt's rank 0 found nothing; then these
     size = read_meta(Path(after[0]["from"] or next(
         d for d in list_checkpoints(run_dir) if read_meta(d)["global_step"] == pre["step"])
     ))["bytes"]
@@ -158,13 +186,18 @@ def _preempt_and_check(cluster, spot, run_dir: Path, driver: subprocess.Popen, t
     assert by_rank == {0: size, 1: 0}, by_rank
     starts = _lines(run_dir / "workers" / "starts.jsonl")
     assert len(starts) == 4  # two attempts of two ranks
+    # The order of events: the checkpoint was reported (rank 0's checkpoints.jsonl line comes
+    # once its report returned) after the first attempt started and before the restarted
+    # workers started, and they restored it after that.
     restarted = min(x["time"] for x in starts[2:])
+    assert max(x["time"] for x in starts[:2]) < pre["time"] < restarted
+    assert all(r["time"] > pre["time"] for r in after)
     nodes = {json.loads((run_dir / "workers" / f"rank_{r}.json").read_text())["node_id"]
              for r in (0, 1)}
     assert spot.node_id not in nodes  # the second attempt avoided the drained node
-    print(f"\npreemption: notice near step {step_at_notice}, checkpoint at step "
+    print(f"\npreemption: notice after step {step_at_notice}, checkpoint at step "
           f"{pre['step']} {t_ckpt - t_drain:.1f} s after the drain (stall "
-          f"{pre['stall_s']:.3f} s), workers restarted {restarted - t_drain:.1f} s after "
-          f"the drain; restart read {size} bytes on rank 0, 0 on rank 1; "
-          f"whole test {time.time() - t_start:.0f} s")
+          f"{pre['stall_s']:.3f} s); {len(redone)} step(s) after it redone (trained until the "
+          f"deadline), workers restarted {restarted - t_drain:.1f} s after the drain; restart "
+          f"read {size} bytes on rank 0, 0 on rank 1; whole test {time.time() - t_start:.0f} s")
     assert (run_dir / list_checkpoints(run_dir)[0].name / STATE_FILE).is_file()
