@@ -310,7 +310,9 @@ class FeatureFn:
                                      batch_size)
 
     def __call__(self, batch: dict) -> dict:
-        feats = self.embed(torch.from_numpy(np.ascontiguousarray(batch["view"]))).numpy()
+        # a batch from the object store is read-only: copied then (torch warns on those)
+        view = np.require(batch["view"], requirements=["C_CONTIGUOUS", "WRITEABLE"])
+        feats = self.embed(torch.from_numpy(view)).numpy()
         out = {"features": feats, "label": np.asarray(batch["label"]), "ok": np.asarray(batch["ok"])}
         if "id" in batch:
             out["id"] = batch["id"]

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import time
+import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
@@ -217,8 +218,8 @@ def _views_to_features(ds, views_fn, s, teacher, weights_ref, blocks: int):
     ds = ds.map_batches(views_fn, batch_size=s.batch_size, batch_format="numpy",
                         num_cpus=s.decode_cpus, zero_copy_batch=True)
     gpu = s.gpus_per_actor > 0
-    return ds.map_batches(
-        FeatureFn,
+    return _map_actor_pool(
+        ds, FeatureFn,
         fn_constructor_kwargs={
             "weights": functools.partial(ray.get, weights_ref), "model": teacher.model_spec,
             "mean": list(teacher.mean), "std": list(teacher.std), "blocks": blocks,
@@ -227,6 +228,27 @@ def _views_to_features(ds, views_fn, s, teacher, weights_ref, blocks: int):
         batch_size=s.batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=_actor_pool_size(s)),
         num_cpus=s.cpus_per_actor, num_gpus=s.gpus_per_actor if gpu else None)
+
+
+def _map_actor_pool(ds, fn, **kwargs):
+    """``ds.map_batches(fn, **kwargs)`` on an actor pool, without restarts on a Ray this process
+    started on this machine (no ``RAY_ADDRESS``: :func:`massl_ray.runtime.init_ray`'s rule).
+
+    Ray Data starts an actor pool's actors with ``max_restarts=-1`` and hands each its
+    DataContext and the map function by object reference, so Ray 2.60's core worker prints
+    "Actor with class name: 'MapWorker(...)' ... has constructor arguments in the object store
+    and max_restarts > 0" on the driver's screen for every actor pool, whatever the function's
+    own arguments (ray-project/ray#57733; the dataset keeps those references alive). On one
+    machine there is no node to lose and a restart would repeat what killed the actor (an
+    out-of-memory kill, a crash): the actors get none, and the line goes (Ray 2.60 takes
+    ``max_restarts`` only through its deprecated ``ray_remote_args``, whose warning is dropped
+    here; with it Ray Data also stops fusing the CPU decode stage into the actors). On a cluster
+    (``RAY_ADDRESS``) Ray Data's restarts stay: a lost node's actors come back elsewhere."""
+    if os.environ.get("RAY_ADDRESS"):
+        return ds.map_batches(fn, **kwargs)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        return ds.map_batches(fn, **kwargs, max_restarts=0)
 
 
 def _actor_pool_size(s: EvalSettings) -> int:
@@ -439,8 +461,8 @@ def revisited_features_ray_data(teacher: Teacher, ds: Any, s: EvalSettings
     try:
         weights_ref = ray.put(teacher.weights)
         data = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), 8 * _actor_pool_size(s))))
-        data = data.map_batches(
-            RevisitedFn, fn_constructor_kwargs={
+        data = _map_actor_pool(
+            data, RevisitedFn, fn_constructor_kwargs={
                 "weights": functools.partial(ray.get, weights_ref), "model": teacher.model_spec,
                 "mean": list(teacher.mean), "std": list(teacher.std),
                 "scales": [float(x) for x in s.revisited_scales], "imsize": s.revisited_imsize,
