@@ -4,8 +4,9 @@ Each training run proves several claims at once (a CI minute is a few runs): the
 end bit for bit equal to an uninterrupted run, which implies every part of the state was
 restored (memory bank rows and pointer included).
 
-One Ray instance for the module (4 logical CPUs on this 2-core machine, so two train workers
-and a decode task fit), tiny models, a few hundred images, a timeout on each test.
+The shared Ray instance (``ray_instance`` in conftest.py: 4 logical CPUs on this 2-core machine,
+so two train workers and a decode task fit), tiny models, a few hundred images, a timeout on
+each test.
 """
 
 from __future__ import annotations
