@@ -1,5 +1,4 @@
-"""What the benchmark scripts share: strict JSON for their results, this process's memory
-readings (resident set and its high-water mark, from /proc), and per-mode argument defaults."""
+"""What the benchmark scripts share: strict JSON, and this process's memory readings (/proc)."""
 
 from __future__ import annotations
 
@@ -11,23 +10,19 @@ def finite(x):
     """NaN/inf -> None, recursively, so that the result is strict JSON."""
     if isinstance(x, float) and not math.isfinite(x):
         return None
-    if isinstance(x, dict):
-        return {k: finite(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [finite(v) for v in x]
+    if isinstance(x, (dict, list, tuple)):
+        return {k: finite(v) for k, v in x.items()} if isinstance(x, dict) else [finite(v) for v in x]
     return x
 
 
-def proc_kib(field: str) -> Optional[int]:
-    """A field of /proc/self/status in KiB (``VmRSS``, ``VmHWM``), or None where unavailable."""
+def proc_field(field: str, path: str = "/proc/self/status") -> Optional[int]:
+    """An integer field of a /proc/self file, or None where unavailable: ``VmRSS``, ``VmHWM``
+    (KiB) of status, ``rchar`` (bytes read by read-type system calls) of ``/proc/self/io``."""
     try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
+        with open(path) as f:
+            return next((int(ln.split()[1]) for ln in f if ln.startswith(field + ":")), None)
     except OSError:
-        pass
-    return None
+        return None
 
 
 def reset_hwm() -> bool:
@@ -38,11 +33,3 @@ def reset_hwm() -> bool:
         return True
     except OSError:
         return False
-
-
-def fill_defaults(args, small: bool, defaults: dict) -> None:
-    """For each ``name: (small_value, full_value)`` left at None on ``args``, set the value of
-    the mode (``small``: a quick or tiny run)."""
-    for name, (small_value, full_value) in defaults.items():
-        if getattr(args, name) is None:
-            setattr(args, name, small_value if small else full_value)

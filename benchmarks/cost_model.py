@@ -5,7 +5,7 @@ Pure arithmetic (stdlib + ``massl_ray.config``, no torch) so it can size a clust
 ``docs/performance.md`` is generated from it::
 
     python benchmarks/cost_model.py tables              # the doc's prediction tables (Markdown)
-    python benchmarks/cost_model.py validate [--out F]  # predicted vs measured on this machine
+    python benchmarks/cost_model.py validate [--quick]  # checkpoint bytes vs state.pt
     python benchmarks/cost_model.py show --config jobs/imagenet_vit_s16_800ep.yaml [overrides]
 
 Conventions
@@ -41,32 +41,17 @@ if str(REPO) not in sys.path:
 from massl_ray.config import Config, load_config  # noqa: E402  (no torch import)
 
 # massl_ray.method.model.ARCHS presets, as (embed_dim, depth, num_heads). Duplicated here so that this
-# module never imports torch/timm; tests/test_benchmarks_gpu_step.py checks the parameter counts
+# module never imports torch/timm; tests/test_benchmarks_cost_model.py checks the parameter counts
 # against the models massl_ray actually builds.
-PRESETS = {
-    "vit_micro": (192, 4, 3),
-    "vit_tiny": (192, 12, 3),
-    "vit_small": (384, 12, 6),
-    "vit_base": (768, 12, 12),
-    "vit_tiny_patch16_224": (192, 12, 3),
-    "vit_small_patch16_224": (384, 12, 6),
-    "vit_base_patch16_224": (768, 12, 12),
-    "vit_large_patch16_224": (1024, 24, 16),
-}
+PRESETS = {"vit_micro": (192, 4, 3), "vit_tiny": (192, 12, 3), "vit_small": (384, 12, 6),
+           "vit_base": (768, 12, 12), "vit_tiny_patch16_224": (192, 12, 3),
+           "vit_small_patch16_224": (384, 12, 6), "vit_base_patch16_224": (768, 12, 12),
+           "vit_large_patch16_224": (1024, 24, 16)}
 
 # Dense (no sparsity) bf16 tensor-core peaks, FLOP/s, from the vendors' datasheets.
-PEAK_BF16 = {
-    "H100 SXM": 989.4e12,
-    "H100 NVL": 835e12,
-    "H100 PCIe": 756e12,
-    "H200": 989.4e12,
-    "H200 NVL": 835e12,
-    "GH200": 989.4e12,
-    "A100": 312e12,
-    "L40S": 362e12,
-    "L4": 121e12,
-    "A10": 125e12,
-}
+PEAK_BF16 = {"H100 SXM": 989.4e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H200": 989.4e12,
+             "H200 NVL": 835e12, "GH200": 989.4e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
+             "A10": 125e12}
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
 FP32 = 4
@@ -149,17 +134,12 @@ def vit_spec_from_config(cfg: Config) -> ViTSpec:
 
 
 def workload_from_config(cfg: Config) -> Workload:
-    return Workload(
-        vit=vit_spec_from_config(cfg),
-        head_hidden=cfg.model.head_hidden_dim,
-        head_out=cfg.model.head_out_dim,
-        global_size=cfg.crops.global_size,
-        local_size=cfg.crops.local_size,
-        num_local=cfg.crops.num_local_crops,
-        batch=cfg.optim.batch_size_per_worker,
-        memory_size=cfg.massl.memory_size,
-        workers=cfg.world_size,
-    )
+    c = cfg.crops
+    return Workload(vit=vit_spec_from_config(cfg), head_hidden=cfg.model.head_hidden_dim,
+                    head_out=cfg.model.head_out_dim, global_size=c.global_size,
+                    local_size=c.local_size, num_local=c.num_local_crops,
+                    batch=cfg.optim.batch_size_per_worker, memory_size=cfg.massl.memory_size,
+                    workers=cfg.world_size)
 
 
 # ------------------------------------------------------------------------------------ FLOPs
@@ -186,14 +166,9 @@ def step_flops(w: Workload) -> dict:
     k, d = w.memory_size, w.head_out
     logits_fwd = (v + 2) * b * k * d * 2
     logits_bwd = v * b * k * d * 2
-    out = {
-        "backbone_student": backbone_student,
-        "backbone_teacher": backbone_teacher,
-        "head_student": head_student,
-        "head_teacher": head_teacher,
-        "memory_logits_fwd": logits_fwd,
-        "memory_logits_bwd": logits_bwd,
-    }
+    out = {"backbone_student": backbone_student, "backbone_teacher": backbone_teacher,
+           "head_student": head_student, "head_teacher": head_teacher,
+           "memory_logits_fwd": logits_fwd, "memory_logits_bwd": logits_bwd}
     out["backbone"] = backbone_student + backbone_teacher
     out["head"] = head_student + head_teacher
     out["memory_logits"] = logits_fwd + logits_bwd
@@ -220,11 +195,9 @@ def memory_bank_bytes(k: int, d: int = 256) -> int:
 def allgather_bytes(workers: int, batch: int, d: int = 256) -> dict:
     """Per step and worker: the teacher keys of global view 2 ([B, D], float32 after .float())."""
     sent = batch * d * FP32
-    return {
-        "keys_per_worker": sent,
-        "gathered_tensor": workers * sent,  # what every worker ends up holding (incl. its own)
-        "wire_per_worker_ring": (workers - 1) * sent,  # received (= sent) by a ring all-gather
-    }
+    # gathered: what every worker ends up holding (its own incl.); wire: a ring all-gather's
+    return {"keys_per_worker": sent, "gathered_tensor": workers * sent,
+            "wire_per_worker_ring": (workers - 1) * sent}
 
 
 def grad_allreduce_bytes(w: Workload) -> dict:
@@ -244,13 +217,10 @@ def checkpoint_bytes(w: Workload, cuda: bool = False) -> dict:
     """state.pt of a checkpoint: student + teacher, AdamW (exp_avg, exp_avg_sq, step per tensor),
     the memory bank and pointer, RNG states and the config."""
     p, n_t = model_params(w), model_tensors(w)
-    parts = {
-        "student": p * FP32 + n_t * TENSOR_OVERHEAD,
-        "teacher": p * FP32 + n_t * TENSOR_OVERHEAD,
-        "adamw": 2 * p * FP32 + n_t * (3 * TENSOR_OVERHEAD + FP32),
-        "memory_bank": memory_bank_bytes(w.memory_size, w.head_out) + 2 * TENSOR_OVERHEAD,
-        "rng_config_misc": FIXED_OVERHEAD + (16 if cuda else 0),
-    }
+    parts = {"student": p * FP32 + n_t * TENSOR_OVERHEAD, "teacher": p * FP32 + n_t * TENSOR_OVERHEAD,
+             "adamw": 2 * p * FP32 + n_t * (3 * TENSOR_OVERHEAD + FP32),
+             "memory_bank": memory_bank_bytes(w.memory_size, w.head_out) + 2 * TENSOR_OVERHEAD,
+             "rng_config_misc": FIXED_OVERHEAD + (16 if cuda else 0)}
     parts["total"] = sum(parts.values())
     return parts
 
@@ -288,27 +258,21 @@ def epoch_time(w: Workload, gpus: int, images: int, gpu_images_per_s: float,
 # ------------------------------------------------------------------------------------ recipes
 def recipe(name: str) -> tuple[Workload, int, int]:
     """(per-worker workload, GPUs, epochs) of the paper's ImageNet-1k recipes."""
-    if name == "vit_s16_800ep":
-        cfg = load_config(REPO / "jobs" / "imagenet_vit_s16_800ep.yaml", validate=False)
-        return workload_from_config(cfg), 2, 800
-    if name == "vit_b16_400ep":
-        cfg = load_config(REPO / "jobs" / "imagenet_vit_b16_400ep.yaml", validate=False)
-        return workload_from_config(cfg), 4, 400
-    raise KeyError(name)
+    gpus, epochs = {"vit_s16_800ep": (2, 800), "vit_b16_400ep": (4, 400)}[name]
+    cfg = load_config(REPO / "jobs" / f"imagenet_{name}.yaml", validate=False)
+    return workload_from_config(cfg), gpus, epochs
 
 
 def _fmt_flops(x: float) -> str:
-    for unit, s in (("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6)):
-        if abs(x) >= s:
-            return f"{x / s:.3g} {unit}"
-    return f"{x:.3g} FLOP"
+    unit, s = next(((u, s) for u, s in (("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9),
+                                         ("MFLOP", 1e6)) if abs(x) >= s), ("FLOP", 1))
+    return f"{x / s:.3g} {unit}"
 
 
 def _fmt_bytes(x: float) -> str:
-    for unit, s in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
-        if abs(x) >= s:
-            return f"{x / s:.3g} {unit}"
-    return f"{int(x)} B"
+    unit, s = next(((u, s) for u, s in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10))
+                    if abs(x) >= s), (None, 1))
+    return f"{x / s:.3g} {unit}" if unit else f"{int(x)} B"
 
 
 def _fmt_time(s: float) -> str:
@@ -321,11 +285,11 @@ def _fmt_time(s: float) -> str:
     return f"{s:.1f} s"
 
 
-def cpu_cores_per_gpu(gpu_images_per_s: float, core_s_per_image: float, max_wait: float = 0.05,
-                      ray_efficiency: float = 0.85) -> int:
-    """Decode CPUs per GPU so that the data-wait share stays <= ``max_wait``: the decode tasks
-    must deliver (1 - max_wait) x the GPU's rate (benchmarks/ingest.py measures the cost)."""
-    return math.ceil((1.0 - max_wait) * gpu_images_per_s * core_s_per_image / ray_efficiency)
+def cpu_cores_per_gpu(gpu_images_per_s: float, core_s_per_image: float, max_wait: float = 0.05
+                      ) -> int:
+    """Feed CPUs per GPU so that the data-wait share stays <= ``max_wait``: the feed must
+    deliver (1 - max_wait) x the GPU's rate (benchmarks/ingest.py measures its CPU per image)."""
+    return math.ceil((1.0 - max_wait) * gpu_images_per_s * core_s_per_image)
 
 
 def tables(gpu_images_per_s: Optional[dict] = None, ingest: Optional[dict] = None) -> str:
@@ -393,12 +357,11 @@ def tables(gpu_images_per_s: Optional[dict] = None, ingest: Optional[dict] = Non
                        f"{e['step_s'] * 1e3:.1f} ms | {_fmt_time(e['epoch_s'])} | "
                        f"{_fmt_time(e['epoch_s'] * epochs)} |")
     if ingest:
-        cores_per_image_s, eff = ingest["core_seconds_per_image"], ingest.get("ray_efficiency", 0.85)
+        core_s = ingest["core_seconds_per_image"]
         out.append("\n### CPU cores per GPU for the input pipeline\n")
-        out.append(f"Measured decode + multi-crop cost: {cores_per_image_s * 1e3:.1f} core-ms per image "
-                   f"(benchmarks/ingest.py). Ray Data CPUs per GPU = 0.95 x images/s per GPU x "
-                   f"core-seconds per image / {eff} (Ray Data efficiency, assumed) for a data-wait "
-                   f"<= 5%.\n")
+        out.append(f"Measured cost of the feed: {core_s * 1e3:.1f} CPU-ms per image (benchmarks/"
+                   f"ingest.py: the CPU of its processes per image). Feed CPUs per GPU = 0.95 x "
+                   f"images/s per GPU x CPU-seconds per image for a data-wait <= 5%.\n")
         out.append("| recipe | card | MFU | images/s per GPU | CPU cores per GPU |")
         out.append("|---|---|---|---|---|")
         for rname, label in (("vit_s16_800ep", "ViT-S/16"), ("vit_b16_400ep", "ViT-B/16")):
@@ -407,12 +370,24 @@ def tables(gpu_images_per_s: Optional[dict] = None, ingest: Optional[dict] = Non
                 for mfu in (0.25, 0.40):
                     r = images_per_s(w, PEAK_BF16[card], mfu)
                     out.append(f"| {label} | {card} | {int(mfu * 100)}% | {r:.0f} | "
-                               f"{cpu_cores_per_gpu(r, cores_per_image_s, 0.05, eff)} |")
+                               f"{cpu_cores_per_gpu(r, core_s)} |")
     return "\n".join(out)
 
 
 # ------------------------------------------------------------------------------------ validation
-def _cpu_matmul_flops(threads: int, seconds: float = 1.5, n: int = 1024) -> dict:
+def random_crops(cfg: Config, seed: int = 0, batch: Optional[int] = None) -> tuple:
+    """Seeded uint8 crops of the config's shapes: global [B, 2, 3, G, G], local [B, L, 3, S, S]."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    b, c = batch or cfg.optim.batch_size_per_worker, cfg.crops
+    return (torch.randint(0, 256, (b, 2, 3, c.global_size, c.global_size), generator=g,
+                          dtype=torch.uint8),
+            torch.randint(0, 256, (b, c.num_local_crops, 3, c.local_size, c.local_size),
+                          generator=g, dtype=torch.uint8))
+
+
+def cpu_matmul_flops(threads: int, seconds: float = 1.5, n: int = 1024) -> dict:
     """Measured fp32 matmul rate (FLOP per CPU-second and per wall second) on this machine."""
     import time
 
@@ -432,142 +407,15 @@ def _cpu_matmul_flops(threads: int, seconds: float = 1.5, n: int = 1024) -> dict
             "cpu_s": cpu, "wall_s": wall}
 
 
-def _measure_cpu_step(cfg: Config, steps: int = 3, threads: int = 1) -> dict:
-    import time
-
-    import torch
-
-    from massl_ray.method.learner import Learner
-
-    torch.set_num_threads(threads)
-    learner = Learner(cfg)
-    g = torch.Generator().manual_seed(0)
-    b, c = cfg.optim.batch_size_per_worker, cfg.crops
-    gc = torch.randint(0, 256, (b, 2, 3, c.global_size, c.global_size), generator=g, dtype=torch.uint8)
-    lc = torch.randint(0, 256, (b, c.num_local_crops, 3, c.local_size, c.local_size), generator=g,
-                       dtype=torch.uint8)
-    learner.step(gc, lc)  # warm-up (allocations, optimizer state)
-    cpu, wall = [], []
-    for _ in range(steps):
-        c0, w0 = time.process_time(), time.perf_counter()
-        learner.step(gc, lc)
-        cpu.append(time.process_time() - c0)
-        wall.append(time.perf_counter() - w0)
-    return {"cpu_s": sorted(cpu)[len(cpu) // 2], "wall_s": sorted(wall)[len(wall) // 2], "steps": steps,
-            "threads": threads}
-
-
-def _flop_counter_step(cfg: Config) -> int:
-    import torch
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from massl_ray.method.learner import Learner
-
-    learner = Learner(cfg)
-    g = torch.Generator().manual_seed(0)
-    b, c = cfg.optim.batch_size_per_worker, cfg.crops
-    gc = torch.randint(0, 256, (b, 2, 3, c.global_size, c.global_size), generator=g, dtype=torch.uint8)
-    lc = torch.randint(0, 256, (b, c.num_local_crops, 3, c.local_size, c.local_size), generator=g,
-                       dtype=torch.uint8)
-    # the math SDPA backend decomposes attention into bmm, which FlopCounterMode counts on CPU
-    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
-        learner.step(gc, lc)
-    return int(fc.get_total_flops())
-
-
 def _checkpoint_actual(cfg: Config, directory: Path, batch: Optional[int] = None) -> int:
     """Bytes of state.pt after one real step (so AdamW has its states)."""
-    import torch
-
     from massl_ray.method.checkpoint import save_checkpoint
     from massl_ray.method.learner import Learner
 
     learner = Learner(cfg)
-    b = batch or cfg.optim.batch_size_per_worker
-    c = cfg.crops
-    g = torch.Generator().manual_seed(0)
-    gc = torch.randint(0, 256, (b, 2, 3, c.global_size, c.global_size), generator=g, dtype=torch.uint8)
-    lc = torch.randint(0, 256, (b, c.num_local_crops, 3, c.local_size, c.local_size), generator=g,
-                       dtype=torch.uint8)
-    learner.step(gc, lc)
+    learner.step(*random_crops(cfg, 0, batch))
     save_checkpoint(learner.state_dict(), directory)
     return (directory / "state.pt").stat().st_size
-
-
-def _gloo_worker(rank: int, world: int, port: int, overrides: list, q) -> None:
-    import os
-    import time
-
-    import torch
-    import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    from massl_ray.method.distributed import all_gather_cat
-    from massl_ray.method.learner import Learner
-
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    cfg = load_config(None, overrides + [f"run.num_workers={world}"])
-    counts = {"gathered": 0, "allreduce": 0, "gather_calls": 0, "allreduce_calls": 0}
-
-    def gather(x):
-        out = all_gather_cat(x)
-        counts["gathered"] += out.numel() * out.element_size()
-        counts["gather_calls"] += 1
-        return out
-
-    def hook(state, bucket):
-        buf = bucket.buffer()
-        counts["allreduce"] += buf.numel() * buf.element_size()
-        counts["allreduce_calls"] += 1
-        fut = dist.all_reduce(buf, async_op=True).get_future()
-        return fut.then(lambda f: f.value()[0].div_(world))
-
-    def wrap(m):
-        ddp = DDP(m)
-        ddp.register_comm_hook(None, hook)
-        return ddp
-
-    learner = Learner(cfg, gather=gather, wrap_student=wrap)
-    g = torch.Generator().manual_seed(rank)
-    b, c = cfg.optim.batch_size_per_worker, cfg.crops
-    gc = torch.randint(0, 256, (b, 2, 3, c.global_size, c.global_size), generator=g, dtype=torch.uint8)
-    lc = torch.randint(0, 256, (b, c.num_local_crops, 3, c.local_size, c.local_size), generator=g,
-                       dtype=torch.uint8)
-    steps = 3
-    learner.step(gc, lc)
-    counts = {k: 0 for k in counts}
-    cpu, wall = [], []
-    for _ in range(steps):
-        dist.barrier()
-        c0, w0 = time.process_time(), time.perf_counter()
-        learner.step(gc, lc)
-        cpu.append(time.process_time() - c0)
-        wall.append(time.perf_counter() - w0)
-    q.put({"rank": rank, **{k: v / steps for k, v in counts.items()},
-           "cpu_s": sorted(cpu)[1], "wall_s": sorted(wall)[1]})
-    dist.destroy_process_group()
-
-
-def _measure_gloo(overrides: list, world: int = 2) -> list:
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    procs = [ctx.Process(target=_gloo_worker, args=(r, world, port, overrides, q)) for r in range(world)]
-    for p in procs:
-        p.start()
-    res = [q.get(timeout=900) for _ in procs]
-    for p in procs:
-        p.join(60)
-    return sorted(res, key=lambda r: r["rank"])
 
 
 TINY = [  # the tests' tiny setting (tests/conftest.py), fp32
@@ -579,69 +427,31 @@ TINY = [  # the tests' tiny setting (tests/conftest.py), fp32
 ]
 
 
-def validate(out: Optional[Path], skip_vit_s: bool = False) -> dict:
-    """Predicted vs measured on this machine (CPU). Returns the rows and writes JSON."""
+def validate(out: Optional[Path], quick: bool = False) -> dict:
+    """The checkpoint bytes against the state.pt massl_ray writes after one step (CPU), for the
+    tiny config, the quick start and ViT-S/16 (``quick``: the tiny config only). FLOPs (vs
+    FlopCounterMode) and time (MFU): gpu_step.py."""
     import os
     import tempfile
-    import time
 
-    rows = []
-
-    def row(quantity, setting, predicted, measured, unit):
-        err = (predicted - measured) / measured if measured else float("nan")
-        rows.append({"quantity": quantity, "setting": setting, "predicted": predicted,
-                     "measured": measured, "unit": unit, "error": err})
-        print(f"{quantity:<42} {setting:<34} predicted {predicted:>14.6g} measured {measured:>14.6g} "
-              f"{unit:<8} error {100 * err:+.1f}%", flush=True)
-
-    load0 = os.getloadavg()
-    qs = ["run.use_gpu=false", "run.num_workers=1"]
-    quick = load_config(REPO / "jobs" / "quickstart.yaml", qs + ["optim.steps_per_epoch=78"])
-    tiny = load_config(None, TINY)
-
-    # FLOPs: analytic vs FlopCounterMode (one Learner.step)
-    for name, cfg in (("tiny", tiny), ("quickstart", quick)):
-        row("FLOPs / step (vs FlopCounterMode)", name, step_flops(workload_from_config(cfg))["total"],
-            _flop_counter_step(cfg), "FLOP")
-
-    # CPU step time, 1 worker: FLOPs / measured matmul rate vs measured step (1 thread, CPU time)
-    mm = _cpu_matmul_flops(threads=1)
-    steps_1w = {}
-    for name, cfg in (("tiny (B=8, fp32, 1 thread)", tiny), ("quickstart (B=64, fp32, 1 thread)", quick)):
-        st = steps_1w[name] = _measure_cpu_step(cfg, steps=3, threads=1)
-        f = step_flops(workload_from_config(cfg))["total"]
-        row("CPU step time, 1 worker (CPU-seconds)", name, f / mm["flop_per_cpu_s"], st["cpu_s"], "s")
-    mm_after = _cpu_matmul_flops(threads=1)
-
-    # checkpoint size
+    configs = [("tiny", load_config(None, TINY), None)]
+    if not quick:
+        configs += [("quickstart", load_config(REPO / "jobs" / "quickstart.yaml", [
+                        "run.use_gpu=false", "run.num_workers=1", "optim.steps_per_epoch=78"]), 8),
+                    ("ViT-S/16, K=2^17", load_config(REPO / "jobs" / "imagenet_vit_s16_800ep.yaml", [
+                        "run.num_workers=1", "run.use_gpu=false", "optim.precision=fp32",
+                        "optim.batch_size_per_worker=2", "crops.num_local_crops=0"]), 2)]
+    rows, load0 = [], os.getloadavg()
     with tempfile.TemporaryDirectory() as d:
-        for name, cfg, batch in (("tiny", tiny, None), ("quickstart", quick, 8)):
-            actual = _checkpoint_actual(cfg, Path(d) / name, batch)
-            row("checkpoint state.pt bytes", name, checkpoint_bytes(workload_from_config(cfg))["total"],
-                actual, "B")
-        if not skip_vit_s:
-            vs = load_config(REPO / "jobs" / "imagenet_vit_s16_800ep.yaml",
-                             ["run.num_workers=1", "run.use_gpu=false", "optim.precision=fp32",
-                              "optim.batch_size_per_worker=2", "crops.num_local_crops=0"])
-            actual = _checkpoint_actual(vs, Path(d) / "vit_s", 2)
-            row("checkpoint state.pt bytes", "ViT-S/16, K=2^17", checkpoint_bytes(workload_from_config(vs))["total"],
-                actual, "B")
-
-    # 2 workers (gloo): all-gather bytes, DDP all-reduce bytes, step time
-    t0 = time.perf_counter()
-    g = _measure_gloo(TINY, world=2)
-    w2 = replace(workload_from_config(tiny), workers=2)
-    row("all-gather: gathered key bytes / step", "tiny, 2 workers (gloo)",
-        allgather_bytes(2, w2.batch, w2.head_out)["gathered_tensor"], g[0]["gathered"], "B")
-    row("DDP all-reduce: gradient bytes / step", "tiny, 2 workers (gloo)",
-        grad_allreduce_bytes(w2)["gradients"], g[0]["allreduce"], "B")
-    row("CPU step time per worker, 2 workers (CPU-seconds)", "tiny (B=8 per worker, gloo)",
-        step_flops(w2)["total"] / mm["flop_per_cpu_s"], max(r["cpu_s"] for r in g), "s")
-    gloo_s = time.perf_counter() - t0
-
-    res = {"rows": rows, "matmul_before": mm, "matmul_after": mm_after, "gloo": g, "steps_1_worker": steps_1w,
-           "gloo_wall_s": gloo_s, "loadavg_start": load0, "loadavg_end": os.getloadavg(),
-           "cpu_count": os.cpu_count()}
+        for name, cfg, batch in configs:
+            pred = checkpoint_bytes(workload_from_config(cfg))["total"]
+            meas = _checkpoint_actual(cfg, Path(d) / f"c{len(rows)}", batch)
+            rows.append({"quantity": "checkpoint state.pt bytes", "setting": name, "unit": "B",
+                         "predicted": pred, "measured": meas, "error": (pred - meas) / meas})
+            print(f"checkpoint state.pt bytes, {name}: predicted {pred:,}, measured {meas:,} "
+                  f"({100 * rows[-1]['error']:+.3f}%)", flush=True)
+    res = {"rows": rows, "quick": quick, "loadavg_start": load0,
+           "loadavg_end": os.getloadavg(), "cpu_count": os.cpu_count()}
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(res, indent=2))
@@ -652,13 +462,8 @@ def validate(out: Optional[Path], skip_vit_s: bool = False) -> dict:
 def validation_table(res: dict) -> str:
     lines = ["| quantity | setting | predicted | measured | error |", "|---|---|---|---|---|"]
     for r in res["rows"]:
-        if r["unit"] == "B":
-            p, m = _fmt_bytes(r["predicted"]) + f" ({int(r['predicted'])})", _fmt_bytes(r["measured"]) + f" ({int(r['measured'])})"
-        elif r["unit"] == "FLOP":
-            p, m = f"{r['predicted']:.4g}", f"{r['measured']:.4g}"
-        else:
-            p, m = f"{r['predicted']:.3g} {r['unit']}", f"{r['measured']:.3g} {r['unit']}"
-        lines.append(f"| {r['quantity']} | {r['setting']} | {p} | {m} | {100 * r['error']:+.1f}% |")
+        p, m = (f"{_fmt_bytes(r[k])} ({int(r[k])})" for k in ("predicted", "measured"))
+        lines.append(f"| {r['quantity']} | {r['setting']} | {p} | {m} | {100 * r['error']:+.2f}% |")
     return "\n".join(lines)
 
 
@@ -670,8 +475,7 @@ def main(argv=None) -> int:
                    help="ingest.py's JSON (for the CPU-cores table), if it exists")
     v = sub.add_parser("validate", help="predicted vs measured on this machine")
     v.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "cost_model_validation.json"))
-    v.add_argument("--skip-vit-s", action="store_true", help="skip the ViT-S/16 checkpoint (needs ~1.2 GB RAM)")
-    v.add_argument("--threads", type=int, default=1)
+    v.add_argument("--quick", action="store_true", help="the tiny config only (CI)")
     s = sub.add_parser("show", help="the cost of one config")
     s.add_argument("--config", required=True)
     s.add_argument("overrides", nargs="*")
@@ -680,9 +484,7 @@ def main(argv=None) -> int:
         ing = Path(a.ingest)
         print(tables(ingest=json.loads(ing.read_text()) if ing.is_file() else None))
     elif a.cmd == "validate":
-        res = validate(Path(a.out), skip_vit_s=a.skip_vit_s)
-        print()
-        print(validation_table(res))
+        print("\n" + validation_table(validate(Path(a.out), quick=a.quick)))
     else:
         cfg = load_config(a.config, a.overrides, validate=False)
         w = workload_from_config(cfg)

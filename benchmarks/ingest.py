@@ -1,37 +1,27 @@
 #!/usr/bin/env python
-"""Input-pipeline sizing: decode + multi-crop throughput per CPU core, and cores per GPU.
+"""Ingest: the training feed against a standard PIL + torchvision DataLoader, per CPU core.
 
-Runs :func:`massl_ray.data.views.make_views` — the exact function the Ray Data pipeline runs in each
-decode task — in one process with ``torch.set_num_threads(1)``, at the paper's crop sizes
-(2 x 224 + 10 x 96, ``CropConfig()`` defaults) on real JPEGs larger than 224 px, and reports the
-cost per image in **CPU-seconds** (``time.process_time``: what one core spends; robust to other
-processes on a shared machine) and in wall seconds.
+Both turn one Parquet set of JPEGs (the CIFAR-10 quick-start images upscaled, bicubic, to a
+short side uniform in [--short-min, --short-max], aspect 4:3, 3:4 or 1:1, plus Gaussian grain so
+that they compress like photographs; quality 90; row groups of --row-group rows) into batches of
+64 with DINO's crops (2 x 224 + 10 x 96 by default):
 
-Images: the first ``--images`` rows of ``jobs/data/cifar10-quick/train.parquet`` (32 px CIFAR-10
-JPEGs), upscaled (bicubic) so that the short side is uniform in [``--short-min``, ``--short-max``]
-(default 288..432 px) with aspect ratio 4:3, 3:4 or 1:1, plus Gaussian grain (``--grain``, std
-12/255: upscaled CIFAR is far smoother than a photograph and would compress to ~0.1 byte/pixel),
-re-encoded as JPEG quality 90. With the defaults an image has about 0.16 megapixels and ~60 KB,
-the size class of ImageNet-1k's training images (about 0.18 megapixels, ~110 KB on average).
-JPEG decoding is a small share of the cost (it is reported separately); the multi-crop part
-depends on the crop sizes and, through the antialiased resize, on the source size.
+* ``reference``: per-image PIL decode + torchvision transforms per crop (DINO's PIL blur) in a
+  ``DataLoader(num_workers=N, shuffle=True, persistent_workers=True)``, images in memory (its
+  best case: no file reads);
+* ``feed``: the training feed, ``massl_ray.data.feed.iter_batches`` (rank 0 of 1: read tasks
+  per row group, decode tasks of ``data.decode_rows`` positions) on a Ray of ``num_cpus=N``.
 
-Cores per GPU: to keep the GPU's data-wait under 5 %, the decode tasks must deliver at least
-0.95 x the GPU's images/s (prefetching hides the jitter), so
+Each takes ``--warmup`` images (start-up: worker processes, first reads), then ``--measure``
+images are timed: img/s, per core (/ N), the CPU its process tree used meanwhile (this process,
+the DataLoader's workers or Ray's processes, from /proc) as cores busy and as CPU-seconds per
+image. From the feed's CPU per image: the CPUs per GPU that keep a GPU's data-wait under 5 %
+(GPU rate: ``--gpu-images-per-s``, else the best massl_ray variant of
+``benchmarks/results/gpu_step.json`` measured on a GPU, else the cost model's ViT-S/16 on an
+H100 SXM at 40 % MFU). ``--rounds R`` repeats both (medians); the load average is recorded.
 
-    cores per GPU >= 0.95 x (GPU images/s) x (CPU-seconds per image) / ray_data_efficiency
-
-``ray_data_efficiency`` (``--ray-efficiency``, default 0.85) is the share of a decode task's CPU
-time spent in make_views (the rest: Arrow conversion, object-store writes, scheduling) — an
-assumption until measured on a cluster. The GPU rate (``--gpu-images-per-s``) defaults to the
-best massl_ray variant of ``benchmarks/results/gpu_step.json`` when that file holds a GPU
-measurement, otherwise to the cost model's estimate for ViT-S/16 on an H100 SXM at the 40 % MFU
-target: 0.40 x 989.4 TFLOP/s / 123.6 GFLOP per image (benchmarks/cost_model.py) = 3,200 img/s.
-
-Usage::
-
-    python benchmarks/ingest.py                          # -> benchmarks/results/ingest.json
-    python benchmarks/ingest.py --gpu-images-per-s 1500 --images 256
+    python benchmarks/ingest.py                     # 4,096 images at the paper's crops, N = 2
+    python benchmarks/ingest.py --quick             # CI: a few hundred small images, 32/16 px
 """
 
 from __future__ import annotations
@@ -39,10 +29,12 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import math
 import os
+import random
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -53,162 +45,262 @@ for p in (str(REPO), str(BENCH)):
         sys.path.insert(0, p)
 
 import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
-from PIL import Image  # noqa: E402
+from PIL import Image, ImageFilter  # noqa: E402
 
 import cost_model  # noqa: E402
-from massl_ray.config import CropConfig, load_config  # noqa: E402
-from massl_ray.data.images import try_decode  # noqa: E402
-from massl_ray.data.multicrop import MultiCrop  # noqa: E402
-from massl_ray.data.views import make_views  # noqa: E402
+from benchmarks._shared import finite  # noqa: E402
+from massl_ray.config import Config, CropConfig  # noqa: E402
 
 SOURCE = REPO / "jobs" / "data" / "cifar10-quick" / "train.parquet"
+BATCH = 64
+FULL = dict(images=4096, short_min=288, short_max=432, row_group=512, global_size=224,
+            local_size=96, num_local_crops=10, warmup=128, measure=1536)
+QUICK = dict(images=384, short_min=40, short_max=64, row_group=64, global_size=32,
+             local_size=16, num_local_crops=2, warmup=64, measure=192)
 
 
-def make_jpegs(n: int, short_min: int, short_max: int, quality: int, seed: int,
-               grain: float = 0.0) -> list[bytes]:
-    """Upscaled CIFAR-10 images (+ Gaussian grain) as JPEG bytes (deterministic for a seed)."""
-    rows = pq.read_table(SOURCE, columns=["image"]).column("image").to_pylist()
-    rng = np.random.default_rng(seed)
-    out = []
-    for i in range(n):
-        img = Image.open(io.BytesIO(rows[i % len(rows)])).convert("RGB")
-        short = int(rng.integers(short_min, short_max + 1))
+def make_data(path: Path, a) -> dict:
+    """The Parquet set (deterministic for a seed); returns a description."""
+    t = pq.read_table(SOURCE, columns=["image", "label"])
+    src, labels = t.column("image").to_pylist(), t.column("label").to_pylist()
+    rng = np.random.default_rng(a.seed)
+    out, pixels = [], []
+    for i in range(a.images):
+        img = Image.open(io.BytesIO(src[i % len(src)])).convert("RGB")
+        short = int(rng.integers(a.short_min, a.short_max + 1))
         ratio = (4 / 3, 3 / 4, 1.0)[int(rng.integers(0, 3))]
         w, h = (round(short * ratio), short) if ratio >= 1 else (short, round(short / ratio))
-        img = img.resize((w, h), Image.BICUBIC)
-        if grain > 0:
-            arr = np.asarray(img, dtype=np.float32) + rng.normal(0.0, grain, (h, w, 3))
-            img = Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8))
+        arr = np.asarray(img.resize((w, h), Image.BICUBIC), dtype=np.float32)
+        arr = arr + rng.normal(0.0, a.grain, (h, w, 3))
         buf = io.BytesIO()
-        img.save(buf, format="JPEG", quality=quality)
+        Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8)).save(buf, "JPEG", quality=90)
         out.append(buf.getvalue())
-    return out
+        pixels.append(w * h)
+    pq.write_table(pa.table({"image": pa.array(out, pa.binary()),
+                             "label": pa.array([labels[i % len(src)] for i in range(a.images)],
+                                               pa.int64())}), path, row_group_size=a.row_group)
+    return {"rows": a.images, "row_group_rows": a.row_group, "short_side": [a.short_min, a.short_max],
+            "grain": a.grain, "mean_megapixels": float(np.mean(pixels)) / 1e6,
+            "mean_jpeg_bytes": float(np.mean([len(b) for b in out]))}
+
+
+# ---------------------------------------------------------------------------- reference path
+def reference_transforms(c: CropConfig):
+    """(global crop 1, global crop 2, local crop) torchvision pipelines on PIL images, with the
+    probabilities and ranges of ``CropConfig``; DINO's blur: PIL's with a radius ~ U[sigma]."""
+    import torchvision.transforms as T
+
+    blur = T.Lambda(lambda im: im.filter(ImageFilter.GaussianBlur(random.uniform(*c.blur_sigma))))
+
+    def one(size, scale, blur_p, sol_p):
+        return T.Compose([
+            T.RandomResizedCrop(size, scale=tuple(scale), interpolation=T.InterpolationMode.BICUBIC),
+            T.RandomHorizontalFlip(p=c.flip_p),
+            T.RandomApply([T.ColorJitter(c.brightness, c.contrast, c.saturation, c.hue)],
+                          p=c.jitter_p),
+            T.RandomGrayscale(p=c.grayscale_p),
+            T.RandomApply([blur], p=blur_p),
+            T.RandomSolarize(c.solarize_threshold, p=sol_p),
+            T.PILToTensor()])
+
+    return (one(c.global_size, c.global_scale, c.blur_p[0], c.solarize_p[0]),
+            one(c.global_size, c.global_scale, c.blur_p[1], c.solarize_p[1]),
+            one(c.local_size, c.local_scale, c.blur_p[2], c.solarize_p[2]))
+
+
+class ReferenceDataset(torch.utils.data.Dataset):
+    """Encoded bytes -> PIL decode -> per-crop torchvision transforms -> uint8 tensors."""
+
+    def __init__(self, images: list, crops: CropConfig):
+        self.images, self.crops, self._t = images, crops, None
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> dict:
+        if self._t is None:
+            self._t = reference_transforms(self.crops)
+        g1, g2, loc = self._t
+        img = Image.open(io.BytesIO(self.images[i])).convert("RGB")
+        return {"global_crops": torch.stack([g1(img), g2(img)]),
+                "local_crops": torch.stack([loc(img) for _ in range(self.crops.num_local_crops)])}
+
+
+# ---------------------------------------------------------------------------- measuring
+def tree_cpu_s(root: int) -> float:
+    """utime + stime (s) of ``root`` and all its live descendants, from /proc."""
+    tick, parent, cpu = os.sysconf("SC_CLK_TCK"), {}, {}
+    for d in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                rest = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parent[int(d)], cpu[int(d)] = int(rest[1]), (int(rest[11]) + int(rest[12])) / tick
+    total, todo = 0.0, [root]
+    while todo:
+        p = todo.pop()
+        total += cpu.get(p, 0.0)
+        todo += [c for c, pp in parent.items() if pp == p]
+    return total
+
+
+def measure(batches, warmup: int, count: int, crops: CropConfig) -> dict:
+    """Time ``count`` images after ``warmup`` images of ``batches``."""
+    expect = ((2, 3, crops.global_size, crops.global_size),
+              (crops.num_local_crops, 3, crops.local_size, crops.local_size))
+    t0, load0 = time.perf_counter(), os.getloadavg()[0]
+    first = t_warm = cpu0 = None
+    seen = measured = 0
+    for b in batches:
+        g, lc = b["global_crops"], b["local_crops"]
+        if first is None:
+            first = time.perf_counter()
+            if g.dtype != torch.uint8 or (tuple(g.shape[1:]), tuple(lc.shape[1:])) != expect:
+                raise RuntimeError(f"unexpected batch: {g.dtype} {tuple(g.shape)}, {tuple(lc.shape)}")
+        if t_warm is not None:
+            measured += int(g.shape[0])
+            if measured >= count:
+                break
+        seen += int(g.shape[0])
+        if t_warm is None and seen >= warmup:
+            t_warm, cpu0 = time.perf_counter(), tree_cpu_s(os.getpid())
+    end = time.perf_counter()
+    if t_warm is None or measured < count:
+        raise RuntimeError(f"the path stopped after {seen} images (needed {warmup} + {count})")
+    cpu, wall = tree_cpu_s(os.getpid()) - cpu0, end - t_warm
+    return {"startup_s": first - t0, "warmup_s": t_warm - t0, "images": measured, "wall_s": wall,
+            "img_s": measured / wall, "cpu_s": cpu, "cores_busy": cpu / wall,
+            "cpu_s_per_image": cpu / measured, "load1_before": load0,
+            "load1_after": os.getloadavg()[0]}
 
 
 def gpu_rate_default() -> tuple[float, str]:
     res = BENCH / "results" / "gpu_step.json"
-    if res.is_file():
-        try:
-            r = json.loads(res.read_text())
-            if str(r.get("device", "")).startswith("cuda") and not r["setting"].get("tiny"):
-                best = max((p for k, p in r["paths"].items()
-                            if k != "reference" and "images_per_s" in p),
-                           key=lambda p: p["images_per_s"])
-                return best["images_per_s"], (f"measured: {best['variant']} on {r['device_name']} "
-                                              f"(benchmarks/results/gpu_step.json)")
-        except (KeyError, ValueError, TypeError):
-            pass
+    try:
+        r = json.loads(res.read_text())
+        if str(r.get("device", "")).startswith("cuda") and not r["setting"].get("tiny"):
+            best = max((p for k, p in r["paths"].items() if k != "reference" and "images_per_s" in p),
+                       key=lambda p: p["images_per_s"])
+            return best["images_per_s"], f"measured: {best['variant']} on {r['device_name']} ({res.name})"
+    except (OSError, KeyError, ValueError, TypeError):
+        pass
     w, _, _ = cost_model.recipe("vit_s16_800ep")
-    rate = cost_model.images_per_s(w, cost_model.PEAK_BF16["H100 SXM"], 0.40)
-    return rate, ("estimate: ViT-S/16 recipe at 40% MFU on an H100 SXM (989.4 TFLOP/s dense bf16), "
-                  f"{cost_model.step_flops(w)['per_image'] / 1e9:.1f} GFLOP/image (cost_model.py)")
+    return (cost_model.images_per_s(w, cost_model.PEAK_BF16["H100 SXM"], 0.40),
+            "estimate: ViT-S/16 at 40% MFU on an H100 SXM (cost_model.py)")
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--images", type=int, default=128, help="JPEGs to build and process per round")
-    p.add_argument("--rounds", type=int, default=2, help="timed passes over the images")
-    p.add_argument("--batch", type=int, default=64, help="rows per make_views call (data.decode_batch_size)")
-    p.add_argument("--short-min", type=int, default=288)
-    p.add_argument("--short-max", type=int, default=432)
-    p.add_argument("--grain", type=float, default=12.0,
-                   help="std of the Gaussian grain added after upscaling (0..255 scale)")
-    p.add_argument("--quality", type=int, default=90)
-    p.add_argument("--config", default=None,
-                   help="take the crops section from this job config (default: CropConfig() = paper)")
-    p.add_argument("--gpu-images-per-s", type=float, default=None,
-                   help="GPU training rate to feed (default: gpu_step.json if measured on a GPU, "
-                        "else the cost-model estimate for ViT-S/16 on an H100 at 40%% MFU)")
-    p.add_argument("--ray-efficiency", type=float, default=0.85,
-                   help="share of a Ray Data decode task's CPU time spent in make_views (assumed)")
-    p.add_argument("--max-wait", type=float, default=0.05, help="allowed data-wait share")
+    p.add_argument("--quick", action="store_true", help="CI-sized: small images and crops")
+    for k in ("images", "short_min", "short_max", "row_group", "warmup", "measure"):
+        p.add_argument("--" + k.replace("_", "-"), type=int, default=None,
+                       help=f"default {FULL[k]} (quick {QUICK[k]})")
+    p.add_argument("--grain", type=float, default=12.0, help="std of the grain (0..255 scale)")
+    p.add_argument("--cpus", type=int, default=2, help="Ray num_cpus = DataLoader workers = N")
+    p.add_argument("--rounds", type=int, default=1, help="repeat both loaders (medians)")
+    p.add_argument("--set", nargs="*", default=[], metavar="data.KEY=VALUE",
+                   help="config overrides for the feed (e.g. data.decode_rows=128)")
+    p.add_argument("--object-store-mib", type=int, default=None, help="default 1536 (quick 256)")
+    p.add_argument("--gpu-images-per-s", type=float, default=None, help="GPU rate to feed")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ray-temp-dir", default=None, help="Ray's temp dir (default: Ray's)")
     p.add_argument("--out", default=str(BENCH / "results" / "ingest.json"))
     a = p.parse_args(argv)
+    base = QUICK if a.quick else FULL
+    for k, v in base.items():
+        if getattr(a, k, None) is None:
+            setattr(a, k, v)
+    a.object_store_mib = a.object_store_mib or (256 if a.quick else 1536)
+    if a.warmup + a.measure + 2 * BATCH > a.images:
+        p.error("--images must exceed --warmup + --measure by two batches")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    crops = CropConfig(**{k: base[k] for k in ("global_size", "local_size", "num_local_crops")})
+    t_start, load_start = time.time(), os.getloadavg()
+    work = Path(tempfile.mkdtemp(prefix="massl_ingest_"))
+    data = work / "data.parquet"
+    info = make_data(data, a)
+    jpegs = pq.read_table(data, columns=["image"]).column("image").to_pylist()
+    print(f"ingest: {a.images} JPEGs, {info['mean_megapixels']:.3f} MPix, "
+          f"{info['mean_jpeg_bytes'] / 1024:.1f} KiB on average; crops 2 x {crops.global_size} + "
+          f"{crops.num_local_crops} x {crops.local_size}, batch {BATCH}, N = {a.cpus}; load "
+          f"average {load_start[0]:.2f} on {os.cpu_count()} cores", flush=True)
 
-    torch.set_num_threads(1)
-    crops = load_config(a.config, validate=False).crops if a.config else CropConfig()
-    mc = MultiCrop(crops)
-    load0 = os.getloadavg()
-    t0 = time.perf_counter()
-    jpegs = make_jpegs(a.images, a.short_min, a.short_max, a.quality, a.seed, a.grain)
-    build_s = time.perf_counter() - t0
-    sizes = []
-    for b in jpegs[:64]:
-        with Image.open(io.BytesIO(b)) as im:
-            sizes.append(im.size[0] * im.size[1])
-    print(f"{len(jpegs)} JPEGs, mean {np.mean(sizes) / 1e6:.3f} MPix, mean {np.mean([len(b) for b in jpegs]) / 1024:.1f} KiB "
-          f"(built in {build_s:.1f} s); crops 2x{crops.global_size} + {crops.num_local_crops}x{crops.local_size}; "
-          f"1 thread; load average {load0[0]:.1f} on {os.cpu_count()} CPUs", flush=True)
+    import ray
 
-    # decode only (the share of the cost that is JPEG decoding)
-    c0 = time.process_time()
-    for b in jpegs:
-        img, _ = try_decode(b)
-    decode_cpu = (time.process_time() - c0) / len(jpegs)
+    from massl_ray.config import apply_overrides
+    from massl_ray.data.feed import iter_batches
+    from massl_ray.data.sources import open_source
 
-    # warm-up, then timed rounds of make_views over all images in batches of a.batch
-    ids = [None] * len(jpegs)
-    make_views(jpegs[:8], ids[:8], mc, torch.Generator().manual_seed(a.seed))
-    cpu_per_image, wall_per_image = [], []
-    bad = 0
-    for r in range(a.rounds):
-        c0, w0 = time.process_time(), time.perf_counter()
-        for i in range(0, len(jpegs), a.batch):
-            out, badrows = make_views(jpegs[i:i + a.batch], ids[i:i + a.batch], mc,
-                                      torch.Generator().manual_seed(a.seed * 1000 + r * 100 + i))
-            bad += len(badrows)
-            assert out["global_crops"].shape[1:] == (2, 3, crops.global_size, crops.global_size)
-            assert out["local_crops"].shape[1:] == (crops.num_local_crops, 3, crops.local_size, crops.local_size)
-        cpu_per_image.append((time.process_time() - c0) / len(jpegs))
-        wall_per_image.append((time.perf_counter() - w0) / len(jpegs))
-        print(f"  round {r + 1}: {1e3 * cpu_per_image[-1]:.1f} CPU-ms/image, "
-              f"{1e3 * wall_per_image[-1]:.1f} wall-ms/image", flush=True)
-    if bad:
-        print(f"ERROR: {bad} images failed to decode", file=sys.stderr)
-        return 1
-    core_s = statistics.median(cpu_per_image)
-    per_core = 1.0 / core_s
-    gpu_rate, gpu_src = (a.gpu_images_per_s, "--gpu-images-per-s") if a.gpu_images_per_s else gpu_rate_default()
-    cores_make_views = cost_model.cpu_cores_per_gpu(gpu_rate, core_s, a.max_wait, 1.0)
-    cores_ray = cost_model.cpu_cores_per_gpu(gpu_rate, core_s, a.max_wait, a.ray_efficiency)
+    src = open_source(str(data))
+    cfg = Config(crops=crops)
+    cfg.data.train, cfg.data.decode_cpus = str(data), 1.0
+    cfg.optim.batch_size_per_worker, cfg.optim.epochs, cfg.run.num_workers = BATCH, 1, 1
+    cfg.optim.steps_per_epoch = src.num_rows // BATCH
+    cfg = apply_overrides(cfg, a.set).validate()
+    stop = min(cfg.optim.steps_per_epoch, -(-(a.warmup + a.measure) // BATCH) + 1)
+    runs: dict = {"reference": [], "feed": []}
+    try:
+        for rnd in range(a.rounds):
+            loader = torch.utils.data.DataLoader(
+                ReferenceDataset(jpegs, crops), batch_size=BATCH, shuffle=True,
+                num_workers=a.cpus, persistent_workers=True,
+                multiprocessing_context="spawn" if ray.is_initialized() else "fork")
+            runs["reference"].append(measure(iter(loader), a.warmup, a.measure, crops))
+            del loader
+            if not ray.is_initialized():
+                ray.init(num_cpus=a.cpus, object_store_memory=a.object_store_mib * 2**20,
+                         include_dashboard=False, log_to_driver=False, _temp_dir=a.ray_temp_dir)
+            runs["feed"].append(measure(iter_batches(cfg, src, 0, stop), a.warmup, a.measure, crops))
+            for name, r in runs.items():
+                r = r[-1]
+                print(f"  round {rnd + 1} {name:<9} start-up {r['startup_s']:5.1f} s  {r['img_s']:7.1f}"
+                      f" img/s  cores busy {r['cores_busy']:.2f}  {1e3 * r['cpu_s_per_image']:.1f} "
+                      f"CPU-ms/img  load {r['load1_before']:.1f}->{r['load1_after']:.1f}", flush=True)
+    finally:
+        ray.shutdown()
+        shutil.rmtree(work, ignore_errors=True)
 
-    def wait_share(n_cores: float) -> float:
-        return max(0.0, 1.0 - n_cores * per_core * a.ray_efficiency / gpu_rate)
-
-    print(f"\nmake_views: {1e3 * core_s:.1f} CPU-ms per image (decode {1e3 * decode_cpu:.1f} ms, "
-          f"multi-crop {1e3 * (core_s - decode_cpu):.1f} ms) -> {per_core:.1f} images/s per core")
-    print(f"GPU rate to feed: {gpu_rate:.0f} images/s ({gpu_src})")
-    print(f"CPU cores per GPU for data-wait <= {100 * a.max_wait:.0f}%: {cores_make_views} in make_views alone, "
-          f"{cores_ray} as Ray Data decode CPUs (efficiency {a.ray_efficiency})")
-    table = {n: wait_share(n) for n in (4, 8, 16, 32, 48, 64, 96) if n}
-    print("predicted data-wait share vs Ray Data CPUs per GPU: "
-          + ", ".join(f"{n}: {100 * s:.0f}%" for n, s in table.items()))
+    paths = {name: {**{k: statistics.median(r[k] for r in rs) for k in
+                       ("img_s", "cores_busy", "cpu_s_per_image", "startup_s")}, "runs": rs}
+             for name, rs in runs.items()}
+    for r in paths.values():
+        r["img_s_per_core"] = r["img_s"] / a.cpus
+    ratio = paths["feed"]["img_s_per_core"] / paths["reference"]["img_s_per_core"]
+    feed_cpu = paths["feed"]["cpu_s_per_image"]  # a short window may read 0 ticks
+    cpu_ratio = paths["reference"]["cpu_s_per_image"] / feed_cpu if feed_cpu else float("nan")
+    gpu_rate, gpu_src = ((a.gpu_images_per_s, "--gpu-images-per-s") if a.gpu_images_per_s
+                         else gpu_rate_default())
+    cores = cost_model.cpu_cores_per_gpu(gpu_rate, feed_cpu)
+    print(f"\n{'path':<10} {'img/s':>8} {'img/s/core':>11} {'cores busy':>11} {'CPU-ms/img':>11} "
+          f"{'start-up':>9}")
+    for k, r in paths.items():
+        print(f"{k:<10} {r['img_s']:>8.1f} {r['img_s_per_core']:>11.1f} {r['cores_busy']:>11.2f} "
+              f"{1e3 * r['cpu_s_per_image']:>11.2f} {r['startup_s']:>8.1f}s")
+    print(f"feed / reference: {ratio:.2f}x img/s per core, {cpu_ratio:.2f}x less CPU per image")
+    print(f"feed CPUs per GPU for a data-wait <= 5% at {gpu_rate:.0f} img/s ({gpu_src}): {cores}")
     result = {
-        "crops": {"global_size": crops.global_size, "local_size": crops.local_size,
-                  "num_local_crops": crops.num_local_crops},
-        "images": len(jpegs), "rounds": a.rounds, "batch": a.batch,
-        "jpeg": {"short_side": [a.short_min, a.short_max], "quality": a.quality, "grain": a.grain,
-                 "mean_megapixels": float(np.mean(sizes) / 1e6),
-                 "mean_bytes": float(np.mean([len(b) for b in jpegs]))},
-        "threads": torch.get_num_threads(),
-        "core_seconds_per_image": core_s, "decode_core_seconds_per_image": decode_cpu,
-        "multicrop_core_seconds_per_image": core_s - decode_cpu,
-        "images_per_s_per_core": per_core,
-        "cpu_s_per_image_rounds": cpu_per_image, "wall_s_per_image_rounds": wall_per_image,
+        "setting": {"quick": a.quick, "cpus": a.cpus, "batch_size": BATCH, "rounds": a.rounds,
+                    "warmup": a.warmup, "measure": a.measure, "overrides": a.set,
+                    "crops": {k: base[k] for k in ("global_size", "local_size", "num_local_crops")},
+                    "feed": {k: getattr(cfg.data, k) for k in ("decode_rows", "decode_cpus",
+                                                              "read_cpus", "window_groups")}},
+        "data": info, "paths": paths, "core_seconds_per_image": feed_cpu,
+        "ratios": {"feed/reference img_s_per_core": ratio,
+                   "reference/feed cpu_s_per_image": cpu_ratio},
         "gpu_images_per_s": gpu_rate, "gpu_images_per_s_source": gpu_src,
-        "max_data_wait": a.max_wait, "ray_efficiency": a.ray_efficiency,
-        "cores_per_gpu_make_views": cores_make_views, "cores_per_gpu_ray_data": cores_ray,
-        "data_wait_vs_cores": table,
-        "loadavg_start": load0, "loadavg_end": os.getloadavg(), "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-    }
+        "cores_per_gpu": cores,
+        "machine": {"cpu_count": os.cpu_count(), "load_avg_start": load_start,
+                    "load_avg_end": os.getloadavg(), "wall_s": time.time() - t_start,
+                    "torch": torch.__version__}}
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    out.write_text(json.dumps(finite(result), indent=2))
     print(f"wrote {out}")
     return 0
 

@@ -1,24 +1,15 @@
-"""The authors' training step for MaSSL, reimplemented from docs/method.md (not copied).
+"""The authors' training step for MaSSL, reimplemented from docs/method.md §4-§6 (not copied).
 
-The published reference is a DINO-derived ``torchrun`` script. Its step, as docs/method.md §4-§6
-describes it and as DINO's ``train_one_epoch`` (which it follows) is structured:
-
-* the data loader yields a list of 2 + L **float32** crops, normalised on the CPU and pinned;
-  each is copied with ``.cuda(non_blocking=True)``;
-* fp16 autocast + ``GradScaler`` (its ``--use_fp16``), a plain (foreach) AdamW;
-* a DINO ``MultiCropWrapper`` forward: crops of one resolution concatenated through the
-  backbone, the head once on all outputs; the teacher sees the 2 global crops;
-* the loss: a fresh ``torch.randperm(K)`` on the **CPU** moved to the device every step; **two
-  clones** of the whole K x D memory (one for the student's logits, one for the teacher's);
-  all V x B x K logits materialised and permuted into blocks; a **Python double loop** over the
-  (student view, teacher view) pairs with ``log_softmax`` per pair (autograd does the rest); the
-  FIFO write of the teacher's global view 2 into the memory;
-* ``loss.item()`` every step (the non-finite check), DINO's per-tensor gradient clipping with a
-  ``.item()`` per parameter, the scaler's step (one more sync), and the EMA as a Python loop over
-  parameter pairs.
-
-Used by ``benchmarks/gpu_step.py`` on the same model, weights, memory and inputs as massl_ray's
-:class:`~massl_ray.method.learner.Learner` (both built from the same config and seed).
+The published reference is a DINO-derived ``torchrun`` script; its step, structured as DINO's
+``train_one_epoch``: 2 + L **float32** crops normalised on the host (pinned, copied with
+``non_blocking``); fp16 autocast + ``GradScaler``, a plain AdamW; DINO's ``MultiCropWrapper``
+forward (crops of one resolution through the backbone together, the head once; the teacher on
+the 2 global crops); the loss with a fresh **CPU** ``randperm(K)`` every step, **two clones**
+of the K x D memory, all V x B x K logits materialised and permuted into blocks and a **Python
+double loop** over the (student view, teacher view) pairs; the FIFO write of the teacher's
+global view 2; ``loss.item()`` every step, DINO's per-tensor clipping with an ``.item()`` per
+parameter, and the EMA as a Python loop. ``benchmarks/gpu_step.py`` runs it on the same model,
+weights, memory and inputs as :class:`~massl_ray.method.learner.Learner`.
 """
 
 from __future__ import annotations
