@@ -107,6 +107,12 @@ def test_malicious_sidecar_refused_before_timm_torch_load_or_network(case, tmp_p
     with pytest.raises(CheckpointError, match="refused|must be") as e:
         load_exported(f)
     assert named in str(e.value) and str(f.with_suffix(".json")) in str(e.value)
+    # the evaluation's and embed's loader of an exported backbone refuses it the same way
+    from massl_ray.evaluate.features import load_exported_teacher
+
+    with pytest.raises(CheckpointError, match="refused|must be") as e:
+        load_exported_teacher(f)
+    assert named in str(e.value)
     assert no_fetch_no_unpickle == []
 
 

@@ -158,9 +158,14 @@ def load_exported_teacher(path: Union[str, os.PathLike]) -> Teacher:
     else:
         raise CheckpointError(f"{p}: no sidecar {side.name} and no timm_name in the header: "
                               f"write {side.name} with timm_name (and timm_kwargs, mean, std)")
-    if "timm_name" not in meta:
+    if not isinstance(meta, dict) or "timm_name" not in meta:
         raise CheckpointError(f"sidecar {side} has no timm_name")
-    kwargs = dict(meta.get("timm_kwargs") or {})
+    from massl_ray.evaluate.export import check_timm_spec  # lazy: export imports this module
+
+    # an untrusted file: only the ViT arguments the project's own export writes reach timm
+    _, kwargs = check_timm_spec(meta["timm_name"], meta.get("timm_kwargs"),
+                                side if side.is_file() else f"{p} (header)")
+    kwargs = dict(kwargs)
     kwargs.update(pretrained=False, num_classes=0)
     kwargs.setdefault("dynamic_img_size", True)
     dropped = sorted(k for k in weights if k.startswith("head."))
