@@ -99,7 +99,7 @@ def runtime_env(local: bool) -> dict:
         env["worker_process_setup_hook"] = "massl_ray.runtime.local_worker_setup"
         # Ray Train's preemption watcher polls node drains; one machine is not preempted node
         # by node, and the watcher's actor logs a core-worker error line at every start.
-        env["env_vars"] = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+        env["env_vars"] = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", _LOCAL_ENV: "1"}
     return env
 
 
@@ -117,11 +117,27 @@ _LOCAL_QUIET = {
 }
 
 
+class _AtLeast(logging.Filter):
+    """Drops a logger's records below ``level``. A logger's level alone does not last: Ray
+    Train configures its ``ray.train`` logger with ``logging.config.dictConfig``, which resets
+    every existing child logger to NOTSET (filters are kept)."""
+
+    def __init__(self, level: int):
+        super().__init__()
+        self.level = level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= self.level
+
+
 def quiet_local_ray() -> None:
     """Worker-process setup hook of a local Ray (see ``_LOCAL_QUIET``). Warnings and errors
     that concern the run still print; every message still reaches the session's log files."""
     for name, level in _LOCAL_QUIET.items():
-        logging.getLogger(name).setLevel(level)
+        logger = logging.getLogger(name)
+        logger.setLevel(level)
+        if not any(isinstance(f, _AtLeast) for f in logger.filters):
+            logger.addFilter(_AtLeast(level))
     # Ray Data configures its own console handler when it is imported; raise that handler
     # only, so its log file (``<session>/logs/ray-data``) keeps the INFO lines.
     import ray.data  # noqa: F401  (configures ray.data's logging)
@@ -132,13 +148,16 @@ def quiet_local_ray() -> None:
 
 
 _started_here = False
+# Set in every process of a Ray that init_ray started (runtime_env env_vars): a Tune trial's
+# process trains on that Ray without having started it.
+_LOCAL_ENV = "MASSL_RAY_LOCAL"
 
 
 def train_log_level() -> str:
     """Ray Train's console log level (``RunConfig.logging_config``): WARNING on a Ray this
-    process started (its INFO lines are about worker groups and checkpoint paths), INFO on a
+    command started (its INFO lines are about worker groups and checkpoint paths), INFO on a
     cluster, where they say what the run waits for."""
-    return "WARNING" if _started_here else "INFO"
+    return "WARNING" if _started_here or os.environ.get(_LOCAL_ENV) == "1" else "INFO"
 
 
 def local_worker_setup() -> None:
