@@ -155,8 +155,8 @@ class DataConfig:
     read_cpus: float = 0.5
     # CPUs reserved by each decode + multi-crop task.
     decode_cpus: float = 1.0
-    # Rows per decode call of the in-process view stream (massl_ray.data.views; the plain
-    # loops of benchmarks/train_step.py and pipeline.py). Training decodes by data.decode_rows.
+    # Rows per decode call of the in-process view stream (massl_ray.data.views). Training
+    # decodes by data.decode_rows.
     decode_batch_size: int = 64
     # Steps each rank requests ahead from the feed.
     prefetch_batches: int = 2
