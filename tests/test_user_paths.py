@@ -346,12 +346,13 @@ def test_the_ci_quick_start_run():
     worker = json.loads((CI_RUN / "workers" / "rank_0.json").read_text())
     assert "runtime_resources" in worker["package"], worker
     assert not worker["package"].startswith(str(ROOT)), worker
-    # A clean screen: only our own lines, a progress line every run.log_every_steps.
+    # A clean screen: only our own lines, a progress line every run.log_every_steps and at
+    # every checkpoint, each step once.
     bad = unexpected_lines(err)
     assert not bad, "noise on the first screen:\n" + "\n".join(bad[:40])
-    every = cfg["run"]["log_every_steps"]
-    progress = [ln for ln in err.splitlines() if re.search(rf"step \d+/{total} \| epoch", ln)]
-    assert len(progress) == total // every, len(progress)
+    every, ckpt = cfg["run"]["log_every_steps"], cfg["run"]["checkpoint_every_steps"]
+    shown = [int(m) for m in re.findall(rf"step (\d+)/{total} \| epoch", err)]
+    assert shown == [s for s in range(1, total + 1) if s % every == 0 or s % ckpt == 0], shown
 
 
 @pytest.mark.timeout(300)

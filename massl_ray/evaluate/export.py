@@ -26,71 +26,18 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
-from typing import Any, Union
+from typing import Union
 
 import torch.nn as nn
 
 from massl_ray.config import ConfigError
-from massl_ray.evaluate.features import is_exported, load_teacher
+from massl_ray.evaluate.features import (GLOBAL_POOLS, TIMM_KWARGS, TIMM_NAME,  # noqa: F401
+                                         check_timm_spec, is_exported, load_teacher)
 from massl_ray.method.checkpoint import CheckpointError
 from massl_ray.method.model import backbone_kwargs
 
 EXPORT_FORMAT = "massl_ray/teacher-backbone/1"
-
-#: The keyword arguments a sidecar / header may give ``timm.create_model``: exactly the ones
-#: :func:`massl_ray.method.model.backbone_kwargs` writes, with the types it writes them in.
-TIMM_KWARGS: dict[str, tuple[type, ...]] = {
-    "embed_dim": (int,),
-    "depth": (int,),
-    "num_heads": (int,),
-    "patch_size": (int,),
-    "img_size": (int,),
-    "num_classes": (int,),
-    "global_pool": (str,),
-    "dynamic_img_size": (bool,),
-    "drop_path_rate": (int, float),
-    "pretrained": (bool,),  # only false: true downloads weights
-}
-#: A registered timm model name, optionally with a pretrained tag (``vit_small_patch16_224`` or
-#: ``vit_small_patch16_224.augreg_in21k``); no ``hf-hub:`` / ``local-dir:`` / ``timm/`` source.
-TIMM_NAME = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)?")
-GLOBAL_POOLS = ("", "token", "avg")
-
-
-def check_timm_spec(name: Any, kwargs: Any, where: Union[str, os.PathLike]) -> tuple[str, dict]:
-    """``(name, kwargs)`` of a sidecar or safetensors header, checked before timm sees them:
-    a plain model name and only :data:`TIMM_KWARGS`; raises :class:`CheckpointError` naming
-    the refused name or key (and ``where``)."""
-    if not isinstance(name, str) or not TIMM_NAME.fullmatch(name):
-        raise CheckpointError(
-            f"{where}: timm_name {name!r} is refused: only a timm model name (letters, digits, "
-            f"'_', an optional '.tag'), never a source such as hf-hub: or local-dir:")
-    if kwargs is None:
-        kwargs = {}
-    if not isinstance(kwargs, dict):
-        raise CheckpointError(f"{where}: timm_kwargs must be a mapping, got {type(kwargs).__name__}")
-    for key, value in kwargs.items():
-        if key not in TIMM_KWARGS:
-            raise CheckpointError(
-                f"{where}: timm_kwargs key {key!r} is refused (only {', '.join(TIMM_KWARGS)} "
-                f"build a model from an exported file; a model file cannot choose what timm "
-                f"downloads or loads)")
-        types = TIMM_KWARGS[key]
-        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
-            raise CheckpointError(f"{where}: timm_kwargs {key}={value!r} must be "
-                                  f"{' or '.join(t.__name__ for t in types)}")
-        if key == "pretrained" and value:
-            raise CheckpointError(f"{where}: timm_kwargs pretrained=true is refused: the "
-                                  f"weights are the exported file's, never downloaded")
-        if key == "global_pool" and value not in GLOBAL_POOLS:
-            raise CheckpointError(f"{where}: timm_kwargs global_pool={value!r} must be one of "
-                                  f"{GLOBAL_POOLS}")
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
-            raise CheckpointError(f"{where}: timm_kwargs {key}={value!r} must be >= 0")
-    return name, dict(kwargs)
-
 
 def sidecar_path(out: Union[str, os.PathLike]) -> Path:
     return Path(out).with_suffix(".json")

@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import posixpath
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,59 @@ from massl_ray.method.learner import config_of_state, normalize
 from massl_ray.method.model import build_backbone
 from massl_ray.data.multicrop import eval_transform
 from massl_ray.data.sources import Source, iter_rows, row_id
+
+
+#: The keyword arguments a sidecar / header may give ``timm.create_model``: exactly the ones
+#: :func:`massl_ray.method.model.backbone_kwargs` writes, with the types it writes them in.
+TIMM_KWARGS: dict[str, tuple[type, ...]] = {
+    "embed_dim": (int,),
+    "depth": (int,),
+    "num_heads": (int,),
+    "patch_size": (int,),
+    "img_size": (int,),
+    "num_classes": (int,),
+    "global_pool": (str,),
+    "dynamic_img_size": (bool,),
+    "drop_path_rate": (int, float),
+    "pretrained": (bool,),  # only false: true downloads weights
+}
+#: A registered timm model name, optionally with a pretrained tag (``vit_small_patch16_224`` or
+#: ``vit_small_patch16_224.augreg_in21k``); no ``hf-hub:`` / ``local-dir:`` / ``timm/`` source.
+TIMM_NAME = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)?")
+GLOBAL_POOLS = ("", "token", "avg")
+
+
+def check_timm_spec(name: Any, kwargs: Any, where: Union[str, os.PathLike]) -> tuple[str, dict]:
+    """``(name, kwargs)`` of a sidecar or safetensors header, checked before timm sees them:
+    a plain model name and only :data:`TIMM_KWARGS`; raises :class:`CheckpointError` naming
+    the refused name or key (and ``where``)."""
+    if not isinstance(name, str) or not TIMM_NAME.fullmatch(name):
+        raise CheckpointError(
+            f"{where}: timm_name {name!r} is refused: only a timm model name (letters, digits, "
+            f"'_', an optional '.tag'), never a source such as hf-hub: or local-dir:")
+    if kwargs is None:
+        kwargs = {}
+    if not isinstance(kwargs, dict):
+        raise CheckpointError(f"{where}: timm_kwargs must be a mapping, got {type(kwargs).__name__}")
+    for key, value in kwargs.items():
+        if key not in TIMM_KWARGS:
+            raise CheckpointError(
+                f"{where}: timm_kwargs key {key!r} is refused (only {', '.join(TIMM_KWARGS)} "
+                f"build a model from an exported file; a model file cannot choose what timm "
+                f"downloads or loads)")
+        types = TIMM_KWARGS[key]
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            raise CheckpointError(f"{where}: timm_kwargs {key}={value!r} must be "
+                                  f"{' or '.join(t.__name__ for t in types)}")
+        if key == "pretrained" and value:
+            raise CheckpointError(f"{where}: timm_kwargs pretrained=true is refused: the "
+                                  f"weights are the exported file's, never downloaded")
+        if key == "global_pool" and value not in GLOBAL_POOLS:
+            raise CheckpointError(f"{where}: timm_kwargs global_pool={value!r} must be one of "
+                                  f"{GLOBAL_POOLS}")
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
+            raise CheckpointError(f"{where}: timm_kwargs {key}={value!r} must be >= 0")
+    return name, dict(kwargs)
 
 CACHE_FORMAT = "massl_ray/features/1"
 
@@ -160,8 +214,6 @@ def load_exported_teacher(path: Union[str, os.PathLike]) -> Teacher:
                               f"write {side.name} with timm_name (and timm_kwargs, mean, std)")
     if not isinstance(meta, dict) or "timm_name" not in meta:
         raise CheckpointError(f"sidecar {side} has no timm_name")
-    from massl_ray.evaluate.export import check_timm_spec  # lazy: export imports this module
-
     # an untrusted file: only the ViT arguments the project's own export writes reach timm
     _, kwargs = check_timm_spec(meta["timm_name"], meta.get("timm_kwargs"),
                                 side if side.is_file() else f"{p} (header)")
