@@ -32,6 +32,12 @@ Conventions
   *before* any pixel is decoded (explicit check, independent of Pillow's warnings). Pillow's own
   hard limit (``2 * PIL.Image.MAX_IMAGE_PIXELS``) still applies on top and is reported the same way.
 * **Truncated files** fail: the pixels are loaded eagerly inside :func:`decode_image`.
+* **Training decode** (:func:`decode_reduced`): the header's ``(width, height)`` picks an integer
+  reduction ``f`` (1, 2, 4 or 8; :meth:`massl_ray.data.multicrop.MultiCrop.reduction`); a JPEG is
+  decoded at ``1/f`` in the DCT domain (``Image.draft``), any other format is decoded and then
+  box-reduced (``Image.reduce``), so a row holds about ``1/f**2`` of the pixels. The full
+  (displayed) size is returned with the pixels: crop boxes are drawn on it. Images over
+  :data:`TRAIN_MAX_PIXELS` are refused.
 * **Downscaling**: with ``max_side`` set, images whose *short* side exceeds it are reduced
   (antialiased bicubic) so that the short side equals ``max_side``; JPEGs use Pillow's DCT-domain
   draft mode first, which makes decoding large JPEGs much faster.
@@ -46,18 +52,23 @@ from __future__ import annotations
 import io
 import math
 import struct
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["ImageDecodeError", "decode_image", "try_decode", "open_image", "DEFAULT_MAX_PIXELS",
-           "FORMATS"]
+__all__ = ["ImageDecodeError", "decode_image", "decode_reduced", "try_decode", "open_image",
+           "DEFAULT_MAX_PIXELS", "TRAIN_MAX_PIXELS", "FORMATS"]
 
 #: Default decompression-bomb limit: images with more pixels than this are refused.
 DEFAULT_MAX_PIXELS = 128 * 1024 * 1024
+#: Training's limit (2**26, 67.1 Mpx): the largest photographs a dataset plausibly holds fit
+#: (61 Mpx full-frame cameras, 50 and 64 Mpx phone sensors at full resolution); larger ones
+#: (100+ Mpx medium format, 108/200 Mpx phone modes, scans) are skipped and named like any
+#: undecodable image: ``prepare --max-side`` makes a training set of them.
+TRAIN_MAX_PIXELS = 1 << 26
 
 #: The Pillow plugins an image may be decoded by (Pillow's format ids): the formats the README
 #: promises and the image-folder extensions of ``sources.py`` name. Multi-picture JPEGs (MPO)
@@ -185,12 +196,31 @@ def decode_image(
         ImageDecodeError: for every input that does not decode to an image (empty, truncated,
             not an image, unsupported mode, too many pixels), with a short reason.
     """
+    if max_side is not None and max_side < 1:
+        raise ValueError(f"max_side must be a positive integer or None, got {max_side}")
+    arr, _ = _decode(data, max_pixels, max_side, None)
+    if max_side is not None:
+        return _shrink(arr, max_side)
+    return torch.from_numpy(arr).permute(2, 0, 1)
+
+
+def decode_reduced(data: bytes, reduction: Callable[[int, int], int],
+                   max_pixels: Optional[int] = TRAIN_MAX_PIXELS
+                   ) -> tuple[torch.Tensor, tuple[int, int]]:
+    """The training decode: ``(pixels [3, h, w], (H, W))``, the pixels reduced by the factor
+    ``reduction(width, height)`` of the header (a JPEG in the DCT domain, others by
+    ``Image.reduce``), ``(H, W)`` the full displayed size. Raises like :func:`decode_image`."""
+    arr, full = _decode(data, max_pixels, None, reduction)
+    return torch.from_numpy(arr).permute(2, 0, 1), full
+
+
+def _decode(data, max_pixels, max_side, reduction) -> tuple[np.ndarray, tuple[int, int]]:
+    """[H, W, 3] uint8 pixels (reduced by ``reduction(w, h)`` if given) and the full displayed
+    (H, W); raises ImageDecodeError."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise ImageDecodeError(f"expected bytes, got {type(data).__name__}")
     if len(data) == 0:
         raise ImageDecodeError("empty input (0 bytes)")
-    if max_side is not None and max_side < 1:
-        raise ValueError(f"max_side must be a positive integer or None, got {max_side}")
     try:
         img = open_image(data)
     except UnidentifiedImageError:
@@ -208,7 +238,10 @@ def decode_image(
                 f"image too large: {w}x{h} = {w * h} pixels > max_pixels={max_pixels} "
                 "(possible decompression bomb)"
             )
-        if max_side is not None and img.format == "JPEG" and min(w, h) > max_side:
+        f = reduction(w, h) if reduction is not None else 1
+        if f > 1 and img.format == "JPEG":
+            img.draft(img.mode, (w // f, h // f))  # scale min(w // (w // f), ...) is exactly f
+        elif max_side is not None and img.format == "JPEG" and min(w, h) > max_side:
             scale = max_side / min(w, h)
             # draft() picks the smallest DCT scale whose size is >= the requested one.
             img.draft(img.mode, (math.ceil(w * scale), math.ceil(h * scale)))
@@ -218,10 +251,17 @@ def decode_image(
             raise ImageDecodeError(f"decompression bomb refused by Pillow: {e}") from None
         except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error) as e:
             raise ImageDecodeError(f"corrupt or truncated image data: {e}") from None
+        stored = img.size
         try:
             img = ImageOps.exif_transpose(img)
         except Exception:  # noqa: BLE001 - malformed EXIF: keep the stored orientation
             pass
+        full = (w, h) if img.size != stored else (h, w)  # (H, W) as displayed
+        if f > 1 and stored == (w, h):  # not drafted: box-reduce (modes 1, P, I;16: as RGB)
+            try:
+                img = img.reduce(f)
+            except ValueError:
+                img = Image.fromarray(_to_rgb_array(img)).reduce(f)
         arr = _to_rgb_array(img)
     except ImageDecodeError:
         raise
@@ -236,9 +276,7 @@ def decode_image(
             pass
     if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:
         raise ImageDecodeError(f"unexpected decoded array {arr.dtype} {arr.shape}")
-    if max_side is not None:
-        return _shrink(arr, max_side)
-    return torch.from_numpy(arr).permute(2, 0, 1)
+    return arr, full
 
 
 def try_decode(

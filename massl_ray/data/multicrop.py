@@ -42,6 +42,15 @@ Kernel taps follow torchvision (``exp(-x^2 / (2 sigma^2))`` on ``x = -(k-1)/2 ..
 normalised). Kernels of 7+ taps run as batched products with small banded matrices, shorter ones
 as grouped convolutions; both agree with ``torchvision...gaussian_blur`` to ~1e-6.
 
+Reduced decodes (:meth:`MultiCrop.decode`, training's): an image may come as ``(pixels, (H,
+W))``, its pixels reduced from the full size ``(H, W)`` by :meth:`MultiCrop.reduction` (JPEGs
+decoded at 1/2, 1/4 or 1/8 in the DCT domain). Its crop boxes are drawn on the full size, with the
+same random numbers, and scaled to the pixels (edges rounded): the boxes are those of
+``RandomResizedCrop`` on the full image. The reduction is the largest with which every box that
+can be drawn still spans at least the crop's output size in the reduced pixels (so a crop is
+never enlarged more than on the full image); below it (ImageNet-sized images) the crops are
+unchanged bit for bit.
+
 All random numbers are drawn from the ``torch.Generator`` passed to ``__call__`` (a fixed number
 of uniforms per crop, in a fixed order), so a seed reproduces the output exactly.
 
@@ -52,14 +61,16 @@ device (typically on the training GPU).
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from massl_ray.config import CropConfig
+from massl_ray.data.images import TRAIN_MAX_PIXELS, ImageDecodeError, decode_reduced
 
-__all__ = ["MultiCrop", "normalize", "eval_transform", "blur_kernel_size", "sample_crop_boxes"]
+__all__ = ["MultiCrop", "normalize", "eval_transform", "blur_kernel_size", "sample_crop_boxes",
+           "decode_task_memory"]
 
 _GRAY_W = (0.2989, 0.587, 0.114)
 # HSV -> RGB closed form: channel value = v - v*s*clamp(min(k, 4-k), 0, 1), k = (n + 6h) mod 6
@@ -338,6 +349,19 @@ def sample_crop_boxes(
     return box.to(torch.int64)
 
 
+def _scale_boxes(boxes: torch.Tensor, full: torch.Tensor, actual: torch.Tensor) -> torch.Tensor:
+    """[M, 4] (top, left, h, w) boxes on full sizes [M, 2] -> the same boxes on the reduced
+    sizes ``actual`` [M, 2] (edges rounded; at least 1 pixel)."""
+    if torch.equal(full, actual):
+        return boxes
+    s = actual.to(torch.float64) / full.to(torch.float64)
+    lo = torch.round(boxes[:, :2] * s)
+    hi = torch.round((boxes[:, :2] + boxes[:, 2:]) * s)
+    size = torch.maximum(hi - lo, torch.ones_like(lo))
+    lo = torch.minimum(lo, actual - size)
+    return torch.cat([lo, size], dim=1).to(torch.int64)
+
+
 def _as_batch_image(img: torch.Tensor) -> torch.Tensor:
     """uint8 [3|1, H, W] -> [1, 3, H, W] in channels-last memory (fast uint8 resize path)."""
     if not isinstance(img, torch.Tensor) or img.dtype != torch.uint8 or img.dim() != 3:
@@ -407,14 +431,36 @@ class MultiCrop:
                 f"global_scale={c.global_scale}, local_scale={c.local_scale})")
 
     # -- public ---------------------------------------------------------------------------
-    def __call__(self, images: list[torch.Tensor], generator: torch.Generator
+    def reduction(self, w: int, h: int) -> int:
+        """The largest f of 8, 4, 2, 1 with which every box drawable on a ``w`` x ``h`` image
+        (at least ``sqrt(scale[0] * w * h * min(ratio[0], 1 / ratio[1]))`` on a side, or the
+        short side for the centre-crop fallback) spans ``size + 1`` pixels at ``1/f``."""
+        k = min(self.ratio[0], 1.0 / self.ratio[1])
+        fams = [(self.global_size, self.cfg.global_scale[0])]
+        fams += [(self.local_size, self.cfg.local_scale[0])] if self.num_local else []
+        g = min(min(w, h, math.sqrt(s0 * w * h * k) - 0.5) / (size + 1) for size, s0 in fams)
+        return next((f for f in (8, 4, 2) if f <= g), 1)
+
+    def decode(self, data: bytes) -> tuple[Optional[tuple], Optional[str]]:
+        """Training's decode: ``((pixels, (H, W)), None)``, pixels reduced by
+        :meth:`reduction`, or ``(None, reason)`` (over TRAIN_MAX_PIXELS included)."""
+        try:
+            return decode_reduced(data, self.reduction, TRAIN_MAX_PIXELS), None
+        except ImageDecodeError as e:
+            return None, e.reason
+
+    def __call__(self, images: list, generator: torch.Generator
                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``images``: uint8 [3, H, W] tensors, or (reduced pixels, full (H, W)) pairs."""
         c = self.cfg
         n = len(images)
         gs, ls, nl = self.global_size, self.local_size, self.num_local
-        srcs = [_as_batch_image(im) for im in images]
-        hs = torch.tensor([s.shape[-2] for s in srcs], dtype=torch.int64)
-        ws = torch.tensor([s.shape[-1] for s in srcs], dtype=torch.int64)
+        pairs = [im if isinstance(im, tuple) else (im, None) for im in images]
+        srcs = [_as_batch_image(im) for im, _ in pairs]
+        actual = torch.tensor([tuple(s.shape[-2:]) for s in srcs], dtype=torch.int64).view(n, 2)
+        full = torch.tensor([tuple(hw) if hw else tuple(s.shape[-2:])
+                             for (_, hw), s in zip(pairs, srcs)], dtype=torch.int64).view(n, 2)
+        hs, ws = full[:, 0], full[:, 1]
 
         # draw all uniforms up front: globals (n*2 rows) then locals (n*nl rows)
         ug = torch.rand(n * 2, _NUM_U, generator=generator, dtype=torch.float64)
@@ -425,7 +471,7 @@ class MultiCrop:
         sol_p_g = torch.tensor(c.solarize_p[:2], dtype=torch.float64)[crop_id]
         g = self._family(srcs, hs.repeat_interleave(2), ws.repeat_interleave(2),
                          torch.arange(n).repeat_interleave(2), ug, gs, c.global_scale,
-                         blur_p_g, sol_p_g)
+                         blur_p_g, sol_p_g, actual.repeat_interleave(2, dim=0))
         g = g.view(n, 2, 3, gs, gs)
 
         if nl > 0:
@@ -433,14 +479,15 @@ class MultiCrop:
             sol_p_l = torch.full((n * nl,), float(c.solarize_p[2]), dtype=torch.float64)
             loc = self._family(srcs, hs.repeat_interleave(nl), ws.repeat_interleave(nl),
                                torch.arange(n).repeat_interleave(nl), ul, ls, c.local_scale,
-                               blur_p_l, sol_p_l)
+                               blur_p_l, sol_p_l, actual.repeat_interleave(nl, dim=0))
             loc = loc.view(n, nl, 3, ls, ls)
         else:
             loc = torch.empty((n, 0, 3, ls, ls), dtype=torch.uint8)
         return g, loc
 
     # -- one crop family (same output size) -----------------------------------------------
-    def _family(self, srcs, hs, ws, img_idx, u, size, scale, blur_p, sol_p) -> torch.Tensor:
+    def _family(self, srcs, hs, ws, img_idx, u, size, scale, blur_p, sol_p, actual
+                ) -> torch.Tensor:
         c = self.cfg
         m = u.shape[0]
         if m == 0:
@@ -448,6 +495,7 @@ class MultiCrop:
 
         boxes = sample_crop_boxes(hs, ws, u[:, _U_CROP:_U_CROP + 4 * _ATTEMPTS], scale,
                                   self.ratio)
+        boxes = _scale_boxes(boxes, torch.stack([hs, ws], dim=1), actual)
         flip = u[:, _U_FLIP] < c.flip_p
         jit = (u[:, _U_JIT] < c.jitter_p) if self._ranges else torch.zeros(m, dtype=torch.bool)
         perm = torch.argsort(u[:, _U_PERM:_U_PERM + 4], dim=1)  # op order per crop
