@@ -576,7 +576,7 @@ def run_trial(config: dict, base: dict, spec: dict, settings: dict, eval_res: di
     log.info("sweep: %s waits for a training slot", trial)
     train_started = ray.get(slots.take.remote(trial))
     try:
-        result = train(cfg, callbacks=[_report_callback()])
+        result = train(cfg, callbacks=[_report_callback()], lock=False)
     finally:  # the workers are gone: the next trial trains while this one evaluates
         train_ended = time.time()
         ray.get(slots.give.remote(trial))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import uuid
 
 import pytest
 import torch
@@ -185,3 +186,105 @@ def test_storage_just_below_the_real_need_is_refused_and_just_above_accepted(tmp
         trainer_mod.check_storage(cfg)
     free["bytes"] = int(need * 1.01)  # the estimate's margin above the real need
     trainer_mod.check_storage(cfg)
+
+
+# ---- one driver per run (RunLock) ----------------------------------------------------------
+
+_HOLDER = ("import sys; from massl_ray.method.checkpoint import RunLock; "
+           "RunLock(sys.argv[1]).acquire(); print('held', flush=True); sys.stdin.read()")
+
+
+def _hold_in_another_process(location: str):
+    """A second driver's process holding the lock of ``location`` until its stdin closes."""
+    import subprocess
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-c", _HOLDER, location], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "held"  # the lock exists from here on
+    return p
+
+
+def _locations(kind: str, tmp_path, request) -> str:
+    if kind == "local":
+        return str(tmp_path / "run")
+    s3 = request.getfixturevalue("s3_server")
+    return f"s3://{s3.bucket('lock-' + uuid.uuid4().hex[:12])}/runs/run"
+
+
+@pytest.mark.parametrize("kind", ["local", "s3"])
+def test_a_second_driver_is_refused_naming_the_holder_and_a_dead_ones_lock_is_taken_over(
+        kind, tmp_path, request, caplog):
+    import socket
+
+    from massl_ray.method.checkpoint import RunInUse, RunLock
+
+    run = _locations(kind, tmp_path, request)
+    holder = _hold_in_another_process(run)
+    try:
+        with pytest.raises(RunInUse) as e:
+            RunLock(run).acquire()
+        assert f"host {socket.gethostname()}, pid {holder.pid}" in str(e.value)
+    finally:
+        holder.kill()  # SIGKILL: the lock stays behind, as after a crashed driver
+        holder.wait()
+    with caplog.at_level("WARNING", logger="massl_ray"):
+        lock = RunLock(run).acquire()
+    assert f"pid {holder.pid}: its process {holder.pid} on this host is gone" in caplog.text
+    lock.release()
+    RunLock(run).acquire().release()  # released: free again, nothing left behind
+
+
+def test_a_lock_from_another_host_is_refused_while_renewed_and_taken_over_when_stale(
+        tmp_path, monkeypatch):
+    import time
+
+    from massl_ray.method import checkpoint as ck
+
+    run = tmp_path / "run"
+    run.mkdir()
+    lock_file = run / ck.LOCK_FILE
+    other = {"host": "gpu-node-7", "pid": 4242, "since": time.time() - 3600, "token": "x"}
+    lock_file.write_text(json.dumps({**other, "refreshed": time.time() - ck.LOCK_STALE_S + 60}))
+    with pytest.raises(ck.RunInUse, match="host gpu-node-7, pid 4242"):
+        ck.RunLock(run).acquire()
+    lock_file.write_text(json.dumps({**other, "refreshed": time.time() - ck.LOCK_STALE_S - 1}))
+    lock = ck.RunLock(run).acquire()
+    assert json.loads(lock_file.read_text())["token"] == lock.record["token"]
+    # the holder renews its lock while it runs ...
+    monkeypatch.setattr(ck, "LOCK_REFRESH_S", 0.05)
+    lock2 = ck.RunLock(tmp_path / "run2").acquire()
+    first = json.loads((tmp_path / "run2" / ck.LOCK_FILE).read_text())["refreshed"]
+    deadline = time.time() + 30
+    while json.loads((tmp_path / "run2" / ck.LOCK_FILE).read_text())["refreshed"] == first:
+        assert time.time() < deadline, "the lock was not renewed"
+        time.sleep(0.05)
+    lock2.release()
+    # ... and a release removes only its own lock (not one a later driver took over)
+    lock_file.write_text(json.dumps({**other, "refreshed": time.time()}))
+    lock.release()
+    assert json.loads(lock_file.read_text())["host"] == "gpu-node-7"
+
+
+def test_the_train_command_on_a_run_another_driver_holds_is_refused_before_ray(tmp_path):
+    import subprocess
+    import sys
+
+    from pathlib import Path
+
+    run = tmp_path / "runs" / "quickstart"
+    holder = _hold_in_another_process(str(run))
+    try:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+        env["RAY_TMPDIR"] = str(tmp_path / "ray")  # a Ray started would leave its session here
+        r = subprocess.run([sys.executable, "-m", "massl_ray", "train", "--config",
+                            "jobs/quickstart.yaml", f"run.storage_path={tmp_path / 'runs'}",
+                            "data.limit=256", "optim.batch_size_per_worker=32"],
+                           cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert r.returncode == 2, r.stderr
+    assert "in use by another driver: host" in r.stderr and f"pid {holder.pid}" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "ray").exists() and not (run / "config.yaml").exists()

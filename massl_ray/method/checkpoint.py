@@ -19,7 +19,10 @@ import io
 import logging
 import json
 import os
+import socket
 import tempfile
+import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Optional, Union
@@ -295,3 +298,136 @@ def load_latest_valid_checkpoint(run_dir: Location, newer_than: Optional[Locatio
         except CheckpointError as e:
             log.warning("skipping broken checkpoint: %s", e)
     return None, None
+
+
+# ---- one driver per run ----------------------------------------------------------------------
+
+LOCK_FILE = "driver.lock"
+LOCK_REFRESH_S = 30.0  # the holder rewrites its lock this often
+LOCK_STALE_S = 300.0   # a lock not rewritten for this long is a dead driver's, whatever its host
+
+
+class RunInUse(CheckpointError):
+    """Another live driver holds the run's lock."""
+
+
+def _process_identity(pid: int) -> Optional[str]:
+    """What tells process ``pid`` of this host from a later one given the same pid (Linux: its
+    start time since boot; '' where ``/proc`` is absent), or None if no such process runs."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:  # another user's live process
+        pass
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return ""
+    return None if fields[0] in "ZX" else fields[19]  # a zombie is a dead driver
+
+
+class RunLock:
+    """One driver per run: ``<run>/driver.lock`` names its holder (host, pid, start time) and is
+    rewritten every :data:`LOCK_REFRESH_S` while held. A second driver is refused, naming the
+    holder, unless the lock is stale: its process is gone (same host), or it was not rewritten
+    for :data:`LOCK_STALE_S` (a driver on another host cannot be asked); a stale lock is taken
+    over, saying so. On a local path the lock is created atomically (a hard link, which fails
+    if it exists). On an object store it is read, then written: pyarrow exposes no conditional
+    write, so two drivers started within the same second can both pass."""
+
+    def __init__(self, run: Location):
+        self.loc = _Loc.of(run).child(LOCK_FILE)
+        pid = os.getpid()
+        self.record = {"host": socket.gethostname(), "pid": pid,
+                       "process": _process_identity(pid), "since": time.time(),
+                       "token": uuid.uuid4().hex}
+        self._stop = threading.Event()
+
+    def _read(self) -> Optional[dict]:
+        try:
+            with self.loc.fs.open_input_stream(self.loc.path) as f:
+                return json.loads(f.read())
+        except FileNotFoundError:
+            return None
+        except (ValueError, OSError, pa.ArrowException):  # unreadable: only its age counts
+            info = self.loc.info()
+            return None if info.type == pafs.FileType.NotFound else {
+                "host": "?", "refreshed": info.mtime.timestamp() if info.mtime else 0.0}
+
+    def _stale(self, held: dict) -> Optional[str]:
+        if held.get("host") == self.record["host"] and "pid" in held:
+            now = _process_identity(int(held["pid"]))
+            if now is None or now != held.get("process", now):
+                return f"its process {held['pid']} on this host is gone"
+            return None
+        age = time.time() - float(held.get("refreshed", 0.0))
+        return f"it was last renewed {age:.0f} s ago" if age > LOCK_STALE_S else None
+
+    def _write(self, exclusive: bool) -> bool:
+        data = json.dumps({**self.record, "refreshed": time.time()}).encode()
+        if not isinstance(self.loc.fs, pafs.LocalFileSystem):
+            with self.loc.fs.open_output_stream(self.loc.path) as out:
+                out.write(data)
+            return True
+        path = Path(self.loc.path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{LOCK_FILE}.")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            if not exclusive:
+                os.replace(tmp, path)
+                return True
+            try:
+                os.link(tmp, path)
+                return True
+            except FileExistsError:
+                return False
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    def acquire(self) -> "RunLock":
+        for _ in range(3):
+            held = self._read()
+            if held is not None:
+                why = self._stale(held)
+                if why is None:
+                    since = time.strftime("%Y-%m-%d %H:%M:%S",
+                                          time.localtime(float(held.get("since", 0.0))))
+                    raise RunInUse(
+                        f"this run is in use by another driver: host {held.get('host')}, pid "
+                        f"{held.get('pid')}, started {since} (its lock: {self.loc.shown}). Stop "
+                        f"that driver first; a lock not renewed for {LOCK_STALE_S:.0f} s is "
+                        f"taken over")
+                log.warning("taking over the lock of run %s from host %s pid %s: %s",
+                            self.loc.shown, held.get("host"), held.get("pid"), why)
+                try:
+                    self.loc.fs.delete_file(self.loc.path)
+                except FileNotFoundError:
+                    pass
+            if self._write(exclusive=True):
+                threading.Thread(target=self._renew, daemon=True, name="run-lock").start()
+                return self
+        raise RunInUse(f"{self.loc.shown}: another driver took the lock at the same time")
+
+    def _renew(self) -> None:
+        while not self._stop.wait(LOCK_REFRESH_S):
+            try:
+                self._write(exclusive=False)
+            except (OSError, pa.ArrowException) as e:  # the next renewal may succeed
+                log.warning("could not renew the run lock %s: %s", self.loc.shown, _one_line(e))
+
+    def release(self) -> None:
+        self._stop.set()
+        held = self._read()
+        if held is not None and held.get("token") == self.record["token"]:
+            self.loc.fs.delete_file(self.loc.path)
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()

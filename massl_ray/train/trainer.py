@@ -5,6 +5,7 @@ Shell module (imports ray). The loop itself is :func:`massl_ray.train.loop.run_l
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import logging
@@ -20,9 +21,9 @@ import pyarrow as pa
 import ray
 import torch
 
-from massl_ray.method.checkpoint import (CheckpointError, copy_checkpoint, delete_checkpoint,
-                                        is_uri, probe_writable, read_meta, save_checkpoint,
-                                        verify_checkpoint)
+from massl_ray.method.checkpoint import (CheckpointError, RunLock, copy_checkpoint,
+                                        delete_checkpoint, is_uri, probe_writable, read_meta,
+                                        save_checkpoint, verify_checkpoint)
 from massl_ray.config import Config, ConfigError, config_from_dict, dump_config
 from massl_ray.method.distributed import all_gather_cat, broadcast_state
 from massl_ray.method.learner import NonFiniteLoss
@@ -426,14 +427,23 @@ def _report_decode_errors(run_dir: Path, summary: dict) -> None:
         log.info("all images decoded (0 skipped)")
 
 
-def train(cfg: Config, local: bool = False, callbacks: Optional[list] = None) -> dict:
+def train(cfg: Config, local: bool = False, callbacks: Optional[list] = None,
+          lock: bool = True) -> dict:
     """Train one run. ``local``: everything in this process, no Ray at all (debuggable).
     ``callbacks``: Ray Train callbacks for the TorchTrainer's RunConfig (e.g. Tune's
-    ``TuneReportCallback`` when a sweep trial calls this)."""
+    ``TuneReportCallback`` when a sweep trial calls this). ``lock``: hold the run's driver lock
+    (method/checkpoint.py RunLock: a second driver on the run is refused); a Tune trial passes
+    False, Tune already runs one process per trial and may restart it on another host."""
     cfg, src = prepare(cfg)
+    root = checkpoint_root(cfg)
+    with RunLock(root) if lock else contextlib.nullcontext():
+        return _train(cfg, src, root, local, callbacks)
+
+
+def _train(cfg: Config, src: Source, root: Union[Path, str], local: bool,
+           callbacks: Optional[list]) -> dict:
     # run.resume is resolved (and refused: never on an existing run, a broken checkpoint)
     # before this run writes anything, so a refused command leaves the existing run as it was
-    root = checkpoint_root(cfg)
     resume = resume_checkpoint(cfg, root)
     run_dir = run_dir_of(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
