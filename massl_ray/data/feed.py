@@ -67,7 +67,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from massl_ray.config import Config, CropConfig
 from massl_ray.data.groups import (concat_pieces, decode_task, group_read, read_and_split,
                                    route, source_groups, window_groups_of)
-from massl_ray.data.multicrop import MultiCrop
+from massl_ray.data.multicrop import MultiCrop, decode_task_memory
 from massl_ray.data.pipeline import ACTOR_MAX_RESTARTS, restarted_actor
 from massl_ray.data.plan import EpochPlan, decode_tasks
 from massl_ray.data.sources import Source
@@ -246,7 +246,8 @@ class FeedCoordinator:
             self._route_window(ep, w)
         parts = ep.parts.pop(i)
         what = self._describe(ep.epoch, t, ep.task_groups.pop(i, ()))
-        refs = self._decode.options(num_returns=len(t.pieces), num_cpus=self.decode_cpus).remote(
+        refs = self._decode.options(num_returns=len(t.pieces), num_cpus=self.decode_cpus,
+                                    memory=decode_task_memory(self.crops, t)).remote(
             t, self.crops, self.seed, ep.epoch, self.reporter, *parts)
         refs = [refs] if len(t.pieces) == 1 else list(refs)
         off = ep.epoch * self.spe
