@@ -441,6 +441,17 @@ class MultiCrop:
         g = min(min(w, h, math.sqrt(s0 * w * h * k) - 0.5) / (size + 1) for size, s0 in fams)
         return next((f for f in (8, 4, 2) if f <= g), 1)
 
+    def held_pixels(self) -> int:
+        """A bound on the pixels a row holds after :meth:`decode` for images up to
+        TRAIN_MAX_PIXELS and 26:1 (more elongated ones may hold more): ``f == 8`` holds ~1/64,
+        a smaller f was chosen as > g/2 (``g``: the reduction the area allows), which holds
+        < 4 ``(size + 1)**2 / (scale[0] * k)``; 25 % for the rounding (tests check it)."""
+        k = min(self.ratio[0], 1.0 / self.ratio[1])
+        fams = [(self.global_size, self.cfg.global_scale[0])]
+        fams += [(self.local_size, self.cfg.local_scale[0])] if self.num_local else []
+        need = max(4 * (size + 1) ** 2 / (s0 * k) for size, s0 in fams)
+        return int(1.25 * max(TRAIN_MAX_PIXELS / 64, need))
+
     def decode(self, data: bytes) -> tuple[Optional[tuple], Optional[str]]:
         """Training's decode: ``((pixels, (H, W)), None)``, pixels reduced by
         :meth:`reduction`, or ``(None, reason)`` (over TRAIN_MAX_PIXELS included)."""
@@ -578,6 +589,18 @@ class MultiCrop:
                     out[cid].copy_(ib[j])
             start += cnt
         return out
+
+
+def decode_task_memory(crops: CropConfig, task) -> int:
+    """Bytes a decode task (:class:`massl_ray.data.plan.DecodeTask`) holds, its Ray
+    ``memory=``: its largest unit's decoded rows (:meth:`MultiCrop.held_pixels` x 3 each), one
+    full decode in flight (12 B per pixel of TRAIN_MAX_PIXELS: a PNG's Pillow image, its RGB
+    copy and the reduced one; measured 8-10.5), and the crops of all its rows. Not counted: the
+    encoded rows it is handed and the worker process itself."""
+    unit = max(hi - lo for _, _, lo, hi in task.units)
+    crop = 3 * (2 * crops.global_size ** 2 + crops.num_local_crops * crops.local_size ** 2)
+    return (unit * 3 * MultiCrop(crops).held_pixels() + 12 * TRAIN_MAX_PIXELS
+            + (task.stop - task.start) * crop)
 
 
 def _apply_subset(x: torch.Tensor, sel: list[int], fn, pass_index: bool = False) -> None:

@@ -15,7 +15,6 @@ import numpy as np
 import torch
 
 from massl_ray.config import CropConfig
-from massl_ray.data.images import try_decode
 from massl_ray.data.multicrop import MultiCrop
 from massl_ray.data.sources import Source, iter_rows, row_id
 
@@ -61,7 +60,7 @@ def make_views(images: Sequence[bytes], ids: Sequence[Optional[str]], multicrop:
     good, keep, bad = [], [], []
     for i, data in enumerate(images):
         data = bytes(data) if data is not None else b""
-        img, reason = try_decode(data)
+        img, reason = multicrop.decode(data)  # reduced pixels + full size, training cap
         if img is None:
             bad.append((row_id(data, ids[i]), reason or "undecodable"))
             continue
