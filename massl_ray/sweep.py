@@ -22,6 +22,10 @@ result:
 experiment; a recorded evaluation (``evaluations/<trial>.json``) of the same checkpoint is
 reused. ``results.csv``/``.md`` and ``knn_heatmap.png`` come from the ResultGrid; Tune itself
 writes each trial's TensorBoard hparams (``tensorboard --logdir <sweep>/tune``).
+
+``sweep.storage_path`` may be an object-store URI (``s3://...``, through ``pyarrow.fs`` as a
+training's ``run.storage_path``): the Tune experiment, the trials' runs and every record above
+then live in the bucket (:func:`_at`, :func:`_write_bytes`); a restore reads them from there.
 """
 
 from __future__ import annotations
@@ -29,17 +33,20 @@ from __future__ import annotations
 import copy
 import dataclasses
 import importlib
+import io
 import itertools
 import json
 import logging
 import math
 import os
 import stat
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import numpy as np
+import pyarrow.fs as pafs
 import yaml
 from ray import tune
 
@@ -47,6 +54,7 @@ from massl_ray.config import (Config, ConfigError, apply_overrides, check_name, 
                               merge_dict)
 from massl_ray.data.sources import DataSourceError, open_source
 from massl_ray.evaluate.jobs import EvalSettings
+from massl_ray.method.checkpoint import is_uri
 
 log = logging.getLogger("massl_ray")
 
@@ -90,8 +98,18 @@ class SweepSpec:
     evaluation: dict = dataclasses.field(default_factory=dict)
 
     @property
-    def dir(self) -> Path:
+    def dir(self) -> Union[Path, str]:
+        """The sweep directory: a :class:`Path`, or a URI string for an object store."""
+        if is_uri(self.storage_path):
+            return _at(self.storage_path, self.name)
         return Path(self.storage_path).absolute() / self.name
+
+
+def _at(base: Union[Path, str], *parts: str) -> Union[Path, str]:
+    """``base/parts...``: a :class:`Path` under a local directory, a URI under a URI."""
+    if isinstance(base, Path):
+        return base.joinpath(*parts)
+    return "/".join([base.rstrip("/"), *parts])
 
 
 SWEEP_KEYS = tuple(f.name for f in dataclasses.fields(SweepSpec))
@@ -144,9 +162,6 @@ def parse_sweep(data: dict) -> SweepSpec:
     if unknown:
         raise ConfigError(f"unknown sweep key(s) {', '.join(unknown)}; known: {', '.join(SWEEP_KEYS)}")
     spec = SweepSpec(**{k: v for k, v in data.items() if v is not None})
-    if "://" in str(spec.storage_path):
-        raise ConfigError("sweep.storage_path must be a filesystem path (on a multi-node cluster, a "
-                          "shared filesystem mounted on every node): the sweep's records live there")
     bad_name = check_name(spec.name, "sweep.name")
     if bad_name:
         raise ConfigError(bad_name)
@@ -256,7 +271,7 @@ def trial_config(base: dict, variant: dict, spec: SweepSpec, run_name: str,
         cfg.massl.num_blocks = None
     merge_dict(cfg, nested)
     cfg.run.name = run_name
-    cfg.run.storage_path = str(spec.dir / "trials")
+    cfg.run.storage_path = str(_at(spec.dir, "trials"))
     cfg.run.resume = "auto"  # a restarted trial continues from its latest checkpoint
     cfg.run.final_knn = False  # the dependent evaluation does it
     return cfg.validate() if validate else cfg
@@ -284,7 +299,8 @@ def check_grid(base: dict, spec: SweepSpec) -> list[Config]:
             cfgs.append(_check_one(base, v, spec, f"{spec.name}-check"))
         except (ConfigError, DataSourceError) as e:
             bad.append(f"grid point {i} {_fmt_variant(v)}: {str(e).replace(chr(10), ' ')}")
-    for d in (spec.dir / "trials" / f"{spec.name}-check", spec.dir / "trials", spec.dir):
+    for d in [] if is_uri(spec.dir) else (spec.dir / "trials" / f"{spec.name}-check",
+                                          spec.dir / "trials", spec.dir):
         try:  # what prepare's storage check made, if empty
             os.rmdir(d)
         except OSError:
@@ -523,16 +539,35 @@ def _slot_keeper(sweep: str):
 
 # ---- the trial ------------------------------------------------------------------------------
 
-def _write_json(path: Path, obj: Any) -> None:
+def _write_bytes(path: Union[Path, str], data: bytes) -> None:
+    """Whole or not at all: a local file through a rename, an object in one upload."""
+    if is_uri(path):
+        fs, key = pafs.FileSystem.from_uri(path)
+        with fs.open_output_stream(key) as out:
+            out.write(data)
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=str))
+    tmp.write_bytes(data)
     os.replace(tmp, path)
 
 
-def _read(path: Path) -> dict:
+def _read_bytes(path: Union[Path, str]) -> bytes:
+    """The file's bytes; OSError (FileNotFoundError if missing) when it cannot be read."""
+    if not is_uri(path):
+        return path.read_bytes()
+    fs, key = pafs.FileSystem.from_uri(path)
+    with fs.open_input_stream(key) as f:
+        return f.read()
+
+
+def _write_json(path: Union[Path, str], obj: Any) -> None:
+    _write_bytes(path, json.dumps(obj, indent=1, default=str).encode())
+
+
+def _read(path: Union[Path, str]) -> dict:
     try:
-        return json.loads(path.read_text())
+        return json.loads(_read_bytes(path))
     except (OSError, ValueError):
         return {}
 
@@ -555,7 +590,7 @@ def run_trial(config: dict, base: dict, spec: dict, settings: dict, eval_res: di
     refused), train it (a TorchTrainer whose reports reach Tune), evaluate its final checkpoint
     in a Ray task with its own resources, report the evaluation as the trial's last result."""
     from massl_ray.method.checkpoint import latest_valid_checkpoint
-    from massl_ray.train.trainer import run_dir_of, setup_logging, train
+    from massl_ray.train.trainer import checkpoint_root, run_dir_of, setup_logging, train
 
     setup_logging(0)
     sp = SweepSpec(**spec)
@@ -568,8 +603,13 @@ def run_trial(config: dict, base: dict, spec: dict, settings: dict, eval_res: di
                            f"{str(e).replace(chr(10), ' ')}") from None
     started, run_dir = time.time(), run_dir_of(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / "attempts.jsonl", "a") as f:  # one line per attempt of this trial
-        f.write(json.dumps({"started_at": started, "pid": os.getpid()}) + "\n")
+    attempts = _at(sp.dir, "trials", trial, "attempts.jsonl")  # a line per attempt of the trial
+    try:  # an object store has no append: the trial (its only writer) rewrites it whole
+        before = _read_bytes(attempts)
+    except FileNotFoundError:
+        before = b""
+    _write_bytes(attempts, before + json.dumps({"started_at": started, "pid": os.getpid()}
+                                               ).encode() + b"\n")
     import ray
 
     slots = _slots(sp.name)
@@ -583,7 +623,10 @@ def run_trial(config: dict, base: dict, spec: dict, settings: dict, eval_res: di
     m = dict(result.get("metrics") or {})
     if "loss" not in m:  # resumed after the last step: nothing trained now, take the logged end
         m.update(_last_logged(run_dir / "metrics.jsonl"))
-    ckpt = result.get("checkpoint") or latest_valid_checkpoint(run_dir)
+    if is_uri(sp.dir):  # the bucket's checkpoint, not the local copy: any node can evaluate it
+        ckpt = latest_valid_checkpoint(checkpoint_root(cfg))
+    else:
+        ckpt = result.get("checkpoint") or latest_valid_checkpoint(run_dir)
     out = {"final_loss": m.get("loss"), "step": m.get("step"), "train_wall_s": result.get("wall_s"),
            "checkpoint": str(ckpt) if ckpt else None, "trial_started_at": started,
            "train_started_at": train_started, "train_ended_at": train_ended,
@@ -608,12 +651,13 @@ def _last_logged(path: Path) -> dict:
         return {}
 
 
-def evaluate(trial: str, checkpoint: str, settings: dict, res: dict, sweep_dir: Path) -> dict:
+def evaluate(trial: str, checkpoint: str, settings: dict, res: dict,
+             sweep_dir: Union[Path, str]) -> dict:
     """The trial's evaluation: a recorded one of this checkpoint, else a Ray task with its own
     resources (outside the trial's placement group), awaited."""
     import ray
 
-    record = sweep_dir / "evaluations" / f"{trial}.json"
+    record = _at(sweep_dir, "evaluations", f"{trial}.json")
     old = _read(record)
     if old.get("status") == "ok" and old.get("checkpoint") == checkpoint:
         log.info("sweep: %s already evaluated (%s)", trial, record)
@@ -622,7 +666,7 @@ def evaluate(trial: str, checkpoint: str, settings: dict, res: dict, sweep_dir: 
         num_cpus=res["num_cpus"], num_gpus=res["num_gpus"] or None, scheduling_strategy="DEFAULT",
         name=f"evaluate:{trial}", max_retries=1)
     try:
-        return ray.get(task.remote(trial, checkpoint, settings, str(sweep_dir / "eval" / trial),
+        return ray.get(task.remote(trial, checkpoint, settings, str(_at(sweep_dir, "eval", trial)),
                                    str(record)))
     except ray.exceptions.RayTaskError as e:  # not fatal: the trial keeps its training
         log.error("sweep: evaluation of %s failed: %s", trial, e.cause)
@@ -631,20 +675,31 @@ def evaluate(trial: str, checkpoint: str, settings: dict, res: dict, sweep_dir: 
 
 def _evaluate_task(trial: str, checkpoint: str, settings: dict, out_dir: str, record: str) -> dict:
     """Body of the evaluation Ray task: evaluate, record (so a restarted trial reuses it)."""
-    from massl_ray.evaluate.jobs import evaluate_checkpoint
+    from massl_ray.evaluate.jobs import RESULT_FILE, SUMMARY_FILE, evaluate_checkpoint
+    from massl_ray.method.checkpoint import copy_checkpoint
     from massl_ray.train.trainer import setup_logging
 
     import ray
 
     setup_logging(0)
     started = time.time()
-    res = evaluate_checkpoint(checkpoint, EvalSettings.from_dict(settings), out_dir)
+    if is_uri(out_dir):  # evaluated from a local copy, eval.json / eval.md copied to the store
+        with tempfile.TemporaryDirectory(prefix="massl_eval_") as tmp:
+            local = os.path.join(tmp, checkpoint.rstrip("/").rsplit("/", 1)[-1])
+            os.makedirs(local)
+            copy_checkpoint(checkpoint, local)
+            res = evaluate_checkpoint(local, EvalSettings.from_dict(settings), f"{tmp}/out")
+            res["checkpoint"] = checkpoint
+            _write_json(f"{out_dir}/{RESULT_FILE}", res)
+            _write_bytes(f"{out_dir}/{SUMMARY_FILE}", Path(tmp, "out", SUMMARY_FILE).read_bytes())
+    else:
+        res = evaluate_checkpoint(checkpoint, EvalSettings.from_dict(settings), out_dir)
     ctx, ended = ray.get_runtime_context(), time.time()
     rec = {"trial": trial, "status": "ok", "checkpoint": checkpoint, "pid": os.getpid(),
            "resources": ctx.get_assigned_resources(), "placement_group": ctx.get_placement_group_id(),
            "eval_started_at": started, "eval_ended_at": ended, "eval_s": ended - started,
            "knn_top1": res["knn_top1"], "linear_top1": res["linear_top1"], "result": res}
-    _write_json(Path(record), rec)
+    _write_json(record if is_uri(record) else Path(record), rec)
     return rec
 
 
@@ -672,7 +727,7 @@ def collect_rows(grid, base: dict, spec: SweepSpec) -> list[dict]:
             status = "ok"
         elif m.get("done"):
             status, evaluated = "stopped early", "stopped early: not evaluated"
-            ckpt = latest_valid_checkpoint(spec.dir / "trials" / trial)
+            ckpt = latest_valid_checkpoint(_at(spec.dir, "trials", trial))
         num = (lambda k: m[k] if isinstance(m.get(k), (int, float)) and math.isfinite(m[k])
                else None)
         rows.append({
@@ -696,12 +751,12 @@ HIDDEN_MD = ("train_started_at", "train_ended_at", "trial_ended_at", "eval_start
              "eval_ended_at", "checkpoint", "error")
 
 
-def write_table(rows: list[dict], sweep_dir: Path) -> tuple[Path, Path]:
+def write_table(rows: list[dict], sweep_dir: Union[Path, str]) -> tuple:
     import pandas as pd
 
-    csv_path, md_path = sweep_dir / "results.csv", sweep_dir / "results.md"
+    csv_path, md_path = _at(sweep_dir, "results.csv"), _at(sweep_dir, "results.md")
     table = pd.DataFrame(rows, dtype=object)  # objects: ints stay ints beside empty cells
-    table.to_csv(csv_path, index=False)
+    _write_bytes(csv_path, table.to_csv(index=False).encode())
     shown = [c for c in table.columns if c not in HIDDEN_MD]
 
     def cell(v: Any) -> str:
@@ -713,11 +768,11 @@ def write_table(rows: list[dict], sweep_dir: Path) -> tuple[Path, Path]:
 
     lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
     lines += ["| " + " | ".join(cell(r.get(c)) for c in shown) + " |" for r in rows]
-    md_path.write_text("\n".join(lines) + "\n")
+    _write_bytes(md_path, ("\n".join(lines) + "\n").encode())
     return csv_path, md_path
 
 
-def write_heatmap(rows: list[dict], path: Path, title: str) -> Optional[Path]:
+def write_heatmap(rows: list[dict], path: Union[Path, str], title: str):
     """k-NN top-1 over (memory size, number of blocks): the mean where several trials share a
     cell, blank where none was evaluated."""
     import pandas as pd
@@ -751,15 +806,17 @@ def write_heatmap(rows: list[dict], path: Path, title: str) -> Optional[Path]:
                     color="black" if v > mid else "white", fontsize=9)
     fig.colorbar(im, ax=ax, label="k-NN top-1 (%)")
     fig.tight_layout()
-    fig.savefig(path)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
     plt.close(fig)
+    _write_bytes(path, buf.getvalue())
     return path
 
 
 # ---- the driver -----------------------------------------------------------------------------
 
-def _check_same_sweep(sweep_dir: Path, record: dict) -> None:
-    old = _read(sweep_dir / SWEEP_FILE)
+def _check_same_sweep(sweep_dir: Union[Path, str], record: dict) -> None:
+    old = _read(_at(sweep_dir, SWEEP_FILE))
     if not old:
         return
     same = json.loads(json.dumps(record, default=str))
@@ -771,13 +828,13 @@ def _check_same_sweep(sweep_dir: Path, record: dict) -> None:
             f"a resume must use the same sweep file: choose another sweep.name for a new sweep")
 
 
-def check_sweep_dir(sweep_dir: Path) -> None:
+def check_sweep_dir(sweep_dir: Union[Path, str]) -> None:
     """Refuse a sweep directory another user could have written to, before anything in it is
     read: a resume hands ``tune/`` to ``Tuner.restore``, which unpickles what it finds there.
     Refused: the directory or anything under ``tune/`` writable by group or others, or owned by
     another user; its parent writable by others without the sticky bit (they could replace
-    the directory). The message says how to fix it."""
-    if not sweep_dir.exists():
+    the directory). The message says how to fix it. A bucket's access is its own policy's."""
+    if is_uri(sweep_dir) or not sweep_dir.exists():
         return
     uid = os.getuid() if hasattr(os, "getuid") else None
     problems: list[str] = []
@@ -856,14 +913,13 @@ def _run_sweep(config_path: Union[str, os.PathLike], overrides: Optional[list[st
              "GPU; a training trial holds %s, an evaluating one %s) -> %s", spec.name, n_trials,
              conc.trials, conc.training, cluster.get("CPU", 0), cluster.get("GPU", 0),
              trial_resources(cfgs[0]), per_eval, sweep_dir)
-    sweep_dir.mkdir(parents=True, exist_ok=True)
-    _write_json(sweep_dir / SWEEP_FILE, record)
+    _write_json(_at(sweep_dir, SWEEP_FILE), record)
 
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=base, spec=spec_dict, settings=settings.to_dict(),
                              eval_res=eval_res),
         {"CPU": TRIAL_CPU})
-    tune_path = sweep_dir / "tune"
+    tune_path = _at(sweep_dir, "tune")
     t0 = time.time()
     slots = ray.remote(num_cpus=0)(TrainingSlots).options(
         name=f"{SLOTS}:{spec.name}", namespace=SLOTS).remote(conc.training)
@@ -886,7 +942,7 @@ def _run_sweep(config_path: Union[str, os.PathLike], overrides: Optional[list[st
         ray.kill(slots)
     rows = collect_rows(grid, base, spec)
     csv_path, md_path = write_table(rows, sweep_dir)
-    png = write_heatmap(rows, sweep_dir / "knn_heatmap.png",
+    png = write_heatmap(rows, _at(sweep_dir, "knn_heatmap.png"),
                         f"{spec.name}: k-NN top-1 (k={20 if 20 in settings.ks else settings.ks[0]})")
     best = None
     if any(r.get(spec.metric) is not None for r in rows):
@@ -905,7 +961,7 @@ def _run_sweep(config_path: Union[str, os.PathLike], overrides: Optional[list[st
                "training_slots": conc.training, "slot_log": slot_log, "wall_s": time.time() - t0,
                "best": best, "results_csv": str(csv_path), "results_md": str(md_path),
                "heatmap": str(png) if png else None, "tensorboard": str(tune_path), "rows": rows}
-    _write_json(sweep_dir / "summary.json", summary)
+    _write_json(_at(sweep_dir, "summary.json"), summary)
     if best:
         log.info("sweep %r: best %s = %s: %s %s", spec.name, spec.metric, best[spec.metric],
                  best["trial"], best["overrides"])

@@ -8,6 +8,7 @@ run again: resumed without redoing a finished trial or its evaluation."""
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import re
@@ -310,13 +311,18 @@ def test_trial_and_evaluation_resources(tmp_path):
         {"CPU": 2.01, "GPU": 1.0, "data_CPU": 3.0, "data_GPU": 1.0}
 
 
-def test_object_store_sweep_storage_is_still_refused(tmp_path):
-    """Resolving local paths on the driver must leave URIs alone (and so refused)."""
+def test_an_object_store_sweep_lives_under_its_uri(tmp_path):
+    """A URI storage path is left alone (not made absolute): the sweep directory, the trials'
+    run storage and the Tune experiment are under it (the killed-and-rerun test runs one)."""
+    from massl_ray.sweep import trial_config
+
     p = tmp_path / "s.yaml"
-    p.write_text(yaml.safe_dump({"sweep": {"name": "x", "storage_path": "s3://b/x",
+    p.write_text(yaml.safe_dump({"sweep": {"name": "x", "storage_path": "s3://b/sweeps/",
                                            "space": {"massl.num_blocks": [2]}}}))
-    with pytest.raises(ConfigError, match="sweep.storage_path must be a filesystem path"):
-        load_sweep(p)
+    base, spec = load_sweep(p)
+    assert spec.dir == "s3://b/sweeps/x"
+    assert trial_config(base, {}, spec, "t", validate=False).run.storage_path == \
+        "s3://b/sweeps/x/trials"
 
 
 def test_results_table_names_stopped_refused_and_unfinished_trials(tmp_path):
@@ -493,14 +499,48 @@ def test_sampled_invalid_trial_refused_with_its_reason(ray_instance, tmp_path):
     assert not list((Path(s["sweep_dir"]) / "trials").glob("*/attempts.jsonl"))
 
 
-def _tune_status(sweep_dir: Path) -> dict:
-    """Trial id -> status in the newest experiment state Tune saved (what a restore reads)."""
-    states = sorted((sweep_dir / "tune").glob("experiment_state*.json"), key=os.path.getmtime)
-    try:
-        data = json.loads(states[-1].read_text())
-    except (IndexError, OSError, ValueError):  # none yet, or being written
-        return {}
-    return {t["trial_id"]: t["status"] for t in (json.loads(js) for js, _ in data["trial_data"])}
+ATTEMPTS, RECORDS = r"trials/([^/]+)/attempts\.jsonl", r"evaluations/([^/]+)\.json"
+
+
+class _SweepInBucket:
+    """A sweep directory on the S3 test server (``s3://<bucket>/<prefix>``), read with boto3 as
+    the tests read a local one: ``objects`` maps a relative key to (bytes' ETag, LastModified)."""
+
+    def __init__(self, s3, bucket: str, prefix: str):
+        self.s3, self.bucket, self.prefix = s3, bucket, prefix
+        self.uri = f"s3://{bucket}/{prefix}"
+
+    def objects(self, sub: str = "") -> dict[str, tuple]:
+        out = {}
+        for page in self.s3.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=f"{self.prefix}/{sub}"):
+            out.update({o["Key"][len(self.prefix) + 1:]: (o["ETag"], o["LastModified"])
+                        for o in page.get("Contents", [])})
+        return out
+
+    def read(self, rel: str) -> bytes:
+        return self.s3.get(self.bucket, f"{self.prefix}/{rel}")
+
+    def jsons(self, pattern: str) -> dict:
+        """{the first group of ``pattern``: the parsed JSON (or JSON lines)} of each match."""
+        out = {}
+        for rel in sorted(self.objects()):
+            m = re.fullmatch(pattern, rel)
+            if m:
+                text = self.read(rel).decode()
+                out[m.group(1)] = json.loads(text) if rel.endswith(".json") else \
+                    [json.loads(x) for x in text.splitlines()]
+        return out
+
+    def tune_status(self) -> dict:
+        """Trial id -> status in the newest experiment state Tune saved (what a restore reads)."""
+        states = sorted((t, k) for k, (_, t) in self.objects("tune/").items()
+                        if re.fullmatch(r"tune/experiment_state[^/]*\.json", k))
+        if not states:
+            return {}
+        data = json.loads(self.read(states[-1][1]))
+        return {t["trial_id"]: t["status"]
+                for t in (json.loads(js) for js, _ in data["trial_data"])}
 
 
 def _processes() -> dict[int, tuple[int, int, str, int]]:
@@ -555,21 +595,24 @@ def _alive(killed: dict[int, int]) -> list[int]:
 
 @pytest.mark.ray
 @pytest.mark.timeout(1200)
-def test_tune_killed_and_run_again_resumes_without_redoing_finished_work(tmp_path):
+def test_tune_killed_and_run_again_resumes_without_redoing_finished_work(tmp_path, s3_server):
     """The user's ``tune --config jobs/sweep_cpu.yaml`` (shrunk to 2 trials of 4 steps through
     documented overrides, from a copy of the repository, the user's environment, its own local
-    Ray) killed with SIGKILL, its whole process group and local Ray with it, then the same
-    command again: it restores the Tune experiment (``Tuner.restore``) and finishes the grid
+    Ray) with its storage on the S3 test server (``sweep.storage_path=s3://...``: the Tune
+    experiment, the trials' runs, the sweep's records and results all in the bucket) killed with
+    SIGKILL, its whole process group and local Ray with it, then the same command again: it
+    restores the Tune experiment from the bucket (``Tuner.restore``) and finishes the grid
     without training a finished trial again or redoing a recorded evaluation, exits 0, prints no
     traceback and nothing on stderr but our own log lines, and writes results.csv / results.md.
 
     The kill point is the test's, not the machine speed's. Trial A is the one that took a
-    training slot first (its config.yaml, written once it holds one; on 2 CPUs there is one
-    slot and both trials start at once); the other, B, is frozen (SIGSTOP of its trainable
-    process, the pid it records in attempts.jsonl) as soon as it has started: it can then
-    neither report a result nor launch its evaluation, while A, which needs nothing from it,
-    trains, is evaluated and ends. The command is killed once Tune's saved experiment state
-    (what a restore reads) shows A TERMINATED and A's evaluation record exists. So at every
+    training slot first (its config.yaml in its local run directory under ``~/massl_runs``,
+    written once it holds one; on 2 CPUs there is one slot and both trials start at once); the
+    other, B, is frozen (SIGSTOP of its trainable process, the pid it records in
+    attempts.jsonl) as soon as it has started: it can then neither report a result nor launch
+    its evaluation, while A, which needs nothing from it, trains, is evaluated and ends. The
+    command is killed once Tune's saved experiment state in the bucket (what a restore reads)
+    shows A TERMINATED and A's evaluation record exists there. So at every
     kill one trial is finished and evaluated and one has started and not finished: the two
     cases a restore must tell apart (keep A and its evaluation; run B again). Two trials are
     therefore enough; a larger grid would only add trials waiting in Tune's queue, which a
@@ -587,18 +630,20 @@ def test_tune_killed_and_run_again_resumes_without_redoing_finished_work(tmp_pat
         dst = tmp_path / f"knn_{split}.parquet"
         pq.write_table(pq.read_table(QUICK / f"{split}.parquet").slice(0, rows), dst)
         knn.append(f"data.{key}={dst}")
+    bucket = s3_server.bucket("massl-tune-resume")
+    sweep = _SweepInBucket(s3_server, bucket, "sweeps/mem_blocks_cpu")
+    env = {**user_env(), "HOME": str(tmp_path / "home")}  # the trials' local logs: ~/massl_runs
     cmd = [sys.executable, "-m", "massl_ray", "tune", "--config", "jobs/sweep_cpu.yaml",
            *[o for o in TINY if not o.startswith("massl.")], "optim.epochs=1",
-           "optim.warmup_epochs=0", *knn, f"sweep.storage_path={tmp_path / 'sweeps'}",
+           "optim.warmup_epochs=0", *knn, f"sweep.storage_path=s3://{bucket}/sweeps",
            "sweep.space={massl.memory_size: [512, 1024]}",
            "sweep.evaluation={num_cpus: 0.45, limit_train: 300, limit_test: 100, "
            "linear_epochs: 3, few_shot: [1], few_shot_draws: 2, ks: [20]}"]
-    sweep_dir = tmp_path / "sweeps" / "mem_blocks_cpu"
-    trials_dir = sweep_dir / "trials"
+    local_runs = tmp_path / "home" / "massl_runs"
 
     first_out = tmp_path / "first_run.txt"
     with open(first_out, "w") as out:
-        driver = subprocess.Popen(cmd, cwd=clone, env=user_env(), stdin=subprocess.DEVNULL,
+        driver = subprocess.Popen(cmd, cwd=clone, env=env, stdin=subprocess.DEVNULL,
                                   stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     killed: dict[int, int] = {}
     frozen: dict[int, int] = {}  # B's trainable: {pid: start time}
@@ -610,23 +655,20 @@ def test_tune_killed_and_run_again_resumes_without_redoing_finished_work(tmp_pat
                 f"the command ended (exit {driver.returncode}) before the kill point:\n" \
                 + first_out.read_text()[-4000:]
             assert time.monotonic() < deadline, \
-                f"no kill point in 540 s (A={a}, B={b}, saved state {_tune_status(sweep_dir)}):\n" \
+                f"no kill point in 540 s (A={a}, B={b}, saved state {sweep.tune_status()}):\n" \
                 + first_out.read_text()[-4000:]
             if b is None:
-                try:
-                    attempts = _attempts(sweep_dir)
-                except ValueError:  # a line being written
-                    attempts = {}
+                attempts = sweep.jsons(ATTEMPTS)  # an object appears whole
                 # config.yaml is written by the training, after the trial took the slot
-                slotted = sorted(trials_dir.glob("*/config.yaml"), key=lambda f: f.stat().st_mtime)
+                slotted = sorted(local_runs.glob("*/config.yaml"), key=lambda f: f.stat().st_mtime)
                 others = [t for t in attempts if slotted and t != slotted[0].parent.name]
                 if others:
                     a, b = slotted[0].parent.name, others[0]
                     pid = attempts[b][0]["pid"]
                     frozen = {pid: _processes()[pid][3]}
                     os.kill(pid, signal.SIGSTOP)
-            elif _tune_status(sweep_dir).get(a) == "TERMINATED" and \
-                    (sweep_dir / "evaluations" / f"{a}.json").is_file():
+            elif sweep.tune_status().get(a) == "TERMINATED" and \
+                    f"evaluations/{a}.json" in sweep.objects("evaluations/"):
                 break
             time.sleep(0.2)
         killed = _kill_command(driver.pid)
@@ -643,29 +685,30 @@ def test_tune_killed_and_run_again_resumes_without_redoing_finished_work(tmp_pat
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-    status, attempts = _tune_status(sweep_dir), _attempts(sweep_dir)
+    status, attempts = sweep.tune_status(), sweep.jsons(ATTEMPTS)
     assert status.get(a) == "TERMINATED" and status.get(b) not in (None, "TERMINATED"), status
     assert sorted(attempts) == sorted([a, b]) and len(attempts[a]) == len(attempts[b]) == 1
-    assert sorted(_records(sweep_dir)) == [a], "B was evaluated before the kill"
-    record = sweep_dir / "evaluations" / f"{a}.json"
-    eval_json = sweep_dir / "eval" / a / "eval.json"
-    kept = {f: (f.read_bytes(), f.stat().st_mtime_ns)
-            for f in (record, eval_json, trials_dir / a / "metrics.jsonl")}
+    assert sorted(sweep.jsons(RECORDS)) == [a], "B was evaluated before the kill"
+    # A's evaluation (record, eval.json), metrics (its run's logs) and checkpoints in the bucket
+    kept = {rel: (sweep.read(rel), sweep.objects(rel)[rel]) for rel in (
+        f"evaluations/{a}.json", f"eval/{a}/eval.json", f"trials/{a}/logs/metrics.jsonl")}
+    assert any(re.fullmatch(rf"trials/{a}/checkpoint_[^/]+/meta\.json", k)
+               for k in sweep.objects(f"trials/{a}/")), sweep.objects(f"trials/{a}/")
 
-    p = run(cmd, cwd=clone, timeout=540)  # the same command again
+    p = run(cmd, cwd=clone, timeout=540, env=env)  # the same command again
     assert p.returncode == 0, f"exit {p.returncode}:\n{(p.stdout + p.stderr)[-6000:]}"
-    assert f"sweep 'mem_blocks_cpu': resuming the Tune experiment in {sweep_dir / 'tune'}" \
+    assert f"sweep 'mem_blocks_cpu': resuming the Tune experiment in {sweep.uri}/tune" \
         in p.stderr, p.stderr[-3000:]
     m = re.search(r"^sweep: 2/2 trials finished, 2 evaluated, \d+s -> (\S+)$", p.stdout, re.M)
     assert m, p.stdout[-3000:]
-    assert Path(m.group(1)) == sweep_dir / "results.md"
-    attempts = _attempts(sweep_dir)
+    assert m.group(1) == f"{sweep.uri}/results.md"
+    attempts = sweep.jsons(ATTEMPTS)
     assert len(attempts[a]) == 1, f"the finished trial {a} trained again: {attempts[a]}"
     assert len(attempts[b]) == 2, f"the interrupted trial {b} ran other than twice: {attempts[b]}"
-    for f, (content, mtime) in kept.items():  # A's evaluation and training records untouched
-        assert (f.read_bytes(), f.stat().st_mtime_ns) == (content, mtime), f
-    assert _records(sweep_dir)[b]["status"] == "ok"
-    rows = list(csv.DictReader((sweep_dir / "results.csv").open()))
+    for rel, (content, version) in kept.items():  # A's evaluation and training records untouched
+        assert (sweep.read(rel), sweep.objects(rel)[rel]) == (content, version), rel
+    assert sweep.jsons(RECORDS)[b]["status"] == "ok"
+    rows = list(csv.DictReader(io.StringIO(sweep.read("results.csv").decode())))
     assert sorted(r["trial"] for r in rows) == sorted([a, b])
     assert sorted(int(r["memory_size"]) for r in rows) == [512, 1024], rows
     for r in rows:  # each trial trained its 4 steps, then its dependent evaluation ran
@@ -673,7 +716,7 @@ def test_tune_killed_and_run_again_resumes_without_redoing_finished_work(tmp_pat
         assert float(r["trial_ended_at"]) <= float(r["eval_started_at"]), r
         assert 0 <= float(r["knn_top1"]) <= 100 and 0 <= float(r["linear_top1"]) <= 100, r
         float(r["final_loss"])  # a number
-    md = (sweep_dir / "results.md").read_text().splitlines()
+    md = sweep.read("results.md").decode().splitlines()
     assert len(md) == 2 + 2 and "knn_top1" in md[0], md
     # The screens last (every claim above holds when one of these fails): no traceback in the
     # rerun, nor before the kill (A trained and was evaluated there), and nothing on the rerun's
