@@ -443,9 +443,10 @@ class MultiCrop:
 
     def held_pixels(self) -> int:
         """A bound on the pixels a row holds after :meth:`decode` for images up to
-        TRAIN_MAX_PIXELS and 26:1 (more elongated ones may hold more): ``f == 8`` holds ~1/64,
-        a smaller f was chosen as > g/2 (``g``: the reduction the area allows), which holds
-        < 4 ``(size + 1)**2 / (scale[0] * k)``; 25 % for the rounding (tests check it)."""
+        TRAIN_MAX_PIXELS and 6:1 (more elongated ones may hold more): ``f == 8`` holds ~1/64,
+        a smaller f is > g/2 (``g``: the reduction the area or the short side allows), which
+        holds < 4 ``(size + 1)**2 / (scale[0] * k)`` or 4 ``(size + 1)**2 * long / short``;
+        25 % for the rounding (tests check it)."""
         k = min(self.ratio[0], 1.0 / self.ratio[1])
         fams = [(self.global_size, self.cfg.global_scale[0])]
         fams += [(self.local_size, self.cfg.local_scale[0])] if self.num_local else []
