@@ -329,3 +329,72 @@ def test_decompression_bomb_explicit_limit():
 def test_decode_error_reason_is_short():
     _, reason = try_decode(BAD["truncated_jpeg"])
     assert len(reason) < 300
+
+
+# --------------------------------------------------------------------------------------------
+# training: the pixel cap and the memory of a large in-cap decode
+# --------------------------------------------------------------------------------------------
+
+def test_training_refuses_images_over_its_pixel_cap_before_decoding():
+    from massl_ray.config import CropConfig
+    from massl_ray.data.images import TRAIN_MAX_PIXELS
+    from massl_ray.data.multicrop import MultiCrop
+
+    assert TRAIN_MAX_PIXELS == 8192 * 8192 < DEFAULT_MAX_PIXELS
+    mc = MultiCrop(CropConfig())
+    img, reason = mc.decode(_png_header_only(8192, 8193))
+    assert img is None and "too large" in reason and str(TRAIN_MAX_PIXELS) in reason
+    img, reason = mc.decode(_png_header_only(8192, 8192))  # in the cap: fails on its pixel data
+    assert img is None and "too large" not in reason
+
+
+_RSS_CHILD = r"""
+import gc, io, sys
+import numpy as np
+from PIL import Image
+from massl_ray.config import CropConfig
+from massl_ray.data.images import decode_image
+from massl_ray.data.multicrop import MultiCrop
+
+w, h = 8000, 6000  # 48 Mpx, in the training cap
+yy, xx = np.mgrid[0:h:16, 0:w:16]
+small = np.stack([(xx * 7) % 256, (yy * 3) % 256, (xx + yy) % 256], -1).astype(np.uint8)
+buf = io.BytesIO()
+Image.fromarray(small).resize((w, h), Image.BILINEAR).save(buf, "JPEG", quality=85)
+data = buf.getvalue()
+del buf, small, yy, xx
+mc = MultiCrop(CropConfig())
+
+def kib(key):
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(key))
+
+for what in ("reduced", "full"):
+    gc.collect()
+    before = kib("VmRSS:")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak (VmHWM) to the current RSS
+    x = mc.decode(data)[0][0] if what == "reduced" else decode_image(data)
+    print(what, x.shape[1], x.shape[2], kib("VmHWM:") - before)
+    del x
+"""
+
+
+def test_a_large_in_cap_jpeg_decodes_for_training_within_a_measured_rss_budget():
+    """An 8000x6000 JPEG decoded for training (default crops: 1/8, 1000x750) raises the peak
+    RSS of a fresh process by at most 7 B per reduced pixel (Pillow's 4-byte RGB image and the
+    3-byte array) + 12 MiB for libjpeg's and the allocator's working memory = 17 MiB (measured
+    8.6-10.3 MiB); its full decode, the path before, measured 458-496 MiB (pixels: 137 MiB)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    p = subprocess.run([sys.executable, "-c", _RSS_CHILD], cwd=Path(__file__).resolve().parents[1],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    rows = {r.split()[0]: [int(v) for v in r.split()[1:]] for r in p.stdout.splitlines()}
+    h, w, peak_kib = rows["reduced"]
+    assert (h, w) == (750, 1000)
+    budget_kib = (7 * h * w) // 1024 + 12 * 1024
+    assert peak_kib < budget_kib, (peak_kib, budget_kib)
+    fh, fw, full_kib = rows["full"]
+    assert (fh, fw) == (6000, 8000) and full_kib > 3 * fh * fw // 1024  # the measure sees it
