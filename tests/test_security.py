@@ -25,10 +25,11 @@ import torch
 import yaml
 from PIL import Image, ImageOps
 
-from massl_ray.config import Config, ConfigError, load_config
+from massl_ray.config import Config, ConfigError, CropConfig, load_config
 from massl_ray.data import images as images_mod
 from massl_ray.data import prepare as prep
 from massl_ray.data.images import ImageDecodeError, decode_image, try_decode
+from massl_ray.data.multicrop import MultiCrop
 from massl_ray.data.sources import DataSourceError
 from massl_ray.evaluate.export import TIMM_KWARGS, check_timm_spec, load_exported
 from massl_ray.evaluate.retrieval import load_revisited
@@ -282,6 +283,13 @@ def test_multipage_tiff_decodes_its_first_page_only():
     t = decode_image(buf.getvalue())
     assert tuple(t.shape) == (3, 4, 6) and t[:, 0, 0].tolist() == [255, 0, 0]
     assert bool((t == t[:, :1, :1]).all())
+    # training's decode (reduced 1/4 for 32/16 px crops): the first page too, its full size
+    pages = [Image.new("RGB", (640, 480), c) for c in ((255, 0, 0), (0, 0, 255))]
+    buf = io.BytesIO()
+    pages[0].save(buf, "TIFF", save_all=True, append_images=pages[1:])
+    (px, full), why = _TRAIN_MC.decode(buf.getvalue())
+    assert why is None and tuple(px.shape) == (3, 120, 160) and full == (480, 640)
+    assert px[:, 0, 0].tolist() == [255, 0, 0] and bool((px == px[:, :1, :1]).all())
 
 
 def _png_with_exif(a: np.ndarray, exif: bytes) -> bytes:
@@ -315,13 +323,24 @@ MALFORMED_EXIF = {
 }
 
 
+_TRAIN_MC = MultiCrop(CropConfig(global_size=32, local_size=16, num_local_crops=2))
+
+
 @pytest.mark.parametrize("case", sorted(MALFORMED_EXIF))
 def test_malformed_exif_keeps_the_stored_pixels(case):
     a = np.random.default_rng(1).integers(0, 256, (6, 8, 3), dtype=np.uint8)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         t = decode_image(_png_with_exif(a, MALFORMED_EXIF[case]))
-    assert np.array_equal(t.permute(1, 2, 0).numpy(), a)
+        assert np.array_equal(t.permute(1, 2, 0).numpy(), a)
+        # in a JPEG's APP1, through training's drafted decode (1/4): stored orientation, decoded
+        buf = io.BytesIO()
+        app1 = b"Exif\x00\x00" + MALFORMED_EXIF[case]
+        Image.new("RGB", (640, 480), (0, 200, 0)).save(buf, "JPEG", exif=app1)
+        assert app1 in buf.getvalue()
+        (px, full), why = _TRAIN_MC.decode(buf.getvalue())
+    assert why is None and tuple(px.shape) == (3, 120, 160) and full == (480, 640)
+    assert abs(int(px[1, 60, 80]) - 200) <= 2
 
 
 def test_an_exif_transpose_failure_keeps_the_stored_orientation(monkeypatch):
