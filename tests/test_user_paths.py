@@ -136,6 +136,13 @@ def knn_data(tmp_path_factory) -> list[str]:
             f"data.eval_test={_subset(QUICK / 'test.parquet', d / 'test.parquet', 200)}"]
 
 
+@pytest.fixture(scope="module")
+def bucket(s3_server) -> str:
+    """A bucket on the S3 test server (conftest.py: its endpoint is in this process's
+    environment, so in every command's) for the commands that read or write ``s3://``."""
+    return s3_server.bucket("massl-user-paths")
+
+
 def _site_packages() -> str:
     return sysconfig.get_paths()["purelib"]
 
@@ -217,11 +224,15 @@ def test_console_script_run_has_a_clean_first_screen(console_run):
 
 @pytest.mark.ray
 @pytest.mark.timeout(300)
-def test_eval_of_the_run_prints_knn_and_linear_and_writes_eval_json(console_run, clone, knn_data):
+def test_eval_of_the_run_prints_knn_and_linear_and_writes_eval_json(console_run, clone, knn_data,
+                                                                     s3_server, bucket):
+    """``eval`` of the run's checkpoint with its train and test data read from ``s3://``."""
     run_dir = console_run["run_dir"]
     assert console_run["proc"].returncode == 0
     out_dir = console_run["runs"] / "eval_out"
-    tr, te = (kv.split("=", 1)[1] for kv in knn_data)
+    tr, te = (f"s3://{bucket}/knn/{Path(kv.split('=', 1)[1]).name}" for kv in knn_data)
+    for kv, uri in zip(knn_data, (tr, te)):
+        s3_server.put(bucket, uri.split(f"{bucket}/", 1)[1], Path(kv.split("=", 1)[1]).read_bytes())
     p = run([sys.executable, "-m", "massl_ray", "eval", "--checkpoint", str(run_dir),
              "--train-data", tr, "--test-data", te, "--linear-epochs", "3", "--few-shot", "1",
              "--few-shot-draws", "2", "--out", str(out_dir)], cwd=clone, timeout=280)
@@ -234,6 +245,7 @@ def test_eval_of_the_run_prints_knn_and_linear_and_writes_eval_json(console_run,
     assert res["knn_top1"] == pytest.approx(float(m.group(1)), abs=0.006)
     assert res["linear_top1"] == pytest.approx(float(m.group(2)), abs=0.006)
     assert res["global_step"] == 4 and res["train"]["rows"] == 500 and res["test"]["rows"] == 200
+    assert (res["train"]["source"], res["test"]["source"]) == (tr, te)
     # the documented default: features by Ray Data batch inference, not in-process
     assert res["timings"]["features_train"]["mode"] == "ray_data"
 
@@ -269,32 +281,39 @@ def _own_progress(stderr: str, command: str) -> str:
 
 @pytest.mark.ray
 @pytest.mark.timeout(420)
-def test_prepare_then_embed_on_ray_print_only_their_own_lines(console_run, clone, tmp_path):
-    """``prepare`` an image folder (two classes, one undecodable file) into Parquet shards on Ray,
-    then ``embed`` them with the run's checkpoint through Ray Data: each exits 0 with its
-    summary line, its outputs, and a clean screen (its own progress lines and log records)."""
+def test_prepare_then_embed_on_ray_print_only_their_own_lines(console_run, clone, tmp_path,
+                                                              s3_server, bucket):
+    """``prepare`` an image folder in a bucket (two classes, one undecodable file) into Parquet
+    shards in the bucket on Ray (``prepare s3://... s3://...``), then ``embed`` them from the
+    bucket with the run's checkpoint through Ray Data: each exits 0 with its summary line, its
+    outputs, and a clean screen (its own progress lines and log records)."""
+    import io
+
     from PIL import Image
 
     import numpy as np
 
     rng = np.random.default_rng(0)
-    src = tmp_path / "imgs"
     for c in ("cat", "dog"):
-        (src / c).mkdir(parents=True)
         for i in range(12):
-            Image.fromarray(rng.integers(0, 255, (32, 40, 3), dtype=np.uint8)).save(src / c / f"{i}.png")
-    (src / "dog" / "bad.jpg").write_bytes(b"not an image")
-    prepared, emb = tmp_path / "prepared", tmp_path / "emb"
-    p = run([sys.executable, "-m", "massl_ray", "prepare", str(src), str(prepared),
+            buf = io.BytesIO()
+            Image.fromarray(rng.integers(0, 255, (32, 40, 3), dtype=np.uint8)).save(buf, "PNG")
+            s3_server.put(bucket, f"imgs/{c}/{i}.png", buf.getvalue())
+    s3_server.put(bucket, "imgs/dog/bad.jpg", b"not an image")
+    src, prepared, emb = f"s3://{bucket}/imgs", f"s3://{bucket}/prepared", tmp_path / "emb"
+    p = run([sys.executable, "-m", "massl_ray", "prepare", src, prepared,
              "--rows-per-shard", "10"], cwd=clone, timeout=200)
     succeeded(p)
     assert re.search(r"^prepare: wrote 24 rows in 3 files .* skipped 1 undecodable", p.stdout, re.M), p.stdout
     bad = unexpected_lines(_own_progress(p.stderr, "prepare"))
     assert not bad, "noise on the screen of prepare:\n" + "\n".join(bad[:40])
-    manifest = json.loads((prepared / "manifest.json").read_text())
+    manifest = json.loads(s3_server.get(bucket, "prepared/manifest.json"))
     assert manifest["rows"] == 24 and manifest["classes"] == ["cat", "dog"]
+    assert manifest["source"] == src
+    assert [k for k in s3_server.keys(bucket, "prepared/") if k.endswith(".parquet")] == \
+        [f"prepared/part-0000{i}.parquet" for i in range(3)]
     e = run([sys.executable, "-m", "massl_ray", "embed", "--checkpoint", str(console_run["run_dir"]),
-             "--data", str(prepared), "--out", str(emb)], cwd=clone, timeout=200)
+             "--data", prepared, "--out", str(emb)], cwd=clone, timeout=200)
     succeeded(e)
     assert re.search(r"^wrote 24 embeddings \(dim \d+, final \[CLS\]\) in 1 shard\(s\), 0 "
                      r"undecodable skipped, \d+s \(ray_data\)", e.stdout, re.M), e.stdout
