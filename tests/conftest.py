@@ -70,13 +70,20 @@ def crops() -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
 
 
 @pytest.fixture(scope="session")
-def ray_instance(tmp_path_factory):
+def ray_instance(tmp_path_factory, request):
     """One small local Ray for every in-process Ray test of the session: 4 logical CPUs on this
     2-core machine (two train workers and a decode task fit), a 512 MiB object store, no
     dashboard, its own temp dir. A Ray start costs seconds and an idle Ray about 1 GB, so the
     tests that use it run together (see ``pytest_collection_modifyitems``) and it is shut down
-    before the tests that start Ray processes of their own."""
+    before the tests that start Ray processes of their own. The S3 test server (``s3_server``)
+    is started first, so every process of this Ray has its variables (a test may train on it
+    with ``s3://`` data and storage); where it cannot start outside CI (a skip), this Ray
+    starts without it and only the tests that ask for ``s3_server`` skip."""
     ray = pytest.importorskip("ray")
+    try:
+        request.getfixturevalue("s3_server")
+    except pytest.skip.Exception:
+        pass
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if ray.is_initialized():
@@ -175,9 +182,8 @@ def s3_server():
     """moto's S3 server in this process on 127.0.0.1 (a free port), for the whole session. Its
     endpoint (``AWS_ENDPOINT_URL``, which pyarrow's S3 filesystem and boto3 honour), dummy keys
     and a region are set in ``os.environ`` until the session ends (earlier AWS_* values put
-    back then): every process started after it (a CLI subprocess and its Ray) inherits them.
-    A Ray started before (the session's shared ``ray_instance``) has not: a test that needs
-    Ray and S3 starts its own (e.g. a CLI subprocess). Under ``CI=true`` a server that cannot
+    back then): every process started after it (a CLI subprocess and its Ray, the session's
+    shared ``ray_instance``, which starts it first) inherits them. Under ``CI=true`` a server that cannot
     start fails the test; elsewhere it skips it."""
     import logging
     import threading

@@ -94,17 +94,52 @@ def _registered_checkpoints(run_dir: Path) -> list[dict]:
                   key=lambda m: m["step"])
 
 
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+def _bucket_jsonl(uri: str) -> list[dict]:
+    from pyarrow import fs as pafs
+
+    fs, key = pafs.FileSystem.from_uri(uri)
+    if fs.get_file_info(key).type != pafs.FileType.File:
+        return []
+    with fs.open_input_stream(key) as f:
+        return [json.loads(x) for x in f.read().decode().splitlines() if x.strip()]
+
+
+def _alive(pid: int) -> bool:
+    try:  # a zombie (exited, not yet reaped) is dead too
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _wait_for(cond, timeout: float, what: str):
+    deadline = time.time() + timeout
+    while not cond():
+        assert time.time() < deadline, f"not within {timeout:.0f} s: {what}"
+        time.sleep(0.1)
+
+
 @pytest.mark.ray
 @pytest.mark.timeout(420)
-def test_a_node_lost_mid_run_shrinks_the_group_and_the_run_feeds_the_same_images(tmp_path):
+def test_a_node_lost_mid_run_shrinks_the_group_and_the_run_feeds_the_same_images(
+        tmp_path, s3_server, monkeypatch):
     """Three Ray nodes on this machine (ray.cluster_utils.Cluster): a head without CPUs (the
     driver, the feed coordinator) and two 2-CPU nodes, one train worker each (1.5 CPUs), with
-    run.num_workers=[1, 2]. The node of rank 1 is removed once a checkpoint exists: Ray Train
-    restarts the group with one worker from the last checkpoint; the run finishes; for every
-    global step the rows fed equal an uninterrupted run's (the exact order does not depend on
-    the world size); the memory banks of both ranks agreed at the checkpoints the two-worker
-    group took before the removal (two per-rank checksums, equal: Ray Train's record of every
-    checkpoint's metrics, all of them kept), and the checkpoints after the shrink carry one."""
+    run.num_workers=[1, 2], data read from and checkpoints and logs written to the S3 test
+    server (``s3://``). The node of rank 0 is removed once a checkpoint exists (with its disk:
+    the local logs rank 0 wrote there are moved away, as a spot reclaim loses them): Ray Train
+    restarts the group with one worker, on the other node, from the last checkpoint; the run
+    finishes; for every global step the rows fed equal an uninterrupted run's (the exact order
+    does not depend on the world size); the memory banks of both ranks agreed at the
+    checkpoints the two-worker group took before the removal (two per-rank checksums, equal:
+    Ray Train's record of every checkpoint's metrics, all of them kept), and the checkpoints
+    after the shrink carry one. The bucket's metrics.jsonl holds the run's whole history: the
+    first attempt's lines as its rank 0 copied them (every logged step up to the checkpoint),
+    then every logged step of the second attempt (the new rank 0 fetched the file before
+    appending to it): none lost, none overwritten."""
     import ray
     from ray.cluster_utils import Cluster
 
@@ -112,7 +147,8 @@ def test_a_node_lost_mid_run_shrinks_the_group_and_the_run_feeds_the_same_images
     from massl_ray.data.groups import LocalFeed, window_groups_of
     from massl_ray.data.multicrop import MultiCrop
     from massl_ray.data.sources import open_source
-    from massl_ray.train.trainer import train
+    from massl_ray.train.log_sync import WORKER_FILES
+    from massl_ray.train.trainer import checkpoint_root, run_dir_of, train
 
     def over(name, **extra):
         o = {"model.arch": "vit_micro", "model.patch_size": 4, "model.depth": 1,
@@ -132,8 +168,13 @@ def test_a_node_lost_mid_run_shrinks_the_group_and_the_run_feeds_the_same_images
         o.update(extra)
         return [f"{k}={v}" for k, v in o.items()]
 
+    bucket = s3_server.bucket("elastic")
+    s3_server.put(bucket, "data/train.parquet", QUICK.read_bytes())
+    s3 = {"data.train": f"s3://{bucket}/data/train.parquet", "run.storage_path": f"s3://{bucket}/runs"}
+    monkeypatch.setenv("HOME", str(tmp_path))  # an object-store run logs to ~/massl_runs/<name>
     if ray.is_initialized():
         ray.shutdown()
+    # the nodes' processes inherit the S3 server's variables (set by s3_server)
     # a removed node is declared dead after ~5 s of missed health checks (default: ~30 s)
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 0, "object_store_memory": 256 * 1024**2, "include_dashboard": False,
@@ -162,37 +203,53 @@ def test_a_node_lost_mid_run_shrinks_the_group_and_the_run_feeds_the_same_images
                     for e in (0, 1) for s, b in enumerate(feed.batches(e))}
         assert sorted(ref_rows) == list(range(24))
 
-        run_dir = tmp_path / "elastic"
+        cfg = load_config(None, over("elastic", **s3))
+        run_dir, root = run_dir_of(cfg), checkpoint_root(cfg)
+        assert run_dir == tmp_path / "massl_runs" / "elastic" and root.startswith("s3://")
+        aside = tmp_path / "lost_disk"  # the local logs of the removed node's rank 0
         removed = {}
 
-        def remove_rank1_node():
+        def remove_rank0_node():
             deadline = time.time() + 300
             while time.time() < deadline:
                 # a checkpoint Ray Train has registered (in its own record, which the final
-                # check reads), not one only written: rank 0's checkpoints.jsonl line comes
-                # once its report returned, and a node removed then, before the controller
-                # took the report, leaves the checkpoint out of Ray Train's record (seen here)
+                # check reads), not one only written (a node removed before the controller
+                # took the report leaves it out of that record: seen here), and the metrics up
+                # to it copied to the bucket (rank 0 copies its logs after each checkpoint)
                 try:
-                    reg = _registered_checkpoints(run_dir)
+                    reg = _registered_checkpoints(root)
                 except Exception:  # no record yet, or one being rewritten
                     reg = []
-                info = run_dir / "workers" / "rank_1.json"
-                if reg and info.exists():
-                    node_id = json.loads(info.read_text())["node_id"]
+                info = run_dir / "workers" / "rank_0.json"
+                if reg and info.exists() and any(
+                        m["step"] >= reg[-1]["step"]
+                        for m in _bucket_jsonl(f"{root}/logs/metrics.jsonl")):
+                    rank0 = json.loads(info.read_text())
                     for n in nodes:
-                        if n.node_id == node_id:
+                        if n.node_id == rank0["node_id"]:
                             removed["ckpt_step"] = reg[-1]["step"]
                             cluster.remove_node(n)
-                            removed["node"] = node_id
+                            removed["node"] = rank0["node_id"]
+                            # its disk goes with it: once its rank 0 is gone, the logs it
+                            # wrote are moved away before a new rank 0 starts
+                            pid = json.loads((run_dir / "workers" / "starts.jsonl")
+                                             .read_text().splitlines()[0])["pid"]
+                            _wait_for(lambda: not _alive(pid), 60,
+                                      "the removed node's rank 0 to exit")
+                            aside.mkdir()
+                            for name in WORKER_FILES:
+                                if (run_dir / name.rstrip("/")).exists():
+                                    (run_dir / name.rstrip("/")).rename(aside / name.rstrip("/"))
+                            removed["moved"] = True
                             return
                     return
-                time.sleep(0.2)
+                time.sleep(0.5)
 
-        t = threading.Thread(target=remove_rank1_node, daemon=True)
+        t = threading.Thread(target=remove_rank0_node, daemon=True)
         t.start()
-        res = train(load_config(None, over("elastic")))
-        t.join(timeout=5)
-        assert "node" in removed, "rank 1's node was never removed"
+        res = train(cfg)
+        t.join(timeout=60)
+        assert removed.get("moved"), f"rank 0's node was never removed: {removed}"
         assert res["metrics"]["step"] == 24
         starts = [json.loads(x) for x in (run_dir / "workers" / "starts.jsonl").read_text().splitlines()]
         worlds = [s.get("world_size") for s in starts]
@@ -201,7 +258,7 @@ def test_a_node_lost_mid_run_shrinks_the_group_and_the_run_feeds_the_same_images
         # The replica check at checkpoints the two-worker group took: rank 0 reports every
         # rank's memory-bank checksum with each checkpoint (RayLoopContext.report), and Ray
         # Train records those metrics per checkpoint.
-        reported = _registered_checkpoints(run_dir)
+        reported = _registered_checkpoints(root)
         before = [m for m in reported if m["step"] <= removed["ckpt_step"]]
         assert [m["step"] for m in before if m["step"] == removed["ckpt_step"]] == \
             [removed["ckpt_step"]], reported  # the checkpoint registered before the removal
@@ -220,6 +277,23 @@ def test_a_node_lost_mid_run_shrinks_the_group_and_the_run_feeds_the_same_images
             assert got[s] == ref_rows[s], f"step {s}: other images than the uninterrupted run"
         feed = json.loads((run_dir / "data_feed.json").read_text())
         assert [w for _, w in feed["resets"]][:1] == [2] and feed["resets"][-1][1] == 1
+        # rank 0 moved: the last attempt's rank 0 ran on the node that was rank 1's
+        last_rank0 = json.loads((run_dir / "workers" / "rank_0.json").read_text())["node_id"]
+        assert last_rank0 != removed["node"] and last_rank0 in {n.node_id for n in nodes}
+        # the bucket's metrics.jsonl: the first attempt's lines (those its rank 0 had copied, up
+        # to the checkpoint at least), then every logged step of the second, in order
+        lost = _jsonl(aside / "metrics.jsonl")
+        assert lost and all(m["start_step"] == 0 for m in lost), lost  # moved before attempt 2
+        logged = _bucket_jsonl(f"{root}/logs/metrics.jsonl")
+        first = [m for m in logged if m["start_step"] == 0]
+        assert logged[:len(first)] == lost[:len(first)], (logged, lost)
+        assert [m["step"] for m in first][-1] >= removed["ckpt_step"], (first, removed)
+        start = res["metrics"]["start_step"]
+        assert [(m["start_step"], m["step"]) for m in logged[len(first):]] == [
+            (start, s) for s in range(2, 25, 2) if s > start], logged  # run.log_every_steps=2
+        assert {m["step"] for m in logged} == set(range(2, 25, 2))  # none lost
+        # the new rank 0 continued the fetched file on its disk
+        assert _jsonl(run_dir / "metrics.jsonl") == logged
     finally:
         ray.shutdown()
         cluster.shutdown()
