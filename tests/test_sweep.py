@@ -1,6 +1,6 @@
 """Sweeps: Tune search spaces, searchers and schedulers by name, refusals (no Ray), concurrency
 from what trials hold, the results table of stopped/refused trials, and on one shared Ray
-instance: a too-large sweep refused, a 4-trial Optuna search end to end (each trial's evaluation
+instance: a too-large sweep refused, a 3-trial Optuna search end to end (each trial's evaluation
 a separate Ray task, its k-NN in Tune's ResultGrid and Optuna's study), a sampled invalid trial
 refused; and the user's tune command (its own Ray) SIGKILLed at a point the test controls, then
 run again: resumed without redoing a finished trial or its evaluation."""
@@ -382,12 +382,13 @@ def _attempts(sweep_dir: Path) -> dict:
 @pytest.mark.ray
 @pytest.mark.timeout(900)
 def test_optuna_search_end_to_end(ray_instance, tmp_path):
-    """A 4-trial Optuna search over memory size x blocks: each trial evaluated as a dependent
+    """A 3-trial Optuna search over memory size x blocks: each trial evaluated as a dependent
     Ray task, the evaluation's k-NN in Tune's ResultGrid (get_best_result) and in Optuna's own
     study, the table, heatmap and TensorBoard hparams from the ResultGrid."""
     space = {"massl.memory_size": {"choice": [256, 512]}, "massl.num_blocks": {"choice": [1, 2]}}
-    # seed 5: Optuna's first 4 (random start-up) proposals are the 4 cells, for the heatmap
-    p = tiny_sweep(tmp_path, "optuna", space, search="optuna", num_samples=4, seed=5)
+    # Three trials: three at once (the derived concurrency, below), and two hand-overs of the
+    # training slot, each evaluation overlapping the next training.
+    p = tiny_sweep(tmp_path, "optuna", space, search="optuna", num_samples=3, seed=5)
     # Too large for the 4-CPU Ray: refused before launch, with the numbers.
     with pytest.raises(ConfigError, match=r"a trial needs 4\.01 CPU while it trains .* data "
                                           r"feed 0\.5 more .* the cluster has 4 CPU: it could "
@@ -401,7 +402,7 @@ def test_optuna_search_end_to_end(ray_instance, tmp_path):
     # trials at once.
     s = run_sweep(p, ["run.cpus_per_worker=2"])
     t_end = time.time()
-    assert s["trials"] == 4 and s["finished"] == 4 and s["evaluated"] == 4
+    assert s["trials"] == 3 and s["finished"] == 3 and s["evaluated"] == 3
     assert not s["interrupted"] and not s["errors"] and not s["refused"]
     assert (s["concurrency"], s["training_slots"]) == (3, 1)
     # The trainings ran one at a time, each in the slot the one before gave back; each
@@ -411,7 +412,7 @@ def test_optuna_search_end_to_end(ray_instance, tmp_path):
         assert prev["train_ended_at"] <= nxt["train_started_at"]
         assert nxt["train_started_at"] < prev["eval_ended_at"] and \
             prev["eval_started_at"] < nxt["train_ended_at"], (prev, nxt)
-    assert [what for _, _, what in s["slot_log"]] == ["take", "give"] * 4
+    assert [what for _, _, what in s["slot_log"]] == ["take", "give"] * 3
     sweep_dir = Path(s["sweep_dir"])
     evals, attempts = _records(sweep_dir), _attempts(sweep_dir)
     assert sorted(evals) == sorted(attempts) == sorted(r["trial"] for r in s["rows"])
@@ -438,7 +439,7 @@ def test_optuna_search_end_to_end(ray_instance, tmp_path):
     from ray.tune.search.optuna import OptunaSearch
 
     grid = ResultGrid(ExperimentAnalysis(str(sweep_dir / "tune")))
-    assert len(grid) == 4 and not grid.errors
+    assert len(grid) == 3 and not grid.errors
     best = grid.get_best_result(metric="knn_top1", mode="max")
     top = max(e["knn_top1"] for e in evals.values())
     tied = {t for t, e in evals.items() if e["knn_top1"] == top}  # 100 test images: ties happen
@@ -459,7 +460,7 @@ def test_optuna_search_end_to_end(ray_instance, tmp_path):
         (r["memory_size"], r["num_blocks"]) for r in rows.values())
 
     table = list(csv.DictReader(open(sweep_dir / "results.csv")))
-    assert len(table) == 4
+    assert len(table) == 3
     for r in table:
         for col in ("final_loss", "knn_top1", "linear_top1", "train_wall_s"):
             float(r[col])  # a number in every cell
@@ -467,7 +468,7 @@ def test_optuna_search_end_to_end(ray_instance, tmp_path):
         assert (int(r["memory_size"]), int(r["num_blocks"])) in {(256, 1), (256, 2), (512, 1),
                                                                   (512, 2)}
     md = (sweep_dir / "results.md").read_text().splitlines()
-    assert len(md) == 2 + 4 and "knn_top1" in md[0]
+    assert len(md) == 2 + 3 and "knn_top1" in md[0]
 
     from PIL import Image
 
@@ -477,7 +478,7 @@ def test_optuna_search_end_to_end(ray_instance, tmp_path):
     # TensorBoard hparams (Tune's own logger): one run per trial, with the evaluation's k-NN
     # and the memory as trained (the block size derived from the swept block count).
     events = sorted(Path(s["tensorboard"]).glob("*/events.out.tfevents.*"))
-    assert len(events) == 4
+    assert len(events) == 3
     for e in events:
         data = e.read_bytes()
         assert b"_hparams_/session_start_info" in data
