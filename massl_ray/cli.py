@@ -285,12 +285,15 @@ def main(argv: Optional[list[str]] = None) -> int:
         if isinstance(e, CheckpointError):
             print(f"checkpoint error: {e}", file=sys.stderr)
             return 2
+        from massl_ray.data.sources import DataError
         from massl_ray.method.learner import NonFiniteLoss
 
         # In-process the exception itself; from Ray Train, a failure whose cause chain holds it.
+        # Both end a run at once (a retry would repeat them), the last good checkpoint kept.
         msg, cause = None, e
         while cause is not None and msg is None:
-            if isinstance(cause, NonFiniteLoss) or "NonFiniteLoss" in type(cause).__name__:
+            if (isinstance(cause, (NonFiniteLoss, DataError))
+                    or "NonFiniteLoss" in type(cause).__name__):
                 msg = str(cause)
             cause = cause.__cause__ or cause.__context__
         if msg is None and "non-finite loss" in str(e):

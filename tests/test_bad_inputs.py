@@ -135,3 +135,129 @@ def test_bad_image_suite_is_skipped_named_and_counted_and_odd_formats_are_used(
     assert sorted(named) == sorted(key(n) for n in unusable)  # the identical pairs: both named
     for n in unusable:
         assert isinstance(named[key(n)], str) and named[key(n)], f"no reason for {n}"
+
+
+# ---- unreadable files and row groups: skipped, named and refilled like undecodable images ------
+
+def _corrupt_page(path: Path, group: int) -> None:
+    """Garbage over the first page header of row group ``group``'s image column chunk: the
+    footer stays valid (the file opens), reading that row group fails."""
+    col = pq.ParquetFile(path).metadata.row_group(group).column(0)
+    off = col.dictionary_page_offset if col.has_dictionary_page else col.data_page_offset
+    data = bytearray(path.read_bytes())
+    data[off:off + 16] = b"\xff" * 16
+    path.write_bytes(bytes(data))
+
+
+def _write_parquet(root: Path, junk: set) -> tuple[Path, Path]:
+    """a.parquet: 4 rows (one row group); b.parquet: 28 rows in row groups of 4. ``junk``:
+    (file, row) pairs written as undecodable bytes."""
+    root.mkdir(exist_ok=True)
+    out = []
+    for name, n, seed in (("a.parquet", 4, 100), ("b.parquet", 28, 200)):
+        imgs = [b"junk" if (name, i) in junk else
+                _enc(Image.fromarray(_noise(12, 12, seed + i)), "PNG") for i in range(n)]
+        pq.write_table(pa.table({"image": pa.array(imgs, pa.binary()),
+                                 "label": pa.array(np.arange(n) % 3, pa.int64())}),
+                       root / name, row_group_size=4)
+        out.append(root / name)
+    return out[0], out[1]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("fault", ["file_removed", "dangling_link", "parquet_removed",
+                                   "corrupt_page"])
+def test_unreadable_files_and_row_groups_are_skipped_named_and_refilled_like_undecodable_rows(
+        tmp_path, fault):
+    """A file removed after the source was opened, an image path that became a dangling link
+    (CI runs as root: chmod 000 would not deny a read), a Parquet file removed after opening,
+    a corrupted page behind a valid footer: the training batches (rows and crops) are bit for
+    bit those of the same data with these rows undecodable, at world size 1 and 2; the report
+    names the file, or ``<file>#rg<i>`` once per row group, with the read error."""
+    from massl_ray.config import CropConfig
+    from massl_ray.data.groups import LocalFeed
+    from massl_ray.data.multicrop import MultiCrop
+    from massl_ray.data.sources import open_source
+    from massl_ray.data.views import DecodeReport
+
+    mc = MultiCrop(CropConfig(global_size=8, local_size=4, num_local_crops=1))
+
+    def run(src, world):
+        report = DecodeReport()
+        feed = LocalFeed(src, mc, 3, 8, 4, report=report)
+        ranks = [list(feed.batches(0, 0, r, world)) for r in range(world)]
+        steps = [{k: np.concatenate([ranks[r][s][k] for r in range(world)])
+                  for k in ranks[0][s]} for s in range(len(ranks[0]))]
+        return steps, report.summary()["rows"]
+
+    if fault in ("file_removed", "dangling_link"):
+        root, outside = tmp_path / "imgs", tmp_path / "outside"
+        root.mkdir()
+        outside.mkdir()
+        for i in range(32):
+            (root / f"{i:02d}.png").write_bytes(_enc(Image.fromarray(_noise(12, 12, i)), "PNG"))
+        x = root / "05.png"
+        if fault == "dangling_link":  # a link to a file outside the folder
+            target = outside / "05.png"
+            target.write_bytes(x.read_bytes())
+            x.unlink()
+            x.symlink_to(target)
+        else:
+            target = x
+        src = open_source(str(root))
+        good = target.read_bytes()
+        target.write_bytes(b"junk")
+        expected, expected_named = run(src, 1)
+        target.write_bytes(good)
+        target.unlink()  # removed after opening; for the link: now dangling
+        named_as = {str(x)}
+    else:
+        bad_rows = ({("a.parquet", i) for i in range(4)} if fault == "parquet_removed"
+                    else {("b.parquet", i) for i in range(8, 12)})  # b's row group 2
+        a, b = _write_parquet(tmp_path / "junk", bad_rows)
+        expected, expected_named = run(open_source(str(tmp_path / "junk")), 1)
+        assert len(expected_named) == 4  # four undecodable rows, each named
+        a, b = _write_parquet(tmp_path / "junk", set())
+        src = open_source(str(tmp_path / "junk"))
+        if fault == "parquet_removed":
+            a.unlink()
+            named_as = {f"{a}#rg0"}
+        else:
+            _corrupt_page(b, 2)
+            named_as = {f"{b}#rg2"}
+    for world in (1, 2):
+        got, named = run(src, world)
+        assert len(got) == len(expected) == 4
+        for s, (e, g) in enumerate(zip(expected, got)):
+            assert e.keys() == g.keys()
+            for k in e:
+                assert np.array_equal(e[k], g[k]), f"world {world} step {s}: {k} differs"
+        assert set(named) == named_as, named
+        why = named[next(iter(named_as))]
+        assert why.startswith("unreadable: ") and ("No such file" in why or "thrift" in why), why
+
+
+def test_an_incomplete_decode_report_is_not_reported_as_all_images_decoded(tmp_path, caplog):
+    """A decode report that restarted (``complete: false``) lists only the rows since: its
+    count is a lower bound, never "all images decoded"."""
+    import logging
+
+    from massl_ray.train.trainer import _report_decode_errors
+
+    log = logging.getLogger("massl_ray")
+    log.addHandler(caplog.handler)  # the package's logger may not propagate (setup_logging)
+    try:
+        with caplog.at_level(logging.INFO, logger="massl_ray"):
+            _report_decode_errors(tmp_path, {"skipped": 0, "rows": {}})
+            assert "all images decoded" in caplog.text  # a complete report of none
+            caplog.clear()
+            partial = {"complete": False, "restarted": True, "note": "it restarted"}
+            _report_decode_errors(tmp_path, {"skipped": 0, "rows": {}, **partial})
+            assert "all images decoded" not in caplog.text
+            assert "incomplete" in caplog.text and "lower bound" in caplog.text
+            caplog.clear()
+            _report_decode_errors(tmp_path, {"skipped": 1, "rows": {"x.jpg": "bad"}, **partial})
+            assert "skipped at least 1 " in caplog.text and "incomplete" in caplog.text
+    finally:
+        log.removeHandler(caplog.handler)
+    assert json.loads((tmp_path / "decode_errors.json").read_text())["complete"] is False

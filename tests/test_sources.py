@@ -83,7 +83,8 @@ def test_local_view_batches_are_deterministic_per_epoch():
     assert not np.array_equal(a["global_crops"], c["global_crops"])
 
 
-@pytest.mark.parametrize("case", ["missing", "empty", "truncated", "no_image_column", "not_binary"])
+@pytest.mark.parametrize("case", ["missing", "empty", "truncated", "no_image_column", "not_binary",
+                                  "string_labels", "null_labels", "null_labels_no_stats"])
 def test_bad_sources_are_refused_with_one_clear_message(tmp_path, case):
     if case == "missing":
         path, match = tmp_path / "nope", "does not exist"
@@ -97,9 +98,18 @@ def test_bad_sources_are_refused_with_one_clear_message(tmp_path, case):
     elif case == "no_image_column":
         path, match = tmp_path / "n.parquet", "no image column 'image'"
         pq.write_table(pa.table({"pixels": pa.array([b"x"], pa.binary())}), path)
-    else:
+    elif case == "not_binary":
         path, match = tmp_path / "s.parquet", "not binary"
         pq.write_table(pa.table({"image": pa.array(["a string"])}), path)
+    elif case == "string_labels":  # e.g. synset names: not class indices
+        path, match = tmp_path / "l.parquet", r"label column 'label' .* is string, not integer"
+        pq.write_table(pa.table({"image": pa.array([_png((0, 0, 0))], pa.binary()),
+                                 "label": pa.array(["n01440764"])}), path)
+    else:  # a null in the last row group (read from the footer's statistics, or the column)
+        path, match = tmp_path / "n.parquet", r"label column 'label' .* has 1 null\(s\) in row group 2"
+        pq.write_table(pa.table({"image": pa.array([_png((0, 0, 0))] * 6, pa.binary()),
+                                 "label": pa.array([0, 1, 0, 1, 0, None], pa.int64())}), path,
+                       row_group_size=2, write_statistics=case == "null_labels")
     with pytest.raises(DataSourceError, match=match):
         open_source(str(path))
 

@@ -50,6 +50,8 @@ Faults. Neither a dead actor nor a hung task stops a run silently:
   FailureConfig restarts the worker group from the last checkpoint while ``run.max_failures``
   allows (a lost or stuck task is redone then; one that hangs on the same rows again times out
   again, and the run ends with this error once the failures are used up).
+- A decode task's :class:`~massl_ray.data.sources.DataError` (a unit with no decodable row)
+  reaches its ranks as itself: the run ends at once, no retry (``train.trainer``).
 """
 
 from __future__ import annotations
@@ -70,7 +72,7 @@ from massl_ray.data.groups import (concat_pieces, decode_task, group_read, read_
 from massl_ray.data.multicrop import MultiCrop, decode_task_memory
 from massl_ray.data.pipeline import ACTOR_MAX_RESTARTS, restarted_actor
 from massl_ray.data.plan import EpochPlan, decode_tasks
-from massl_ray.data.sources import Source
+from massl_ray.data.sources import DataError, Source
 
 log = logging.getLogger(__name__)
 
@@ -487,6 +489,8 @@ class RankFeed:
                 f"or a read task of those row groups, hangs (e.g. on a pathological image) or "
                 f"was lost; the decode task was cancelled. {retried}.", g, self.rank,
                 what) from None
+        except DataError as e:  # a decode task's (a RayTaskError): as itself, for Ray Train
+            raise DataError(str(getattr(e, "cause", e))) from None
         except (ray.exceptions.TaskCancelledError, ray.exceptions.WorkerCrashedError) as e:
             raise FeedError(
                 f"data feed: {who}: its piece(s) of global step {g} failed ({type(e).__name__}: "

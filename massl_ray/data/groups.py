@@ -19,8 +19,11 @@ local mode calls in-process (:class:`LocalFeed`) and Ray tasks call on the clust
   where a run resumed) -> the pieces that go to each (step, rank).
 
 Undecodable rows are skipped, named (``<file>#<row>`` or the image path) and reported; a unit
-keeps its size by repeating its decodable rows, so the step-to-rows map never shifts. A unit
-with no decodable row at all is an error that names it (the data is not a set of images).
+keeps its size by repeating its decodable rows, so the step-to-rows map never shifts. An
+unreadable image file (vanished, a dangling link, unreadable) or Parquet row group (a corrupt
+page; its file gone) takes the same path: its rows are skipped, named by the file or
+``<file>#rg<i>`` (once per row group) with the read error. A unit with no decodable row at all
+is a :class:`~massl_ray.data.sources.DataError` that names it: the run ends at once.
 """
 
 from __future__ import annotations
@@ -30,12 +33,13 @@ from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from massl_ray.config import Config
 from massl_ray.data.multicrop import MultiCrop
 from massl_ray.data.plan import DEFAULT_WINDOW_GROUPS, DecodeTask, EpochPlan, decode_tasks
-from massl_ray.data.sources import Source, parquet_row_id
+from massl_ray.data.sources import DataError, Source, parquet_row_id
 from massl_ray.data.views import DecodeReport, batch_generator, make_views
 
 # Image folders: this many consecutive files (in the source's sorted order) form a row group.
@@ -114,27 +118,47 @@ def group_read(src: Source, g: Group) -> GroupRead:
                      tuple(src.classes) if src.classes else None)
 
 
+_READ_ERRORS = (OSError, pa.ArrowException)
+
+
+def _unreadable(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return f"unreadable: {type(e).__name__}: {lines[0] if lines else ''}"
+
+
 def read_group(gr: GroupRead) -> dict:
     """One row group, read whole and in storage order: ``{"image": list[bytes], "label":
-    int64 array or None, "id": list[str]}``."""
+    int64 array or None, "id": list[str], "unreadable": {id: reason}}``. A row group (an image
+    file) that cannot be read gives empty rows named ``<file>#rg<i>`` (the file's path) in
+    ``unreadable``: skipped like undecodable images."""
     g = gr.group
     if gr.kind == "parquet":
         cols = [gr.image_column] + ([gr.label_column] if gr.label_column else [])
-        with gr.filesystem.open_input_file(gr.files[0]) as fh:
-            t = pq.ParquetFile(fh).read_row_group(g.index, columns=cols).slice(0, g.rows)
+        try:
+            with gr.filesystem.open_input_file(gr.files[0]) as fh:
+                t = pq.ParquetFile(fh).read_row_group(g.index, columns=cols).slice(0, g.rows)
+        except _READ_ERRORS as e:
+            name = f"{gr.files[0]}#rg{g.index}"
+            return {"image": [b""] * g.rows, "id": [name] * g.rows, "unreadable":
+                    {name: _unreadable(e)}, "label": np.zeros(g.rows, np.int64)
+                    if gr.label_column else None}
         images = [v if v is not None else b"" for v in t.column(gr.image_column).to_pylist()]
         labels = (np.asarray(t.column(gr.label_column).to_numpy(), dtype=np.int64)
                   if gr.label_column else None)
         ids = [parquet_row_id(gr.files[0], g.file_row + i) for i in range(g.rows)]
-        return {"image": images, "label": labels, "id": ids}
-    images = []
+        return {"image": images, "label": labels, "id": ids, "unreadable": {}}
+    images, bad = [], {}
     for p in gr.files:
-        with gr.filesystem.open_input_stream(p) as fh:
-            images.append(fh.read())
+        try:
+            with gr.filesystem.open_input_stream(p) as fh:
+                images.append(fh.read())
+        except _READ_ERRORS as e:
+            images.append(b"")
+            bad[p] = _unreadable(e)
     labels = None
     if gr.classes:
         labels = np.asarray([gr.classes.index(p.rsplit("/", 2)[-2]) for p in gr.files], np.int64)
-    return {"image": images, "label": labels, "id": list(gr.files)}
+    return {"image": images, "label": labels, "id": list(gr.files), "unreadable": bad}
 
 
 # -- routing: which rows of which group go to which decode task ---------------------------------
@@ -193,7 +217,7 @@ def split_rows(rows: dict, r: Route, start: int) -> list[dict]:
         part = {"pos": r.positions[sel], "row": offs + start,
                 "image": [rows["image"][i] for i in offs],
                 "label": rows["label"][offs] if rows["label"] is not None else None,
-                "id": [rows["id"][i] for i in offs]}
+                "id": [rows["id"][i] for i in offs], "unreadable": rows["unreadable"]}
         out.append(part)
     return out
 
@@ -223,6 +247,7 @@ def decode_task(parts: Sequence[dict], task: DecodeTask, multicrop: MultiCrop, s
     labels = np.concatenate([p["label"] for p in parts])[order] if labeled else None
     images = [images[i] for i in order]
     ids = [ids[i] for i in order]
+    unreadable = {k: v for p in parts for k, v in p.get("unreadable", {}).items()}
     cols: dict[str, list] = {}
     all_bad: list[tuple[str, str]] = []
     for step, j, lo, hi in task.units:
@@ -230,6 +255,8 @@ def decode_task(parts: Sequence[dict], task: DecodeTask, multicrop: MultiCrop, s
         out, bad = make_views(images[a:b], ids[a:b], multicrop,
                               batch_generator(seed, epoch, step, j),
                               labels[a:b] if labeled else None)
+        if unreadable:  # their empty rows failed to decode: the read error is the reason
+            bad = [(i, unreadable.get(i, r)) for i, r in dict(bad).items()]
         if bad:
             badset = {x for x, _ in bad}
             good = np.asarray([k for k in range(a, b) if ids[k] not in badset], dtype=np.int64)
@@ -237,10 +264,10 @@ def decode_task(parts: Sequence[dict], task: DecodeTask, multicrop: MultiCrop, s
             good = np.arange(a, b)
         n = len(out["global_crops"])
         if n == 0:
-            raise RuntimeError(
+            raise DataError(
                 f"epoch {epoch} step {step}: none of the {b - a} rows of its unit {j} "
-                f"(positions {lo}..{hi - 1}) could be decoded (e.g. {bad[0][0]}: {bad[0][1]}): "
-                f"is data.train a set of images?")
+                f"(positions {lo}..{hi - 1}) could be decoded or read (e.g. {bad[0][0]}: "
+                f"{bad[0][1]}): the step cannot be made; fix or remove these rows")
         out["row"] = rows[good]
         if n < b - a:  # keep the unit full: repeat its decodable rows
             sel = np.arange(b - a) % n

@@ -1,8 +1,9 @@
 """Training/evaluation data sources: Parquet and image folders, local or object-store URIs.
 
 Opening a source validates it on the driver *before* any training resources are taken: a
-missing path, an empty folder, a truncated Parquet file or a Parquet file without the image
-column is refused with one clear :class:`DataSourceError`. Ray-free (pyarrow only), so the
+missing path, an empty folder, a truncated Parquet file, a Parquet file without the image
+column, or a label column that is not integer or has nulls is refused with one clear
+:class:`DataSourceError`. Ray-free (pyarrow only), so the
 same code serves the Ray Data pipeline and the in-process local mode.
 """
 
@@ -23,6 +24,13 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".
 
 class DataSourceError(ValueError):
     """A data source that cannot be trained on; the message says which path and why."""
+
+
+class DataError(RuntimeError):
+    """Training data found unusable during training where a retry cannot help (a unit of a
+    step with no decodable row): the run ends at once naming it, like a non-finite loss,
+    whatever run.max_failures says. (Unreadable files and row groups, and undecodable images,
+    are skipped and named instead.)"""
 
 
 @dataclass
@@ -124,9 +132,33 @@ def _open_parquet(uri, fs, files, image_column, label_column, what) -> Source:
             raise DataSourceError(f"{what}: column {image_column!r} of {f!r} is {t}, not binary image bytes")
         if label_ok and label_column not in schema.names:
             label_ok = False
+        if label_column in schema.names:
+            _check_labels(fs, f, meta, label_column, what)
         rows.append(n)
     return Source("parquet", uri, fs, files, int(sum(rows)), image_column,
                   label_column if label_ok else None, None, rows, groups)
+
+
+def _check_labels(fs, f, meta: pq.ParquetFile, column: str, what: str) -> None:
+    """Refuse a label column that is not integer or has nulls (the footer's null counts; the
+    column is read only where a row group has none)."""
+    t = meta.schema_arrow.field(column).type
+    why = None if pa.types.is_integer(t) else f"is {t}, not integer class indices"
+    md, j = meta.metadata, meta.schema_arrow.get_field_index(column)
+    for i in range(md.num_row_groups if why is None else 0):
+        st = md.row_group(i).column(j).statistics
+        if st is not None and st.has_null_count:
+            nulls = st.null_count
+        else:
+            with fs.open_input_file(f) as fh:
+                nulls = pq.ParquetFile(fh).read_row_group(i, columns=[column]).column(0).null_count
+        if nulls:
+            why = f"has {nulls} null(s) in row group {i}"
+            break
+    if why:
+        raise DataSourceError(
+            f"{what}: label column {column!r} of {f!r} {why}; fix the data, or set "
+            f"data.label_column=null to train without labels")
 
 
 def _open_folder(uri, fs, root, images) -> Source:

@@ -33,7 +33,7 @@ from massl_ray.method.checkpoint import (READ_BYTES, latest_valid_checkpoint, li
                                         load_latest_valid_checkpoint)
 from massl_ray.train.loop import LocalLoopContext, LoopContext, run_loop
 from massl_ray.train.log_sync import APPEND_FILES, DRIVER_FILES, WORKER_FILES, log_sync_for
-from massl_ray.data.sources import DataSourceError, Source, open_source
+from massl_ray.data.sources import DataError, DataSourceError, Source, open_source
 from massl_ray.data.views import DecodeReport
 from massl_ray.runtime import cluster_capacity, init_ray, planned_cluster_cpus, train_log_level
 
@@ -419,12 +419,37 @@ def _write_summary(run_dir: Path, summary: dict) -> None:
 def _report_decode_errors(run_dir: Path, summary: dict) -> None:
     n = summary.get("skipped", 0)
     (run_dir / "decode_errors.json").write_text(json.dumps(summary, indent=1))
+    where = run_dir / "decode_errors.json"
+    partial = summary.get("complete") is False  # the report restarted: a lower bound
     if n:
         shown = list(summary["rows"].items())[:5]
-        log.warning("skipped %d undecodable image(s) (list in %s): %s", n,
-                    run_dir / "decode_errors.json", "; ".join(f"{k}: {v}" for k, v in shown))
+        log.warning("skipped %s%d undecodable image(s) or unreadable file(s)/row group(s) "
+                    "(list in %s%s): %s", "at least " if partial else "", n, where,
+                    ", incomplete" if partial else "",
+                    "; ".join(f"{k}: {v}" for k, v in shown))
+    elif partial:
+        log.warning("the decode report is incomplete (%s): none recorded since, so the count "
+                    "of skipped images is unknown (a lower bound: 0)", summary.get("note", ""))
     else:
         log.info("all images decoded (0 skipped)")
+
+
+def _stop_on_data_error():
+    """A Ray Train callback: a deterministic data error (:class:`DataError`, a unit with no
+    decodable row) ends the run at once, whatever run.max_failures says (a retry from the last
+    checkpoint would meet the same rows). The rank that meets it raises it (the others, waiting
+    for it in a collective, end with Ray Train's teardown); in Ray Train's controller, this
+    turns that worker failure into a controller error, which its failure policy never retries.
+    (A local class: pickled by value, so the controller imports no torch to load it.)"""
+    from ray.train import ControllerError, UserCallback
+
+    class StopOnDataError(UserCallback):
+        def after_exception(self, run_context, worker_exceptions: dict) -> None:
+            for e in worker_exceptions.values():
+                if isinstance(e, DataError):
+                    raise ControllerError(e)
+
+    return StopOnDataError()
 
 
 def train(cfg: Config, local: bool = False, callbacks: Optional[list] = None,
@@ -480,8 +505,10 @@ def _train_local(cfg: Config, src: Source, run_dir: Path, root: Union[Path, str]
         ctx = _LocalToObjectStore(cfg, src, run_dir, resume, report, root)
     else:
         ctx = LocalLoopContext(cfg, src, run_dir, resume, report)
-    last = run_loop(cfg, ctx, OnlineKnn.from_config(cfg))
-    _report_decode_errors(run_dir, report.summary())
+    try:
+        last = run_loop(cfg, ctx, OnlineKnn.from_config(cfg))
+    finally:  # also when a DataError ends the run: what was skipped until then
+        _report_decode_errors(run_dir, report.summary())
     ckpt = ctx.resume_from
     return {"mode": "local", "metrics": last, "checkpoint": str(ckpt) if ckpt else None,
             "skipped_images": report.count()}
@@ -569,12 +596,18 @@ def _train_ray(cfg: Config, src: Source, run_dir: Path, root: Union[Path, str],
             checkpoint_config=CheckpointConfig(num_to_keep=r.num_checkpoints_to_keep),
             failure_config=FailureConfig(max_failures=r.max_failures,
                                          max_preemption_failures=r.max_preemption_failures),
-            callbacks=list(callbacks or []),
+            callbacks=list(callbacks or []) + [_stop_on_data_error()],
             logging_config=LoggingConfig(log_level=train_log_level()),
         ),
     )
+    data_error = None
     try:
-        result = trainer.fit()
+        try:
+            result = trainer.fit()
+        except ray.train.ControllerError as e:  # _stop_on_data_error's
+            data_error = e.controller_failure
+            if not isinstance(data_error, DataError):
+                raise
         summary = ray.get(reporter.summary.remote())
         stopped = ray.get(reporter.non_finite.remote())
         data_stats = ray.get(feed.stats.remote())
@@ -583,6 +616,8 @@ def _train_ray(cfg: Config, src: Source, run_dir: Path, root: Union[Path, str],
         ray.kill(feed)
     (run_dir / "data_feed.json").write_text(json.dumps(data_stats))
     _report_decode_errors(run_dir, summary)
+    if data_error is not None:
+        raise DataError(str(data_error))
     if stopped is not None:  # the workers ended normally at a non-finite loss (_worker_loop)
         raise NonFiniteLoss(stopped["step"], stopped["value"])
     ckpt = None
