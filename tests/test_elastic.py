@@ -172,6 +172,11 @@ def test_a_node_lost_mid_run_shrinks_the_group_and_the_run_feeds_the_same_images
     s3_server.put(bucket, "data/train.parquet", QUICK.read_bytes())
     s3 = {"data.train": f"s3://{bucket}/data/train.parquet", "run.storage_path": f"s3://{bucket}/runs"}
     monkeypatch.setenv("HOME", str(tmp_path))  # an object-store run logs to ~/massl_runs/<name>
+    # Ray Train sizes the restarted group from the resources it sees at once, before the removed
+    # node is declared dead: 2 workers, whose placement group then waits for the lost node until
+    # this timeout (default 60 s: most of this test's time), and the group restarts with one.
+    # The wait is for the placement group only (a GCS reservation, no process start).
+    monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "10")
     if ray.is_initialized():
         ray.shutdown()
     # the nodes' processes inherit the S3 server's variables (set by s3_server)
