@@ -1,11 +1,13 @@
 """Faults of the data feed on Ray (massl_ray/data/feed.py, massl_ray/data/pipeline.py): a
 killed coordinator or decode report restarts and the ranks get exactly the uninterrupted
 batches; a decode task that hangs ends the rank's wait at data.fetch_timeout_s with an error
-naming the step, the rank and the decode task and row groups it waited for."""
+naming the step, the rank and the decode task and row groups it waited for; a unit with no
+readable row ends a training run at once (exit code 3, no retry)."""
 
 from __future__ import annotations
 
 import io
+import json
 import math
 import os
 import time
@@ -22,6 +24,7 @@ from massl_ray.data.groups import LocalFeed
 from massl_ray.data.multicrop import MultiCrop
 from massl_ray.data.plan import EpochPlan
 from massl_ray.data.sources import open_source
+from massl_ray.method.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.ray
 
@@ -241,3 +244,50 @@ def test_a_hung_decode_task_fails_the_rank_at_the_fetch_timeout_naming_step_rank
         assert ray.get(coord.stats.remote())["restarted"] is False
     finally:
         ray.kill(coord)
+
+
+@pytest.mark.timeout(600)
+def test_a_unit_with_no_readable_row_ends_the_run_at_once_on_ray_and_a_corrupt_row_group_is_skipped(
+        tmp_path, ray_instance, capsys):
+    """Deterministic data errors on Ray: 2 workers, 4 rows each a step, storage order, one
+    decode unit per rank slice, Parquet row groups of 2 rows with corrupted pages (valid
+    footer) in row group 1 (rows 2-3: half of step 0's rank-0 unit: skipped, named
+    ``<file>#rg1``, the unit refilled with rows 0-1) and row groups 10-11 (rows 20-23: all of
+    step 2's rank-1 unit, while rank 0 has its rows and waits in the step's all-reduce). With
+    run.max_failures=2 the run ends after ONE attempt (one start per rank), exit code 3 naming
+    the step, the unit and a row group; the step-2 checkpoint intact."""
+    from massl_ray.cli import main as cli_main
+    from massl_ray.method.checkpoint import latest_valid_checkpoint, list_checkpoints
+    from test_bad_inputs import _corrupt_page
+
+    path = tmp_path / "rows.parquet"
+    pq.write_table(pa.table({"image": pa.array([_png(i) for i in range(48)], pa.binary())}),
+                   path, row_group_size=2)
+    for g in (1, 10, 11):
+        _corrupt_page(path, g)
+    o = {"model.arch": "vit_micro", "model.patch_size": 4, "model.depth": 1,
+         "model.head_hidden_dim": 32, "model.head_out_dim": 16, "crops.global_size": 16,
+         "crops.local_size": 8, "crops.num_local_crops": 1, "massl.memory_size": 64,
+         "massl.block_size": 16, "optim.batch_size_per_worker": 4, "optim.epochs": 1,
+         "data.train": str(path), "data.shuffle": "none", "data.decode_rows": 4,
+         "run.name": "bad", "run.storage_path": str(tmp_path), "run.log_every_steps": 1,
+         "run.checkpoint_every_steps": 2, "run.final_knn": False, "run.num_workers": 2,
+         "run.max_failures": 2, "run.cpus_per_worker": 1, "data.decode_cpus": 1,
+         "run.record_rows": True}
+    rc = cli_main(["train", *[f"{k}={v}" for k, v in o.items()]])
+    err = capsys.readouterr().err
+    assert rc == 3, err[-3000:]
+    assert (f"training stopped: epoch 0 step 2: none of the 4 rows of its unit 1 (positions "
+            f"20..23) could be decoded or read (e.g. {path}#rg10: unreadable: OSError: ") in err
+    run_dir = tmp_path / "bad"
+    starts = [json.loads(x) for x in (run_dir / "workers" / "starts.jsonl").read_text().splitlines()]
+    assert sorted(s["rank"] for s in starts) == [0, 1], f"retried: {starts}"
+    assert [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()
+            ] == [1, 2]
+    assert len(list_checkpoints(run_dir)) == 1
+    assert load_checkpoint(latest_valid_checkpoint(run_dir))["global_step"] == 2
+    skipped = json.loads((run_dir / "decode_errors.json").read_text())["rows"]
+    assert skipped[f"{path}#rg1"].startswith("unreadable: OSError: ")
+    rows0 = [json.loads(x) for x in (run_dir / "workers" / "rows_rank0.jsonl").read_text()
+             .splitlines()]
+    assert rows0[0]["step"] == 0 and rows0[0]["rows"] == [0, 1, 0, 1]  # refilled
