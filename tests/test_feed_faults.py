@@ -280,8 +280,8 @@ def test_a_unit_with_no_readable_row_ends_the_run_at_once_on_ray_and_a_corrupt_r
     assert (f"training stopped: epoch 0 step 2: none of the 4 rows of its unit 1 (positions "
             f"20..23) could be decoded or read (e.g. {path}#rg10: unreadable: OSError: ") in err
     run_dir = tmp_path / "bad"
-    starts = [json.loads(x) for x in (run_dir / "workers" / "starts.jsonl").read_text().splitlines()]
-    assert sorted(s["rank"] for s in starts) == [0, 1], f"retried: {starts}"
+    starts = (run_dir / "workers" / "starts.jsonl").read_text().splitlines()
+    assert sorted(json.loads(s)["rank"] for s in starts) == [0, 1], f"retried: {starts}"
     assert [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()
             ] == [1, 2]
     assert len(list_checkpoints(run_dir)) == 1

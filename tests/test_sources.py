@@ -106,7 +106,8 @@ def test_bad_sources_are_refused_with_one_clear_message(tmp_path, case):
         pq.write_table(pa.table({"image": pa.array([_png((0, 0, 0))], pa.binary()),
                                  "label": pa.array(["n01440764"])}), path)
     else:  # a null in the last row group (read from the footer's statistics, or the column)
-        path, match = tmp_path / "n.parquet", r"label column 'label' .* has 1 null\(s\) in row group 2"
+        path = tmp_path / "n.parquet"
+        match = r"label column 'label' .* has 1 null\(s\) in row group 2"
         pq.write_table(pa.table({"image": pa.array([_png((0, 0, 0))] * 6, pa.binary()),
                                  "label": pa.array([0, 1, 0, 1, 0, None], pa.int64())}), path,
                        row_group_size=2, write_statistics=case == "null_labels")
