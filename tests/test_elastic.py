@@ -71,6 +71,37 @@ def test_resources_are_checked_against_the_minimum_of_a_range():
                                          *small), 2.0)
 
 
+def test_rank_0_on_a_node_with_no_or_a_stale_copy_of_the_logs_continues_the_stored_history(
+        tmp_path):
+    """Rank 0's node changes A -> B -> A (the storage path an object store, here ``file://``):
+    B starts with no metrics.jsonl, A again with its own stale one, lacking B's lines, plus a
+    line of its own it never copied. Each restart's copies hold every line: none lost, none
+    overwritten (before: a stale local file was kept as it was and replaced the stored one)."""
+    from massl_ray.train.log_sync import APPEND_FILES, WORKER_FILES, log_sync_for
+
+    store = f"file://{tmp_path / 'bucket'}"
+    a, b = tmp_path / "nodeA", tmp_path / "nodeB"
+
+    def attempt(node: Path, lines: list[str]) -> None:
+        sync = log_sync_for(store, "r", node, WORKER_FILES)
+        sync.restore(APPEND_FILES)
+        node.mkdir(exist_ok=True)
+        with open(node / "metrics.jsonl", "a") as f:
+            f.writelines(f"{ln}\n" for ln in lines)
+        sync.sync()
+
+    attempt(a, ['{"a": 1}', '{"a": 2}'])
+    with open(a / "metrics.jsonl", "a") as f:  # logged after A's last copy: never copied
+        f.write('{"a": 3}\n')
+    attempt(b, ['{"b": 1}'])
+    stored = tmp_path / "bucket" / "r" / "logs" / "metrics.jsonl"
+    assert stored.read_text().splitlines() == ['{"a": 1}', '{"a": 2}', '{"b": 1}']
+    attempt(a, ['{"a2": 1}'])
+    assert stored.read_text().splitlines() == [
+        '{"a": 1}', '{"a": 2}', '{"b": 1}', '{"a": 3}', '{"a2": 1}']
+    assert (a / "metrics.jsonl").read_text() == stored.read_text()
+
+
 def _rows_by_step(run_dir: Path) -> dict:
     """step -> the global batch's rows (ranks in order), as the last attempt that ran the step
     fed them (rank 0's log is in time order: its last record of a step names that attempt's

@@ -7,8 +7,9 @@ the store but the logs are written to a local run directory (``trainer.run_dir_o
 modification time changed since its last copy, whole (object stores have no append). Rank 0
 syncs its metrics (``metrics.jsonl``, ``checkpoints.jsonl``, the TensorBoard event files) after
 each checkpoint and when its loop ends; the driver syncs the config and the summaries. A run
-resumed on another machine (a new rank-0 node, a new driver) first fetches the files it appends
-to (:meth:`LogSync.restore`), so its copies continue the run's logs instead of replacing them.
+resumed on another machine (a new rank-0 node, a new driver, or one it left and came back to)
+first brings the files it appends to up to date with their copies (:meth:`LogSync.restore`),
+so its copies continue the run's logs instead of replacing them.
 Ray-free.
 """
 
@@ -51,30 +52,35 @@ class LogSync:
         self.bytes_copied = 0
 
     def restore(self, names: Iterable[str]) -> int:
-        """Fetch each of ``names`` (relative to the run directory) that this machine lacks but
-        the storage path holds; returns how many were fetched. Call it before the run writes
-        them: the run then appends to its earlier lines. A file whose copy exists but cannot be
-        fetched is never copied by this LogSync (the copy keeps its earlier lines; the new ones
-        stay in the local file), with a warning."""
+        """Bring each of ``names`` (relative to the run directory, line files) up to date with
+        its copy on the storage path before the run writes it, so the run appends to the whole
+        history; returns how many local files changed. The local file becomes the stored copy's
+        lines, then its own lines the copy lacks: a machine without the file (a new rank-0
+        node) gets the copy; one with a stale file (rank 0 back on a node it left, whose file
+        lacks what ran elsewhere since) gets the copy plus anything of its own never copied.
+        A file whose copy exists but cannot be fetched is never copied by this LogSync (the
+        copy keeps its earlier lines; the new ones stay in the local file), with a warning."""
         import pyarrow
         import pyarrow.fs as pafs
 
         n = 0
         for name in names:
             p = self.local_dir / name
-            if p.exists():
-                continue
             src = f"{self.root}/{name}"
             try:
                 if self.fs.get_file_info(src).type != pafs.FileType.File:
                     continue
                 with self.fs.open_input_stream(src) as f:
-                    data = f.read()
-                p.parent.mkdir(parents=True, exist_ok=True)
-                p.write_bytes(data)
-                st = p.stat()
-                self._seen[name] = (st.st_size, st.st_mtime_ns)
-                n += 1
+                    stored = f.read()
+                local = p.read_bytes() if p.is_file() else b""
+                merged = _merge_lines(stored, local)
+                if merged != local:
+                    p.parent.mkdir(parents=True, exist_ok=True)
+                    p.write_bytes(merged)
+                    n += 1
+                if merged == stored:  # the copy is this file: nothing to copy back
+                    st = p.stat()
+                    self._seen[name] = (st.st_size, st.st_mtime_ns)
             except (OSError, pyarrow.ArrowException) as e:
                 self._held.add(name)
                 log.warning("could not fetch %s to continue it (it will not be copied there "
@@ -120,6 +126,15 @@ class LogSync:
             except (OSError, pyarrow.ArrowException) as e:
                 log.warning("could not copy log file %s to %s: %s", p, self.root, e)
         return n
+
+
+def _merge_lines(stored: bytes, local: bytes) -> bytes:
+    """``stored``'s lines, then those of ``local`` that ``stored`` lacks, in their order."""
+    have = set(stored.splitlines())
+    if stored and not stored.endswith(b"\n"):
+        stored += b"\n"
+    extra = [ln + b"\n" for ln in local.splitlines() if ln not in have]
+    return stored + b"".join(extra)
 
 
 def log_sync_for(storage_path: str, run_name: str, run_dir: Optional[Path],
