@@ -13,15 +13,15 @@ that they compress like photographs; quality 90; row groups of --row-group rows)
   per row group, decode tasks of ``data.decode_rows`` positions) on a Ray of ``num_cpus=N``.
 
 Each takes ``--warmup`` images (start-up: worker processes, first reads), then ``--measure``
-images are timed: img/s, per core (/ N), the CPU its process tree used meanwhile (this process,
-the DataLoader's workers or Ray's processes, from /proc) as cores busy and as CPU-seconds per
-image. From the feed's CPU per image: the CPUs per GPU that keep a GPU's data-wait under 5 %
-(GPU rate: ``--gpu-images-per-s``, else the best massl_ray variant of
-``benchmarks/results/gpu_step.json`` measured on a GPU, else the cost model's ViT-S/16 on an
-H100 SXM at 40 % MFU). ``--rounds R`` repeats both (medians); the load average is recorded.
+images are timed: img/s, per core (/ N), the CPU its process tree used (this process, the
+DataLoader's workers or Ray's processes, from /proc) as cores busy and CPU-s per image; from the
+feed's, the CPUs per GPU that keep a GPU's data-wait under 5 % (GPU rate: ``--gpu-images-per-s``,
+else the best massl_ray variant of ``results/gpu_step.json`` on a GPU, else the cost model's
+ViT-S/16 on an H100 SXM at 40 % MFU). ``--rounds R``: medians of R; the load average is recorded.
 
     python benchmarks/ingest.py                     # 4,096 images at the paper's crops, N = 2
     python benchmarks/ingest.py --quick             # CI: a few hundred small images, 32/16 px
+    python benchmarks/ingest.py --draft-compare     # decode ms/img, full vs training's (draft)
 """
 
 from __future__ import annotations
@@ -40,9 +40,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = Path(__file__).resolve().parent
-for p in (str(REPO), str(BENCH)):
-    if p not in sys.path:
-        sys.path.insert(0, p)
+sys.path[:0] = [p for p in (str(REPO), str(BENCH)) if p not in sys.path]
 
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
@@ -73,15 +71,13 @@ def make_data(path: Path, a) -> dict:
         short = int(rng.integers(a.short_min, a.short_max + 1))
         ratio = (4 / 3, 3 / 4, 1.0)[int(rng.integers(0, 3))]
         w, h = (round(short * ratio), short) if ratio >= 1 else (short, round(short / ratio))
-        arr = np.asarray(img.resize((w, h), Image.BICUBIC), dtype=np.float32)
-        arr = arr + rng.normal(0.0, a.grain, (h, w, 3))
+        arr = np.asarray(img.resize((w, h), Image.BICUBIC), np.float32) + rng.normal(0.0, a.grain, (h, w, 3))
         buf = io.BytesIO()
         Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8)).save(buf, "JPEG", quality=90)
         out.append(buf.getvalue())
         pixels.append(w * h)
-    pq.write_table(pa.table({"image": pa.array(out, pa.binary()),
-                             "label": pa.array([labels[i % len(src)] for i in range(a.images)],
-                                               pa.int64())}), path, row_group_size=a.row_group)
+    pq.write_table(pa.table({"image": pa.array(out, pa.binary()), "label": pa.array(
+        [labels[i % len(src)] for i in range(a.images)], pa.int64())}), path, row_group_size=a.row_group)
     return {"rows": a.images, "row_group_rows": a.row_group, "short_side": [a.short_min, a.short_max],
             "grain": a.grain, "mean_megapixels": float(np.mean(pixels)) / 1e6,
             "mean_jpeg_bytes": float(np.mean([len(b) for b in out]))}
@@ -99,8 +95,7 @@ def reference_transforms(c: CropConfig):
         return T.Compose([
             T.RandomResizedCrop(size, scale=tuple(scale), interpolation=T.InterpolationMode.BICUBIC),
             T.RandomHorizontalFlip(p=c.flip_p),
-            T.RandomApply([T.ColorJitter(c.brightness, c.contrast, c.saturation, c.hue)],
-                          p=c.jitter_p),
+            T.RandomApply([T.ColorJitter(c.brightness, c.contrast, c.saturation, c.hue)], p=c.jitter_p),
             T.RandomGrayscale(p=c.grayscale_p),
             T.RandomApply([blur], p=blur_p),
             T.RandomSolarize(c.solarize_threshold, p=sol_p),
@@ -130,6 +125,19 @@ class ReferenceDataset(torch.utils.data.Dataset):
 
 
 # ---------------------------------------------------------------------------- measuring
+def decode_compare(jpegs: list, crops: CropConfig) -> dict:
+    """CPU-ms per image (one thread), [decode, decode + crops (batches of 64)], the full decode vs
+    training's (draft), 2nd of 2 rounds; ``drafted``: the share of the images it reduces."""
+    from massl_ray.data import images, multicrop
+    mc = multicrop.MultiCrop(crops)
+    out = {"drafted": np.mean([mc.reduction(*Image.open(io.BytesIO(d)).size) > 1 for d in jpegs])}
+    for name, fn in 2 * (("full", images.decode_image), ("draft", lambda d: mc.decode(d)[0])):
+        t0, imgs = time.process_time(), [fn(d) for d in jpegs]
+        t1, _ = time.process_time(), [mc(imgs[i:i + BATCH], torch.Generator()) for i in range(0, len(imgs), BATCH)]
+        out[name] = [1e3 * (t - t0) / len(jpegs) for t in (t1, time.process_time())]
+    return out
+
+
 def tree_cpu_s(root: int) -> float:
     """utime + stime (s) of ``root`` and all its live descendants, from /proc."""
     tick, parent, cpu = os.sysconf("SC_CLK_TCK"), {}, {}
@@ -174,8 +182,7 @@ def measure(batches, warmup: int, count: int, crops: CropConfig) -> dict:
     cpu, wall = tree_cpu_s(os.getpid()) - cpu0, end - t_warm
     return {"startup_s": first - t0, "warmup_s": t_warm - t0, "images": measured, "wall_s": wall,
             "img_s": measured / wall, "cpu_s": cpu, "cores_busy": cpu / wall,
-            "cpu_s_per_image": cpu / measured, "load1_before": load0,
-            "load1_after": os.getloadavg()[0]}
+            "cpu_s_per_image": cpu / measured, "load1_before": load0, "load1_after": os.getloadavg()[0]}
 
 
 def gpu_rate_default() -> tuple[float, str]:
@@ -210,26 +217,27 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ray-temp-dir", default=None, help="Ray's temp dir (default: Ray's)")
     p.add_argument("--out", default=str(BENCH / "results" / "ingest.json"))
+    p.add_argument("--draft-compare", action="store_true", help="decode ms/img, full vs draft")
     a = p.parse_args(argv)
     base = QUICK if a.quick else FULL
-    for k, v in base.items():
-        if getattr(a, k, None) is None:
-            setattr(a, k, v)
+    vars(a).update({k: v for k, v in base.items() if getattr(a, k, None) is None})
     a.object_store_mib = a.object_store_mib or (256 if a.quick else 1536)
-    if a.warmup + a.measure + 2 * BATCH > a.images:
+    if a.warmup + a.measure + 2 * BATCH > a.images and not a.draft_compare:
         p.error("--images must exceed --warmup + --measure by two batches")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.update({"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled", **os.environ})
     crops = CropConfig(**{k: base[k] for k in ("global_size", "local_size", "num_local_crops")})
     t_start, load_start = time.time(), os.getloadavg()
-    work = Path(tempfile.mkdtemp(prefix="massl_ingest_"))
-    data = work / "data.parquet"
+    data = (work := Path(tempfile.mkdtemp(prefix="massl_ingest_"))) / "data.parquet"
     info = make_data(data, a)
     jpegs = pq.read_table(data, columns=["image"]).column("image").to_pylist()
     print(f"ingest: {a.images} JPEGs, {info['mean_megapixels']:.3f} MPix, "
           f"{info['mean_jpeg_bytes'] / 1024:.1f} KiB on average; crops 2 x {crops.global_size} + "
           f"{crops.num_local_crops} x {crops.local_size}, batch {BATCH}, N = {a.cpus}; load "
           f"average {load_start[0]:.2f} on {os.cpu_count()} cores", flush=True)
+    if a.draft_compare:  # one thread: process_time is then the CPU of one core
+        torch.set_num_threads(1)
+        print(json.dumps(finite(decode_compare(jpegs, crops))))
+        return shutil.rmtree(work, ignore_errors=True) or 0
 
     import ray
 
@@ -277,8 +285,7 @@ def main(argv=None) -> int:
     gpu_rate, gpu_src = ((a.gpu_images_per_s, "--gpu-images-per-s") if a.gpu_images_per_s
                          else gpu_rate_default())
     cores = cost_model.cpu_cores_per_gpu(gpu_rate, feed_cpu)
-    print(f"\n{'path':<10} {'img/s':>8} {'img/s/core':>11} {'cores busy':>11} {'CPU-ms/img':>11} "
-          f"{'start-up':>9}")
+    print(f"\n{'path':<10} {'img/s':>8} {'img/s/core':>11} {'cores busy':>11} {'CPU-ms/img':>11} {'start-up':>9}")
     for k, r in paths.items():
         print(f"{k:<10} {r['img_s']:>8.1f} {r['img_s_per_core']:>11.1f} {r['cores_busy']:>11.2f} "
               f"{1e3 * r['cpu_s_per_image']:>11.2f} {r['startup_s']:>8.1f}s")
@@ -291,15 +298,12 @@ def main(argv=None) -> int:
                     "feed": {k: getattr(cfg.data, k) for k in ("decode_rows", "decode_cpus",
                                                               "read_cpus", "window_groups")}},
         "data": info, "paths": paths, "core_seconds_per_image": feed_cpu,
-        "ratios": {"feed/reference img_s_per_core": ratio,
-                   "reference/feed cpu_s_per_image": cpu_ratio},
-        "gpu_images_per_s": gpu_rate, "gpu_images_per_s_source": gpu_src,
-        "cores_per_gpu": cores,
+        "ratios": {"feed/reference img_s_per_core": ratio, "reference/feed cpu_s_per_image": cpu_ratio},
+        "gpu_images_per_s": gpu_rate, "gpu_images_per_s_source": gpu_src, "cores_per_gpu": cores,
         "machine": {"cpu_count": os.cpu_count(), "load_avg_start": load_start,
                     "load_avg_end": os.getloadavg(), "wall_s": time.time() - t_start,
                     "torch": torch.__version__}}
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    (out := Path(a.out)).parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(finite(result), indent=2))
     print(f"wrote {out}")
     return 0
