@@ -128,38 +128,102 @@ def _assert_feed_resumed_at(run_dir: Path, step: int, workers: int, spe: int) ->
     assert all((e, lo) >= (epoch, pos) for e, lo, _, _ in after)
 
 
+@pytest.fixture(scope="module")
+def s3_data(s3_server) -> str:
+    """The quick start's training Parquet, byte for byte, in a bucket of the S3 test server
+    (conftest.py; the shared Ray has its variables): the URI a run reads as ``data.train``.
+    The bucket's ``runs/`` prefix is for the runs' storage paths."""
+    bucket = s3_server.bucket("ray-train")
+    s3_server.put(bucket, "data/train.parquet", QUICK.read_bytes())
+    return f"s3://{bucket}/data/train.parquet"
+
+
+def _first_attempt_gone(run_dir: Path, workers: int, root, out: dict) -> None:
+    """Once the first attempt's ``workers`` processes have all exited (starts.jsonl names
+    them), the newest valid checkpoint under ``root`` into ``out["newest"]``: nothing writes
+    to the storage until the restarted group resumes and trains 3 steps, so this is the
+    checkpoint the restart must resume from."""
+    from massl_ray.method.checkpoint import latest_valid_checkpoint, read_meta
+
+    def pids():
+        f = run_dir / "workers" / "starts.jsonl"
+        got = [json.loads(x)["pid"] for x in f.read_text().splitlines()] if f.is_file() else []
+        return got[:workers] if len(got) >= workers else None
+
+    try:
+        _wait_until(pids, 60, "the first attempt's worker starts")
+        _wait_until(lambda: not any(_pid_alive(p) for p in pids()), 120,
+                    "the first attempt's workers to exit")
+        out["newest"] = latest_valid_checkpoint(root)
+        out["step"] = int(read_meta(out["newest"])["global_step"])  # retention may delete it
+    except BaseException as e:  # in the marker's thread: the test reports it
+        out["error"] = repr(e)
+
+
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("workers", [1, 2])
-def test_sigkilled_run_ends_bitwise_equal_to_an_uninterrupted_run(tmp_path, workers, request):
+def test_sigkilled_run_ends_bitwise_equal_to_an_uninterrupted_run(tmp_path, workers, request,
+                                                                   monkeypatch):
     """Exact data order: a worker SIGKILLed at step 7 (checkpoints every 3 steps) restarts
-    through FailureConfig from the step-6 checkpoint - mid-epoch for both worker counts (256
-    rows = 8 steps of 32 per epoch with one worker, 4 steps of 2 x 32 with two: step 6 is
-    epoch 0 position 6, or epoch 1 position 2) - re-reads nothing it had not reached and ends,
-    across an epoch boundary, with the student, teacher, memory bank, optimizer and grad scaler
-    of the uninterrupted run, bit for bit (drop path is on: the randomness is keyed too), and
-    with identical memory bank replicas. The reference for one worker is the local (no Ray)
-    mode, so the Ray pipeline also delivers exactly the local mode's batches; for two workers
-    an uninterrupted 2-worker Ray run."""
+    through FailureConfig from the newest complete checkpoint - mid-epoch for both worker
+    counts (256 rows = 8 steps of 32 per epoch with one worker, 4 steps of 2 x 32 with two:
+    step 6 is epoch 0 position 6, or epoch 1 position 2; step 3 is epoch 0 position 3) -
+    re-reads nothing it had not reached and ends, across an epoch boundary, with the student,
+    teacher, memory bank, optimizer and grad scaler of the uninterrupted run, bit for bit (drop
+    path is on: the randomness is keyed too), and with identical memory bank replicas.
+
+    One worker: local storage and data; the checkpoint upload is synchronous there, so the
+    restart resumes from the step-6 checkpoint; the reference is the local (no Ray) mode, so
+    the Ray pipeline also delivers exactly the local mode's batches. Two workers: data read
+    from and checkpoints and logs written to the S3 test server (``s3://``), the reference an
+    uninterrupted 2-worker Ray run on local storage. The upload to an object store is
+    asynchronous: the kill may cut the step-6 upload short, so the restart resumes from the
+    newest checkpoint complete in the bucket once the first attempt's workers are gone (6, or
+    3), and the test names it: the restarted rank 0 read exactly that one."""
+    from massl_ray.method.checkpoint import latest_valid_checkpoint
+    from massl_ray.train.trainer import checkpoint_root, run_dir_of
+
     common = dict(KILL_COMMON, **{"run.num_workers": workers, "run.checkpoint_every_steps": 3})
     if workers == 1:
         ref_ckpt = request.getfixturevalue("local_reference")[12]
     else:
         ref_ckpt = request.getfixturevalue("two_worker_reference")
+        data = request.getfixturevalue("s3_data")
+        monkeypatch.setenv("HOME", str(tmp_path))  # an object-store run logs to ~/massl_runs
+        common.update({"data.train": data,
+                       "run.storage_path": data.split("/data/")[0] + "/runs/sigkill"})
     kill_over = tiny_overrides(tmp_path, "killed", **common, **{
         "run.max_failures": 1, "run.fault_injection_step": 7, "run.fault_injection_mode": "kill"})
     cfg = load_config(None, kill_over)
+    run_dir, root = run_dir_of(cfg), checkpoint_root(cfg)
+    assert str(root).startswith("s3://") == (workers == 2)
+    seen: dict = {}
+    done = _on_marker(run_dir / ".fault_injected_7",
+                      lambda: _first_attempt_gone(run_dir, workers, root, seen))
     res = train(cfg)
-    assert (tmp_path / "killed" / ".fault_injected_7").exists(), "the worker was not killed"
+    assert done.is_set(), "the worker was not killed"
+    assert seen.get("newest") is not None, seen
     spe = cfg.optim.steps_per_epoch
     assert spe == 8 // workers
     m = res["metrics"]
-    assert m["start_step"] == 6 and 6 % spe != 0, "the resume point is mid-epoch"
+    resumed = seen["step"]
+    assert resumed == 6 if workers == 1 else resumed in (3, 6), seen
+    assert m["start_step"] == resumed and resumed % spe != 0, "the resume point is mid-epoch"
+    # who read what: the first attempt's rank 0 found nothing, the restarted one the newest
+    restores = [json.loads(x) for x in (run_dir / "workers" / "restores.jsonl").read_text()
+                .splitlines()]
+    assert [(r["from"], r["step"]) for r in restores if r["rank"] == 0] == [
+        (None, None), (str(seen["newest"]), resumed)], restores
+    assert str(seen["newest"]).startswith(f"{root}/checkpoint_")
     assert m["step"] == 12
     assert m["memory_replicas_identical"] is True and len(m["memory_checksums"]) == workers
-    _assert_feed_resumed_at(tmp_path / "killed", 6, workers, spe)
-    a, b = load_checkpoint(ref_ckpt), load_checkpoint(res["checkpoint"])
+    _assert_feed_resumed_at(run_dir, resumed, workers, spe)
+    final = latest_valid_checkpoint(root)  # the end state as the storage (the bucket) holds it
+    assert str(final).startswith(f"{root}/checkpoint_")
+    a, b = load_checkpoint(ref_ckpt), load_checkpoint(final)
     assert a["global_step"] == 12
     _assert_states_equal(a, b)
+    print(f"\n{workers} worker(s): resumed from {seen['newest']} (step {resumed})")
 
 
 def _on_marker(marker: Path, action, timeout: float = 400.0):
@@ -282,62 +346,90 @@ def _pid_alive(pid: int) -> bool:
 
 @pytest.mark.timeout(900)
 def test_killed_driver_rerun_resumes_and_ends_bitwise_equal_to_an_uninterrupted_run(
-        tmp_path, two_worker_reference):
-    """Driver restart with two workers: the training command is SIGKILLed (the driver process:
-    its Ray Train controller and workers go with it) once its first checkpoint exists, then the
-    same command runs again with the same run name, as a new fit(). It resumes from the newest
-    checkpoint (run.resume=auto) - mid-epoch (4 steps of 2 x 32 per epoch, a checkpoint every 3
-    steps) - and ends with identical memory replicas and exactly the state of an uninterrupted
-    2-worker run."""
+        tmp_path, two_worker_reference, s3_data):
+    """Driver restart with two workers, data and storage on the S3 test server (``s3://``):
+    the training command is SIGKILLed (the driver process: its Ray Train controller and
+    workers go with it) once a first checkpoint is complete in the bucket, then the same
+    command runs again with the same run name, as a new fit() on a machine without the first
+    run's local logs (another HOME). It resumes from the newest valid checkpoint in the bucket
+    (run.resume=auto; named in its log) - mid-epoch (4 steps of 2 x 32 per epoch, a checkpoint
+    every 3 steps) - and ends with identical memory replicas and exactly the state of an
+    uninterrupted 2-worker run on local storage. The bucket's metrics.jsonl keeps the lines
+    the first run had copied there, then the rerun's."""
     import os
     import signal
     import subprocess
     import sys
 
-    from massl_ray.method.checkpoint import latest_valid_checkpoint, read_meta
-    from massl_ray.train.trainer import prepare
+    from massl_ray.method.checkpoint import latest_valid_checkpoint, list_checkpoints, read_meta
+    from massl_ray.train.trainer import checkpoint_root, prepare
 
-    common = dict(KILL_COMMON, **{"run.num_workers": 2, "run.checkpoint_every_steps": 3})
+    runs = s3_data.split("/data/")[0] + "/runs/drv"
+    common = dict(KILL_COMMON, **{"run.num_workers": 2, "run.checkpoint_every_steps": 3,
+                                  "data.train": s3_data, "run.storage_path": runs})
     over = tiny_overrides(tmp_path, "drv", **common)
-    spe = prepare(load_config(None, over))[0].optim.steps_per_epoch
-    assert spe == 4
+    cfg = prepare(load_config(None, over))[0]
+    spe, root = cfg.optim.steps_per_epoch, checkpoint_root(cfg)
+    assert spe == 4 and root == f"{runs}/drv"
     env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address,
-               PYTHONPATH=str(ROOT))
+               PYTHONPATH=str(ROOT), HOME=str(tmp_path / "home1"))
+    assert env["AWS_ENDPOINT_URL"]  # the S3 test server's (conftest.py)
     cmd = [sys.executable, "-m", "massl_ray", "train", *over]
-    run_dir = tmp_path / "drv"
+    run_dir = tmp_path / "home1" / "massl_runs" / "drv"  # the first run's local logs
     proc = subprocess.Popen(cmd, cwd=str(ROOT), env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        # checkpoints.jsonl: rank 0's line once a checkpoint's (synchronous) report returned,
-        # i.e. once the checkpoint is complete in the run directory
+        # checkpoints.jsonl: rank 0's line once a checkpoint's report returned; the upload
+        # to the bucket is asynchronous: then wait for it to be complete there
         _wait_until(lambda: (run_dir / "checkpoints.jsonl").is_file() or proc.poll() is not None,
                     360, "a first checkpoint")
+        _wait_until(lambda: proc.poll() is not None or (
+            list_checkpoints(root) and latest_valid_checkpoint(root) is not None),
+            120, "a first checkpoint complete in the bucket")
         assert proc.poll() is None, "the first run ended before it was killed"
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     # The driver's death ends its job, and Ray then kills the actors it owned: the Train
     # controller and the worker processes. Until they are gone, the old workers may still
-    # write checkpoints into the run directory and hold the CPUs the rerun needs.
+    # write checkpoints into the bucket and hold the CPUs the rerun needs.
     pids = [json.loads(x)["pid"] for x in
             (run_dir / "workers" / "starts.jsonl").read_text().splitlines()]
     assert len(pids) == 2
     _wait_until(lambda: not any(_pid_alive(p) for p in pids), 120,
                 f"the killed driver's train workers {pids} to exit")
-    newest = latest_valid_checkpoint(run_dir)
+    newest = latest_valid_checkpoint(root)
     resume = int(read_meta(newest)["global_step"])
     assert resume < 12, "the first run must not have finished"
     assert resume % spe != 0, f"the resume step {resume} must be mid-epoch ({spe} steps/epoch)"
+    kept = _bucket_jsonl(f"{root}/logs/metrics.jsonl")  # what the first run's rank 0 copied
+    assert all(x["start_step"] == 0 for x in kept), kept
+    env["HOME"] = str(tmp_path / "home2")
     second = subprocess.run(cmd, cwd=str(ROOT), env=env, capture_output=True, text=True,
                             timeout=360)
     assert second.returncode == 0, second.stderr[-3000:]
     assert f"resuming run 'drv' from {newest}" in second.stderr
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = json.loads((tmp_path / "home2" / "massl_runs" / "drv" / "summary.json").read_text())
     m = summary["metrics"]
     assert m["start_step"] == resume and m["step"] == 12
     assert m["memory_replicas_identical"] is True and len(m["memory_checksums"]) == 2
-    _assert_states_equal(load_checkpoint(two_worker_reference),
-                         load_checkpoint(summary["checkpoint"]))
+    final = latest_valid_checkpoint(root)  # the end state as the bucket holds it
+    assert final.startswith(f"{root}/checkpoint_") and read_meta(final)["global_step"] == 12
+    _assert_states_equal(load_checkpoint(two_worker_reference), load_checkpoint(final))
+    logged = _bucket_jsonl(f"{root}/logs/metrics.jsonl")
+    assert logged[:len(kept)] == kept, (kept, logged)  # the first run's lines stay, in front
+    assert [(x["start_step"], x["step"]) for x in logged[len(kept):]] == [
+        (resume, s) for s in (3, 4, 6, 8, 9, 12) if s > resume], logged  # logs: 4s; ckpts: 3s
+
+
+def _bucket_jsonl(uri: str) -> list[dict]:
+    from pyarrow import fs as pafs
+
+    fs, key = pafs.FileSystem.from_uri(uri)
+    if fs.get_file_info(key).type != pafs.FileType.File:
+        return []
+    with fs.open_input_stream(key) as f:
+        return [json.loads(x) for x in f.read().decode().splitlines() if x.strip()]
 
 
 def _jpeg(rng: np.random.Generator) -> bytes:
