@@ -16,7 +16,6 @@ import torch
 from safetensors.torch import save_file
 
 from massl_ray.cli import main as cli_main
-from massl_ray.evaluate.embed import read_embeddings
 from massl_ray.evaluate.features import TeacherFeatures, extract_in_process, load_teacher
 from massl_ray.evaluate.jobs import EvalSettings, embed_source, evaluate_checkpoint
 from massl_ray.data.sources import open_source
@@ -38,6 +37,25 @@ def ckpt(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("run") / "checkpoint_000000001"
     save_checkpoint(learner.state_dict(), d)
     return d
+
+
+def read_embeddings(out_dir) -> dict:
+    """All shards of an embed output directory as numpy arrays (``row``, ``id``, ``label``,
+    ``embedding``), in order."""
+    files = sorted(Path(out_dir).glob("part-*.parquet"))
+    assert files, f"{out_dir} holds no part-*.parquet"
+    tables = [pq.read_table(f) for f in files]
+    out: dict = {}
+    for name in tables[0].column_names:
+        if name == "embedding":
+            out[name] = np.concatenate([np.stack(t.column(name).to_numpy(zero_copy_only=False))
+                                        if t.num_rows else np.zeros((0, 0), np.float32)
+                                        for t in tables]).astype(np.float32)
+        elif name == "id":
+            out[name] = sum((t.column(name).to_pylist() for t in tables), [])
+        else:
+            out[name] = np.concatenate([t.column(name).to_numpy() for t in tables])
+    return out
 
 
 def eval_features(model_path, src, limit, batch):

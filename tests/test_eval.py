@@ -14,11 +14,11 @@ import torch
 from massl_ray.method.checkpoint import save_checkpoint
 from massl_ray.cli import main as cli_main
 from massl_ray.evaluate.jobs import EvalSettings, evaluate_checkpoint
-from massl_ray.evaluate.online import OnlineKnn, online_knn
+from massl_ray.evaluate.online import OnlineKnn
 from massl_ray.evaluate.features import (FeatureCache, TeacherFeatures, cache_key, extract_in_process,
                                 load_teacher)
 from massl_ray.evaluate.knn import knn_accuracy
-from massl_ray.method.learner import Learner
+from massl_ray.method.learner import Learner, normalize
 from massl_ray.evaluate.probe import few_shot, few_shot_indices, linear_probe
 from massl_ray.data.sources import open_source
 
@@ -154,6 +154,11 @@ def test_few_shot_draws_are_reproducible_from_the_seed():
 
 # ---- features, cache, the eval job ---------------------------------------------------------
 
+@torch.no_grad()
+def teacher_cls(learner: Learner, imgs: torch.Tensor) -> torch.Tensor:
+    """The learner's teacher backbone output on uint8 images: the k-NN feature, by hand."""
+    return learner.teacher.backbone.eval()(normalize(imgs, learner.mean, learner.std))
+
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """A real training state after two steps of the tiny config (ViT-micro, 32 px, patch 4)."""
@@ -178,7 +183,7 @@ def test_teacher_features_equal_the_learners(tiny_checkpoint):
     embed = TeacherFeatures(teacher.backbone, teacher.cfg.crops.mean, teacher.cfg.crops.std, blocks=4)
     f = embed(imgs)
     assert f.shape == (5, 4, 192)
-    torch.testing.assert_close(f[:, -1], learner.features(imgs), rtol=0, atol=0)
+    torch.testing.assert_close(f[:, -1], teacher_cls(learner, imgs), rtol=0, atol=0)
 
 
 @pytest.mark.timeout(180)
@@ -267,8 +272,8 @@ def test_online_knn_monitor():
     assert set(first) == {"online_knn_top1", "online_knn_step", "online_knn_s"}
     assert first["online_knn_step"] == 0 and 0 <= first["online_knn_top1"] <= 100
     # Equal to an offline k-NN on the same images.
-    ref = knn_accuracy(learner.features(mon.bank_views), mon.bank_labels,
-                       learner.features(mon.query_views), mon.query_labels, ks=(20,))
+    ref = knn_accuracy(teacher_cls(learner, mon.bank_views), mon.bank_labels,
+                       teacher_cls(learner, mon.query_views), mon.query_labels, ks=(20,))
     assert first["online_knn_top1"] == ref["knn_top1_k20"]
     learner.step(*make_crops(cfg, seed=0))
     learner.step(*make_crops(cfg, seed=1))
@@ -276,11 +281,11 @@ def test_online_knn_monitor():
     learner.step(*make_crops(cfg, seed=2))
     third = mon(learner)
     assert third["online_knn_step"] == 3
-    ref = knn_accuracy(learner.features(mon.bank_views), mon.bank_labels,
-                       learner.features(mon.query_views), mon.query_labels, ks=(20,))
+    ref = knn_accuracy(teacher_cls(learner, mon.bank_views), mon.bank_labels,
+                       teacher_cls(learner, mon.query_views), mon.query_labels, ks=(20,))
     assert third["online_knn_top1"] == ref["knn_top1_k20"]
-    # The function form: off unless run.online_knn_every_steps > 0.
-    assert online_knn(learner, cfg, {}) == {}
+    # From the config: off unless run.online_knn_every_steps > 0.
+    assert OnlineKnn.from_config(cfg) is None
 
 
 @pytest.mark.timeout(180)

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from massl_ray.evaluate.finetune import fine_tune, lr_at, lr_scales, param_groups
+from massl_ray.evaluate.finetune import fine_tune, lr_at, param_groups
 from massl_ray.method.model import build_backbone
 
 from conftest import make_tiny_config
@@ -26,7 +26,7 @@ def test_layer_wise_lr_decay_and_weight_decay_groups(tiny):
     bb, _ = tiny
     head = torch.nn.Linear(bb.embed_dim, 3)
     groups = param_groups(bb, head, lr=1.0, weight_decay=0.05, layer_decay=0.5)
-    scales = lr_scales(groups)
+    scales = {name: g["lr_scale"] for g in groups for name in g["names"]}
     # depth 2: embeddings 0.5^3, block 0 0.5^2, block 1 0.5^1, final norm and head 1.
     expect = {"patch_embed.proj.weight": 0.125, "cls_token": 0.125, "pos_embed": 0.125,
               "blocks.0.attn.qkv.weight": 0.25, "blocks.0.norm1.weight": 0.25,

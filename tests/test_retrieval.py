@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from massl_ray.evaluate.retrieval import (MultiScaleFeatures, class_retrieval, evaluate_revisited,
                                           load_revisited, prepare_image,
-                                          revisited_metrics)
+                                          revisited_features, revisited_metrics)
 from massl_ray.method.model import build_backbone
 
 from conftest import make_tiny_config
@@ -197,7 +197,7 @@ def test_synthetic_revisited_data_set_has_the_constructed_map(backbone, tmp_path
     ds = load_revisited(write_synthetic_revisited(tmp_path / "rsynth"))
     assert ds.name == "rsynth" and len(ds.imlist) == 9 and len(ds.qimlist) == 2
     embed = MultiScaleFeatures(bb, cfg.crops.mean, cfg.crops.std)
-    r = evaluate_revisited(embed, ds, imsize=64, ks=(1, 5, 10))
+    r = evaluate_revisited(ds, revisited_features(embed, ds, 64), ks=(1, 5, 10))
     # Query a ranks A's copies 0 2 4 5 7 first (the GND_A pattern on them, 0 negative), then
     # B and C copies (all negatives): exactly the hand-computed case above. Query b ranks its
     # copies 1 (junk) and 6 (hard) first: AP 1 in Medium and Hard, no Easy positive.

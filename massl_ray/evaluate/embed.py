@@ -3,8 +3,8 @@
 The features are the evaluations' own (:class:`features.TeacherFeatures` on the eval views of
 :func:`features.decode_views`): by default the final-norm [CLS] token, the k-NN / few-shot
 feature; ``blocks = n`` writes the concatenated [CLS] of the last ``n`` blocks (the linear-probe
-feature). The Ray Data path lives in :mod:`jobs` (only ``jobs`` imports ray); both paths write
-through :class:`ShardWriter`.
+feature). The Ray Data path lives in :mod:`inference`; both paths write through
+:class:`ShardWriter`.
 
 Output directory: ``part-00000.parquet``, ``part-00001.parquet``, ... with the columns
 
@@ -161,25 +161,3 @@ def embed_in_process(embed: TeacherFeatures, src: Source, writer: ShardWriter, s
 
 def print_progress(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
-
-
-def read_embeddings(out_dir: Union[str, os.PathLike]) -> dict:
-    """All shards of an output directory as numpy arrays (``row``, ``id``, ``label``,
-    ``embedding``), in order."""
-    import pyarrow.parquet as pq
-
-    files = sorted(Path(out_dir).glob("part-*.parquet"))
-    if not files:
-        raise ValueError(f"{out_dir} holds no part-*.parquet")
-    tables = [pq.read_table(f) for f in files]
-    out: dict = {}
-    for name in tables[0].column_names:
-        if name == "embedding":
-            out[name] = np.concatenate([np.stack(t.column(name).to_numpy(zero_copy_only=False))
-                                        if t.num_rows else np.zeros((0, 0), np.float32)
-                                        for t in tables]).astype(np.float32)
-        elif name == "id":
-            out[name] = sum((t.column(name).to_pylist() for t in tables), [])
-        else:
-            out[name] = np.concatenate([t.column(name).to_numpy() for t in tables])
-    return out

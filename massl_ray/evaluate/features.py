@@ -3,16 +3,16 @@
 - :func:`load_teacher`: the teacher backbone of a checkpoint (eval mode, no head) and the
   run's configuration; or of an exported ``.safetensors`` file (ours from ``export``, or any
   timm ViT's weights) described by its ``.json`` sidecar (:func:`load_exported_teacher`).
-- :class:`TeacherFeatures`: uint8 eval views -> the normalised [CLS] token of the last ``n``
-  blocks, ``[B, n, D]``. The last one is exactly ``backbone(x)`` (the k-NN feature); the
-  concatenation of the ``n`` is the linear-probe feature (DINO: n = 4 for ViT-S).
+- :class:`TeacherFeatures`: the one teacher feature extractor (``eval``, ``embed``, the online
+  k-NN monitor and the end-of-run k-NN): uint8 eval views -> the normalised [CLS] token of the
+  last ``n`` blocks, ``[B, n, D]``. The last one is exactly ``backbone(x)`` (the k-NN feature);
+  the concatenation of the ``n`` is the linear-probe feature (DINO: n = 4 for ViT-S).
 - :class:`EvalViewsFn` / :class:`FeatureFn`: the two ``map_batches`` stages of the Ray Data
   batch inference (decode + resize + centre crop on CPU tasks; the backbone in an actor pool).
   Plain callables, so the in-process path (:func:`extract_in_process`) runs the same code.
 - :class:`FeatureCache`: features + labels on disk, keyed by checkpoint, source and view size,
   so k-NN, linear probe and few-shot (and a second evaluation of the same checkpoint) reuse them.
 """
-
 from __future__ import annotations
 
 import hashlib
@@ -249,28 +249,38 @@ def load_exported_teacher(path: Union[str, os.PathLike]) -> Teacher:
                    h.hexdigest(), mean, std, size, spec, kind="exported")
 
 
+def cls_tokens(backbone: nn.Module, x: torch.Tensor, blocks: int = 1) -> torch.Tensor:
+    """``[B, blocks, D]``: the final-norm [CLS] token of the last ``blocks`` blocks of
+    normalised images ``x`` (``[:, -1]`` is ``backbone(x)`` for ours)."""
+    inter = backbone.forward_intermediates(x, indices=blocks, return_prefix_tokens=True,
+                                           norm=True, output_fmt="NLC", intermediates_only=True)
+    return torch.stack([prefix[:, 0] for _, prefix in inter], dim=1)
+
+
 class TeacherFeatures:
     """uint8 images ``[B, 3, H, W]`` -> float32 ``[B, n, D]`` on CPU: the final-norm [CLS] token
-    of the last ``n`` blocks (``n`` capped at the depth); ``[:, -1]`` equals ``backbone(x)``."""
+    of the last ``n`` blocks (``n`` capped at the depth); ``[:, -1]`` equals ``backbone(x)``.
+    ``amp_dtype``: run under autocast (the training step's precision, for the online monitor)."""
 
     def __init__(self, backbone: nn.Module, mean: Sequence[float], std: Sequence[float],
-                 blocks: int = 1, device: Union[str, torch.device] = "cpu", batch_size: int = 256):
+                 blocks: int = 1, device: Union[str, torch.device] = "cpu", batch_size: int = 256,
+                 amp_dtype: Optional[torch.dtype] = None):
         self.device = torch.device(device)
         self.backbone = backbone.to(self.device).eval()
         self.blocks = max(1, min(int(blocks), len(backbone.blocks)))
-        self.mean = torch.tensor(mean, device=self.device)
-        self.std = torch.tensor(std, device=self.device)
+        self.mean = torch.as_tensor(mean, dtype=torch.float32, device=self.device)
+        self.std = torch.as_tensor(std, dtype=torch.float32, device=self.device)
         self.batch_size = batch_size
+        self.amp_dtype = amp_dtype
 
     @torch.no_grad()
     def __call__(self, images_u8: torch.Tensor) -> torch.Tensor:
         out = []
         for i in range(0, images_u8.shape[0], self.batch_size):
             x = normalize(images_u8[i:i + self.batch_size].to(self.device), self.mean, self.std)
-            inter = self.backbone.forward_intermediates(
-                x, indices=self.blocks, return_prefix_tokens=True, norm=True, output_fmt="NLC",
-                intermediates_only=True)
-            out.append(torch.stack([prefix[:, 0] for _, prefix in inter], dim=1).float().cpu())
+            with torch.autocast(self.device.type, self.amp_dtype or torch.float32,
+                                enabled=self.amp_dtype is not None):
+                out.append(cls_tokens(self.backbone, x, self.blocks).float().cpu())
         if not out:
             return torch.empty(0, self.blocks, self.backbone.embed_dim)
         return torch.cat(out)
@@ -340,40 +350,33 @@ class EvalViewsFn:
         return out
 
 
+def actor_backbone(weights: Union[dict, Callable[[], dict]], model: dict, device: str,
+                   threads: Optional[int]) -> nn.Module:
+    """The backbone of :attr:`Teacher.model_spec` in a batch-inference actor. ``weights``: the
+    state dict, or a zero-argument callable returning it (the Ray shell passes one that
+    fetches it from the object store once per actor)."""
+    if threads:
+        torch.set_num_threads(max(1, int(threads)))
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("a batch-inference actor was given device='cuda' but has no GPU")
+    return build_from_spec(model, weights() if callable(weights) else weights)
+
+
 class FeatureFn:
     """``map_batches`` stage 2 (an actor pool): ``{view, label, ok[, id]}`` ->
-    ``{features, label, ok[, id]}``.
+    ``{features, label, ok[, id]}`` (see :func:`actor_backbone` for the first arguments)."""
 
-    ``weights`` is the teacher backbone state dict, or a zero-argument callable returning it
-    (the Ray shell passes one that fetches it from the object store once per actor); ``model``
-    is :attr:`Teacher.model_spec` (or pass ``config``, a training config dict).
-    """
-
-    def __init__(self, weights: Union[dict, Callable[[], dict]], config: Optional[dict] = None,
-                 blocks: int = 1, device: str = "cpu", threads: Optional[int] = None,
-                 batch_size: int = 256, model: Optional[dict] = None,
-                 mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None):
-        if threads:
-            torch.set_num_threads(max(1, int(threads)))
-        if callable(weights):
-            weights = weights()
-        spec = model if model is not None else {"config": config}
-        if mean is None or std is None:
-            cfg = config_from_dict(spec["config"], validate=False)
-            mean, std = cfg.crops.mean, cfg.crops.std
-        if device == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError("FeatureFn was given device='cuda' but this worker has no GPU")
-        self.embed = TeacherFeatures(build_from_spec(spec, weights), mean, std, blocks, device,
-                                     batch_size)
+    def __init__(self, weights: Union[dict, Callable[[], dict]], model: dict,
+                 mean: Sequence[float], std: Sequence[float], device: str = "cpu",
+                 threads: Optional[int] = None, blocks: int = 1, batch_size: int = 256):
+        self.embed = TeacherFeatures(actor_backbone(weights, model, device, threads), mean, std,
+                                     blocks, device, batch_size)
 
     def __call__(self, batch: dict) -> dict:
         # a batch from the object store is read-only: copied then (torch warns on those)
         view = np.require(batch["view"], requirements=["C_CONTIGUOUS", "WRITEABLE"])
-        feats = self.embed(torch.from_numpy(view)).numpy()
-        out = {"features": feats, "label": np.asarray(batch["label"]), "ok": np.asarray(batch["ok"])}
-        if "id" in batch:
-            out["id"] = batch["id"]
-        return out
+        out = {k: np.asarray(batch[k]) for k in ("label", "ok", "id") if k in batch}
+        return {"features": self.embed(torch.from_numpy(view)).numpy(), **out}
 
 
 # ---- feature sets and the in-process path --------------------------------------------------

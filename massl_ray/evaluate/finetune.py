@@ -23,7 +23,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from massl_ray.evaluate.features import cls_tokens
 from massl_ray.method.learner import normalize
+from massl_ray.method.schedules import cosine
 
 NO_DECAY_NAMES = ("cls_token", "pos_embed", "reg_token", "dist_token")
 
@@ -64,8 +66,7 @@ def lr_at(step: int, total: int, warmup: int, base: float) -> float:
     """Linear warmup from ``base / warmup`` to ``base`` over ``warmup`` steps, then cosine to 0."""
     if step < warmup:
         return base * (step + 1) / warmup
-    t = (step - warmup) / max(1, total - warmup)
-    return base * 0.5 * (1.0 + math.cos(math.pi * t))
+    return cosine(base, 0.0, step - warmup, max(1, total - warmup))
 
 
 class _Classifier(nn.Module):
@@ -77,10 +78,7 @@ class _Classifier(nn.Module):
         nn.init.zeros_(self.head.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        inter = self.backbone.forward_intermediates(x, indices=1, return_prefix_tokens=True,
-                                                    norm=True, output_fmt="NLC",
-                                                    intermediates_only=True)
-        return self.head(inter[-1][1][:, 0])
+        return self.head(cls_tokens(self.backbone, x)[:, -1])
 
 
 @torch.no_grad()
@@ -148,11 +146,6 @@ def fine_tune(backbone: nn.Module, train_views: torch.Tensor, train_labels: torc
             "finetune_epochs": epochs, "finetune_lr": lr, "finetune_batch_size": batch_size,
             "finetune_layer_decay": layer_decay, "finetune_weight_decay": weight_decay,
             "finetune_warmup_epochs": warmup_epochs, "finetune_train_rows": n}
-
-
-def lr_scales(model_groups: list[dict]) -> dict[str, float]:
-    """Parameter name -> its lr scale (for inspection and tests)."""
-    return {name: g["lr_scale"] for g in model_groups for name in g["names"]}
 
 
 def views_and_labels(batches) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,9 +1,9 @@
-"""Evaluation jobs: features by Ray Data batch inference (or in-process), then k-NN, linear
-probe, few-shot, low-shot, class-level and revisited Oxford/Paris retrieval and fine-tuning on
-a checkpoint's (or an exported backbone's) teacher, written as JSON and a markdown summary;
-and the ``embed`` job (features of a source written as sharded Parquet).
+"""The ``eval`` and ``embed`` jobs: their settings (:class:`EvalSettings`) and the steps that
+run them on a checkpoint's (or an exported backbone's) teacher: features (cached; in this
+process, or by :mod:`inference`'s Ray Data batch inference), then k-NN, linear probe,
+few-shot, low-shot, class-level and revisited Oxford/Paris retrieval and fine-tuning, written
+as ``eval.json`` and the :mod:`report`; ``embed`` writes a source's features as Parquet.
 
-Shell module (Ray Data for the batch inference; ``local=True`` runs without Ray).
 ``python -m massl_ray eval --checkpoint <dir> --train-data ... --test-data ...`` calls
 :func:`evaluate_checkpoint`; the sweep runs the same function as a dependent Ray task.
 """
@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import time
-import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
@@ -25,18 +24,19 @@ import numpy as np
 import torch
 
 from massl_ray.config import ConfigError, _coerce
-from massl_ray.evaluate.features import (EvalViewsFn, FeatureCache, FeatureFn, FeatureSet, Teacher,
-                       TeacherFeatures, cache_key, extract_in_process, iter_eval_batches,
-                       load_teacher)
+from massl_ray.data.sources import Source, open_source
+from massl_ray.evaluate.embed import ShardWriter, embed_in_process, print_progress
+from massl_ray.evaluate.features import (FeatureCache, FeatureSet, Teacher, TeacherFeatures,
+                                         cache_key, extract_in_process, iter_eval_batches,
+                                         load_teacher)
 from massl_ray.evaluate.finetune import fine_tune, views_and_labels
-from massl_ray.evaluate.embed import ShardWriter, embed_in_process, print_progress, select_blocks
 from massl_ray.evaluate.knn import DEFAULT_KS, knn_accuracy
 from massl_ray.evaluate.lowshot import DEFAULT_FRACTIONS, DEFAULT_SHOTS, low_shot
 from massl_ray.evaluate.probe import DEFAULT_LRS, few_shot, linear_probe
+from massl_ray.evaluate.report import headline, summary_markdown  # noqa: F401 (cli: headline)
 from massl_ray.evaluate.retrieval import (DEFAULT_RETRIEVAL_KS, DINO_SCALES, MultiScaleFeatures,
                                           class_retrieval, evaluate_revisited, load_revisited,
                                           revisited_cache_key, revisited_features)
-from massl_ray.data.sources import Source, open_source
 
 log = logging.getLogger("massl_ray")
 
@@ -200,174 +200,84 @@ def _device(setting: str) -> str:
     return setting
 
 
-def features_in_process(teacher: Teacher, src: Source, size: int, limit: Optional[int],
-                        s: EvalSettings) -> FeatureSet:
-    embed = TeacherFeatures(teacher.backbone, teacher.mean, teacher.std,
-                            s.linear_blocks, _device(s.device), s.batch_size)
-    return extract_in_process(embed, src, size, limit, batch_rows=s.batch_size)
+def _extractor(teacher: Teacher, s: EvalSettings, blocks: int) -> TeacherFeatures:
+    return TeacherFeatures(teacher.backbone, teacher.mean, teacher.std, blocks, _device(s.device),
+                           s.batch_size)
 
 
-def _views_to_features(ds, views_fn, s, teacher, weights_ref, blocks: int):
-    """The batch-inference stages every Ray evaluation path shares: encoded rows -> eval views
-    (Ray Data tasks of ``s.decode_cpus``) -> teacher features (an actor pool of
-    ``s.cpus_per_actor`` / ``s.gpus_per_actor``), the [CLS] of the last ``blocks`` blocks."""
-    import ray
+def _compute_features(teacher: Teacher, splits: dict[str, tuple[Source, Optional[int]]],
+                      names: list[str], size: int, s: EvalSettings) -> dict[str, dict]:
+    """The features of ``names`` (one Ray Data pipeline, or in this process), each with how
+    long it took (a pipeline's wall time is shared out by rows)."""
+    if s.local:
+        out = {}
+        for name in names:
+            t0 = time.perf_counter()
+            src, limit = splits[name]
+            fs = extract_in_process(_extractor(teacher, s, s.linear_blocks), src, size, limit,
+                                    batch_rows=s.batch_size)
+            out[name] = {"fs": fs, "seconds": time.perf_counter() - t0}
+        return out
+    from massl_ray.evaluate.inference import features_ray_data
 
-    # A Parquet file is often read as one block, decoded by one task on one CPU: cut it.
-    ds = ds.repartition(target_num_rows_per_block=4 * s.batch_size)
-    ds = ds.map_batches(views_fn, batch_size=s.batch_size, batch_format="numpy",
-                        num_cpus=s.decode_cpus, zero_copy_batch=True)
-    gpu = s.gpus_per_actor > 0
-    return _map_actor_pool(
-        ds, FeatureFn,
-        fn_constructor_kwargs={
-            "weights": functools.partial(ray.get, weights_ref), "model": teacher.model_spec,
-            "mean": list(teacher.mean), "std": list(teacher.std), "blocks": blocks,
-            "device": "cuda" if gpu else "cpu",
-            "threads": max(1, int(s.cpus_per_actor)), "batch_size": s.batch_size},
-        batch_size=s.batch_size, batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=_actor_pool_size(s)),
-        num_cpus=s.cpus_per_actor, num_gpus=s.gpus_per_actor if gpu else None)
-
-
-def _map_actor_pool(ds, fn, **kwargs):
-    """``ds.map_batches(fn, **kwargs)`` on an actor pool, without restarts on a Ray this process
-    started on this machine (no ``RAY_ADDRESS``: :func:`massl_ray.runtime.init_ray`'s rule).
-
-    Ray Data starts an actor pool's actors with ``max_restarts=-1`` and hands each its
-    DataContext and the map function by object reference, so Ray 2.60's core worker prints
-    "Actor with class name: 'MapWorker(...)' ... has constructor arguments in the object store
-    and max_restarts > 0" on the driver's screen for every actor pool, whatever the function's
-    own arguments (ray-project/ray#57733; the dataset keeps those references alive). On one
-    machine there is no node to lose and a restart would repeat what killed the actor (an
-    out-of-memory kill, a crash): the actors get none, and the line goes (Ray 2.60 takes
-    ``max_restarts`` only through its deprecated ``ray_remote_args``, whose warning is dropped
-    here; with it Ray Data also stops fusing the CPU decode stage into the actors). On a cluster
-    (``RAY_ADDRESS``) Ray Data's restarts stay: a lost node's actors come back elsewhere."""
-    if os.environ.get("RAY_ADDRESS"):
-        return ds.map_batches(fn, **kwargs)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-        return ds.map_batches(fn, **kwargs, max_restarts=0)
-
-
-def _actor_pool_size(s: EvalSettings) -> int:
-    import ray
-
-    if s.concurrency:
-        return s.concurrency
-    res = ray.cluster_resources()
-    if s.gpus_per_actor > 0:
-        return max(1, int(res.get("GPU", 0) // s.gpus_per_actor))
-    free = res.get("CPU", 1.0) - s.decode_cpus
-    return max(1, min(4, int(free // s.cpus_per_actor)))
-
-
-def features_ray_data(teacher: Teacher, jobs: list[tuple[Source, Optional[int]]], size: int,
-                      s: EvalSettings) -> list[FeatureSet]:
-    """Batch inference over one or more labeled sources in a single Ray Data pipeline:
-    read -> decode + eval view (CPU tasks) -> teacher backbone (an actor pool, CPU or GPU).
-
-    The backbone weights go to the object store once; each actor fetches them when it starts,
-    so the actors may run on any node. Row order is preserved (few-shot draws index rows).
-    """
-    import ray
-
-    from massl_ray.data.pipeline import read_source
-
-    ctx = ray.data.DataContext.get_current()
-    saved = (ctx.execution_options.preserve_order, ctx.enable_progress_bars)
-    ctx.execution_options.preserve_order = True
-    ctx.enable_progress_bars = False
-    first = jobs[0][0]
-
-    def columns(src: Source) -> tuple:
-        return (src.kind, src.image_column, src.label_column, src.classes)
-
-    if any(columns(src) != columns(first) for src, _ in jobs[1:]):
-        # Different readers or label sources (Parquet vs class folders): one pipeline each.
-        return [features_ray_data(teacher, [job], size, s)[0] for job in jobs]
-    try:
-        weights_ref = ray.put(teacher.weights)
-        parts = [read_source(src, limit) for src, limit in jobs]
-        ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-        ds = _views_to_features(
-            ds, EvalViewsFn(size, first.image_column, first.label_column, first.classes),
-            s, teacher, weights_ref, s.linear_blocks)
-        feats, labels, ok = [], [], []
-        for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            feats.append(b["features"])
-            labels.append(b["label"])
-            ok.append(b["ok"])
-    finally:
-        ctx.execution_options.preserve_order, ctx.enable_progress_bars = saved
-    feats_a = np.concatenate(feats)
-    labels_a = np.concatenate(labels).astype(np.int64)
-    ok_a = np.concatenate(ok).astype(bool)
-    # Every input row gives one output row, in order: the sources are consecutive ranges.
-    counts = [src.num_rows if limit is None else min(limit, src.num_rows) for src, limit in jobs]
-    if sum(counts) != len(ok_a):
-        raise RuntimeError(f"batch inference returned {len(ok_a)} rows for {sum(counts)} inputs")
-    out, start = [], 0
-    for (src, _), n in zip(jobs, counts):
-        sl = slice(start, start + n)
-        keep = ok_a[sl]
-        if not keep.any():
-            raise ValueError(f"no decodable labeled images in {src.uri!r}")
-        out.append(FeatureSet(torch.from_numpy(feats_a[sl][keep]),
-                              torch.from_numpy(labels_a[sl][keep]), int((~keep).sum())))
-        start += n
-    return out
+    t0 = time.perf_counter()
+    computed = features_ray_data(teacher, [splits[n] for n in names], size, s)
+    secs = time.perf_counter() - t0
+    n_all = max(sum(len(f) for f in computed), 1)
+    return {name: {"fs": fs, "seconds": secs * len(fs) / n_all, "pipeline_s": secs}
+            for name, fs in zip(names, computed)}
 
 
 def get_features(teacher: Teacher, splits: dict[str, tuple[Source, Optional[int]]], size: int,
                  s: EvalSettings, cache: FeatureCache) -> tuple[dict[str, FeatureSet], dict]:
     """Features of each split (name -> (source, limit)), from the cache where present; the
-    missing ones are computed together (one Ray Data pipeline, or in this process) and cached.
-    Returns the features and, per split, how they were obtained and how long it took."""
+    missing ones are computed together and cached. Returns the features and, per split, how
+    they were obtained and how long it took."""
     out: dict[str, FeatureSet] = {}
     info: dict[str, dict] = {}
-    missing = []
+    keys = {}
     for name, (src, limit) in splits.items():
-        key = cache_key(teacher.sha256, src, limit, size, s.linear_blocks)
+        keys[name] = key = cache_key(teacher.sha256, src, limit, size, s.linear_blocks)
         t0 = time.perf_counter()
         fs = cache.load(name, key)
-        if fs is None:
-            missing.append((name, key))
-            continue
-        out[name] = fs
-        info[name] = {"cached": True, "seconds": time.perf_counter() - t0, "key": key,
-                      "rows": len(fs), "skipped": fs.skipped}
-    if missing:
-        mode = "in_process" if s.local else "ray_data"
-        t0 = time.perf_counter()
-        if s.local:
-            computed = []
-            for name, _ in missing:
-                t1 = time.perf_counter()
-                src, limit = splits[name]
-                computed.append(features_in_process(teacher, src, size, limit, s))
-                info[name] = {"seconds": time.perf_counter() - t1}
-        else:
-            computed = features_ray_data(teacher, [splits[n] for n, _ in missing], size, s)
-            secs = time.perf_counter() - t0
-            n_all = sum(len(f) for f in computed)
-            for (name, _), fs in zip(missing, computed):
-                # One pipeline: its wall time is shared out by rows.
-                info[name] = {"seconds": secs * len(fs) / max(n_all, 1), "pipeline_s": secs}
-        for (name, key), fs in zip(missing, computed):
-            src, limit = splits[name]
+        if fs is not None:
             out[name] = fs
-            info[name].update(cached=False, key=key, mode=mode, rows=len(fs), skipped=fs.skipped,
-                              images_per_s=len(fs) / max(info[name]["seconds"], 1e-9))
-            cache.save(name, key, fs, {"checkpoint": str(teacher.checkpoint),
-                                       "checkpoint_sha256": teacher.sha256, "source": src.uri,
-                                       "limit": limit, "size": size, "blocks": s.linear_blocks,
-                                       "rows": len(fs), "skipped": fs.skipped})
+            info[name] = {"cached": True, "seconds": time.perf_counter() - t0, "key": key,
+                          "rows": len(fs), "skipped": fs.skipped}
+    missing = [name for name in splits if name not in out]
+    if not missing:
+        return out, info
+    mode = "in_process" if s.local else "ray_data"
+    for name, got in _compute_features(teacher, splits, missing, size, s).items():
+        fs = out[name] = got.pop("fs")
+        src, limit = splits[name]
+        info[name] = dict(got, cached=False, key=keys[name], mode=mode, rows=len(fs),
+                          skipped=fs.skipped, images_per_s=len(fs) / max(got["seconds"], 1e-9))
+        cache.save(name, keys[name], fs, {"checkpoint": str(teacher.checkpoint),
+                                          "checkpoint_sha256": teacher.sha256, "source": src.uri,
+                                          "limit": limit, "size": size, "blocks": s.linear_blocks,
+                                          "rows": len(fs), "skipped": fs.skipped})
     return out, info
 
 
 # ---- the evaluation ------------------------------------------------------------------------
+
+def _revisited_features(teacher: Teacher, ds, s: EvalSettings, t0: float):
+    if not s.local:
+        from massl_ray.evaluate.inference import revisited_ray_data
+
+        return revisited_ray_data(teacher, ds, s)
+    embed = MultiScaleFeatures(teacher.backbone, teacher.mean, teacher.std, s.revisited_scales,
+                               _device(s.device))
+    step = max(1, (len(ds.imlist) + len(ds.qimlist)) // 10)
+
+    def progress(done: int, n: int) -> None:
+        if done % step == 0 or done == n:
+            log.info("revisited %s: %d/%d images (%.0fs)", ds.name, done, n,
+                     time.perf_counter() - t0)
+
+    return revisited_features(embed, ds, s.revisited_imsize, progress)
+
 
 def revisited_eval(teacher: Teacher, path: str, s: EvalSettings, cache_dir: Path) -> dict:
     """One revisited Oxford/Paris data set: multi-scale features (cached as
@@ -378,109 +288,104 @@ def revisited_eval(teacher: Teacher, path: str, s: EvalSettings, cache_dir: Path
     ds = load_revisited(path)
     key = revisited_cache_key(teacher.sha256, ds, s.revisited_imsize, s.revisited_scales)
     f = cache_dir / f"revisited-{ds.name}-{key}.npz"
-    feats, cached = None, False
+    feats = None
     if f.is_file():
         try:
             with np.load(f) as z:
                 feats = (torch.from_numpy(z["database"].copy()), torch.from_numpy(z["queries"].copy()))
-            cached = True
         except (OSError, ValueError, KeyError):
             feats = None
-    if feats is None:
-        embed = MultiScaleFeatures(teacher.backbone, teacher.mean, teacher.std,
-                                   s.revisited_scales, _device(s.device))
-        total = len(ds.imlist) + len(ds.qimlist)
-        step = max(1, total // 10)
-
-        def progress(done: int, n: int) -> None:
-            if done % step == 0 or done == n:
-                log.info("revisited %s: %d/%d images (%.0fs)", ds.name, done, n,
-                         time.perf_counter() - t0)
-
-        if s.local:
-            feats = revisited_features(embed, ds, s.revisited_imsize, progress)
-        else:
-            feats = revisited_features_ray_data(teacher, ds, s)
+    cached = feats is not None
+    if not cached:
+        feats = _revisited_features(teacher, ds, s, t0)
         cache_dir.mkdir(parents=True, exist_ok=True)
         tmp = f.with_name(f".{f.name}.tmp")
         with open(tmp, "wb") as fh:
             np.savez(fh, database=feats[0].numpy(), queries=feats[1].numpy())
         os.replace(tmp, f)
     t1 = time.perf_counter()
-    res = evaluate_revisited(None, ds, s.revisited_imsize, s.retrieval_ks, features=feats)
+    res = evaluate_revisited(ds, feats, s.retrieval_ks)
     res.update(features_s=t1 - t0, features_cached=cached, metrics_s=time.perf_counter() - t1,
                source=str(ds.gnd_file), imsize=s.revisited_imsize,
                scales=[float(x) for x in s.revisited_scales])
     return res
 
 
-class RevisitedFn:
-    """``map_batches`` stage of the revisited features: rows ``{index, path, bbx, has_bbx}`` ->
-    ``{index, feature}`` (read, decode, crop, shrink, multi-scale descriptor; one image at a
-    time, as in process)."""
-
-    def __init__(self, weights: Any, model: dict, mean: list, std: list, scales: list,
-                 imsize: int, device: str = "cpu", threads: Optional[int] = None):
-        from massl_ray.evaluate.features import build_from_spec
-
-        if threads:
-            torch.set_num_threads(max(1, int(threads)))
-        if callable(weights):
-            weights = weights()
-        self.embed = MultiScaleFeatures(build_from_spec(model, weights), mean, std, scales, device)
-        self.imsize = imsize
-
-    def __call__(self, batch: dict) -> dict:
-        from massl_ray.evaluate.retrieval import prepare_image
-
-        out = []
-        for path, bbx, has in zip(batch["path"], batch["bbx"], batch["has_bbx"]):
-            with open(str(path), "rb") as f:
-                img = prepare_image(f.read(), self.imsize, list(bbx) if has else None)
-            out.append(self.embed(img).numpy())
-        return {"index": np.asarray(batch["index"]), "feature": np.stack(out)}
+def _timed(timings: dict, key: str, fn: Callable, *args, **kwargs) -> Any:
+    """``fn(*args, **kwargs)``, its wall seconds recorded as ``timings[key]``."""
+    t = time.perf_counter()
+    out = fn(*args, **kwargs)
+    timings[key] = time.perf_counter() - t
+    return out
 
 
-def revisited_features_ray_data(teacher: Teacher, ds: Any, s: EvalSettings
-                                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(database, queries) features of a revisited data set by Ray Data batch inference. The
-    images are read by path in the actors (a filesystem every node sees, on a cluster)."""
-    import ray
+def _check_inputs(settings: EvalSettings) -> EvalSettings:
+    s = settings.validate()
+    if bool(s.train_data) != bool(s.test_data):
+        raise ConfigError("evaluation: give both train_data and test_data (or neither, with revisited)")
+    if not s.train_data and not s.revisited:
+        raise ConfigError("evaluation: nothing to evaluate: give train_data and test_data, or revisited")
+    return s
 
-    rows = [{"index": i, "path": str(ds.image_path(n)), "bbx": [0.0] * 4, "has_bbx": False}
-            for i, n in enumerate(ds.imlist)]
-    for j, (n, g) in enumerate(zip(ds.qimlist, ds.gnd)):
-        b = g.get("bbx")
-        rows.append({"index": len(ds.imlist) + j, "path": str(ds.image_path(n)),
-                     "bbx": [float(x) for x in b] if b is not None else [0.0] * 4,
-                     "has_bbx": b is not None})
-    ctx = ray.data.DataContext.get_current()
-    saved = ctx.enable_progress_bars
-    ctx.enable_progress_bars = False
-    gpu = s.gpus_per_actor > 0
-    try:
-        weights_ref = ray.put(teacher.weights)
-        data = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), 8 * _actor_pool_size(s))))
-        data = _map_actor_pool(
-            data, RevisitedFn, fn_constructor_kwargs={
-                "weights": functools.partial(ray.get, weights_ref), "model": teacher.model_spec,
-                "mean": list(teacher.mean), "std": list(teacher.std),
-                "scales": [float(x) for x in s.revisited_scales], "imsize": s.revisited_imsize,
-                "device": "cuda" if gpu else "cpu", "threads": max(1, int(s.cpus_per_actor))},
-            batch_size=8, batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=_actor_pool_size(s)),
-            num_cpus=s.cpus_per_actor, num_gpus=s.gpus_per_actor if gpu else None)
-        feats = np.zeros((len(rows), teacher.backbone.embed_dim), dtype=np.float32)
-        seen = np.zeros(len(rows), dtype=bool)
-        for b in data.iter_batches(batch_size=None, batch_format="numpy"):
-            feats[b["index"]] = b["feature"]
-            seen[b["index"]] = True
-    finally:
-        ctx.enable_progress_bars = saved
-    if not seen.all():
-        raise RuntimeError(f"revisited batch inference returned {int(seen.sum())} of {len(rows)} images")
-    n = len(ds.imlist)
-    return torch.from_numpy(feats[:n]), torch.from_numpy(feats[n:])
+
+def _empty_result(teacher: Teacher, size: int) -> dict:
+    return {"checkpoint": str(teacher.checkpoint), "kind": teacher.kind,
+            "global_step": teacher.global_step, "checkpoint_sha256": teacher.sha256,
+            "image_size": size, "train": None, "test": None, "num_classes": None,
+            "knn_top1": None, "knn_k": None, "knn": None, "linear_top1": None, "linear": None,
+            "few_shot": None, "low_shot": None, "retrieval": None, "revisited": None,
+            "finetune": None}
+
+
+def _labeled_evaluations(teacher: Teacher, s: EvalSettings, size: int, cache: FeatureCache,
+                         out: Path, result: dict, timings: dict) -> None:
+    """Features of train_data / test_data, then every evaluation on them the settings select."""
+    tr = open_source(s.train_data, s.format, s.image_column, s.label_column,
+                     require_labels=True, what="train data")
+    te = open_source(s.test_data, s.format, s.image_column, s.label_column,
+                     require_labels=True, what="test data")
+    log.info("evaluating %s (step %s) at %d px: train %s, test %s -> %s", teacher.checkpoint,
+             teacher.global_step, size, tr.uri, te.uri, out)
+    feats, info = get_features(teacher, {"train": (tr, s.limit_train),
+                                         "test": (te, s.limit_test)}, size, s, cache)
+    ftr, fte = feats["train"], feats["test"]
+    timings["features_train"], timings["features_test"] = info["train"], info["test"]
+    classes = int(max(ftr.labels.max(), fte.labels.max())) + 1
+    knn = _timed(timings, "knn_s", knn_accuracy, ftr.cls, ftr.labels, fte.cls, fte.labels,
+                 ks=s.ks, temperature=s.temperature, num_classes=classes)
+    k_main = 20 if 20 in s.ks else s.ks[0]
+    result.update(train={"source": tr.uri, "rows": len(ftr), "skipped": ftr.skipped},
+                  test={"source": te.uri, "rows": len(fte), "skipped": fte.skipped},
+                  num_classes=classes, knn_top1=knn[f"knn_top1_k{k_main}"], knn_k=k_main, knn=knn)
+    if s.linear:
+        xtr, xte = ftr.concat(s.linear_blocks), fte.concat(s.linear_blocks)
+        linear = _timed(timings, "linear_s", linear_probe, xtr, ftr.labels, xte, fte.labels,
+                        classes, s.linear_lrs, s.linear_epochs, s.linear_batch_size, seed=s.seed)
+        linear["linear_feature_dim"] = int(xtr.shape[1])
+        result.update(linear=linear, linear_top1=linear["linear_top1"])
+    if s.few_shot:
+        result["few_shot"] = _timed(timings, "few_shot_s", few_shot, ftr.cls, ftr.labels, fte.cls,
+                                    fte.labels, s.few_shot, s.few_shot_draws, s.seed, classes)
+    if s.low_shot:
+        result["low_shot"] = _timed(timings, "low_shot_s", low_shot, ftr.cls, ftr.labels, fte.cls,
+                                    fte.labels, s.low_shot_shots, s.low_shot_fractions,
+                                    s.low_shot_draws, s.seed, s.low_shot_c, classes)
+    if s.finetune:
+        result["finetune"] = _timed(timings, "finetune_s", _finetune, teacher, tr, te, size, s,
+                                    classes)
+    if s.retrieval:
+        result["retrieval"] = _timed(timings, "retrieval_s", class_retrieval, fte.cls, fte.labels,
+                                     ftr.cls, ftr.labels, s.retrieval_ks)
+
+
+def _finetune(teacher: Teacher, tr: Source, te: Source, size: int, s: EvalSettings,
+              classes: int) -> dict:
+    tv, tl = views_and_labels(iter_eval_batches(tr, size, s.limit_train, s.batch_size))
+    qv, ql = views_and_labels(iter_eval_batches(te, size, s.limit_test, s.batch_size))
+    return fine_tune(teacher.backbone, tv, tl, qv, ql, teacher.mean, teacher.std, classes,
+                     s.finetune_epochs, s.finetune_batch_size, s.finetune_lr,
+                     s.finetune_layer_decay, s.finetune_weight_decay, s.finetune_warmup_epochs,
+                     s.seed, _device(s.device))
 
 
 def evaluate_checkpoint(checkpoint: Union[str, os.PathLike], settings: EvalSettings,
@@ -489,11 +394,7 @@ def evaluate_checkpoint(checkpoint: Union[str, os.PathLike], settings: EvalSetti
     train/test data) and revisited Oxford/Paris retrieval, as the settings select. Writes
     ``eval.json`` + ``eval.md``. ``checkpoint``: a checkpoint or run directory, or an exported
     ``.safetensors`` backbone."""
-    s = settings.validate()
-    if bool(s.train_data) != bool(s.test_data):
-        raise ConfigError("evaluation: give both train_data and test_data (or neither, with revisited)")
-    if not s.train_data and not s.revisited:
-        raise ConfigError("evaluation: nothing to evaluate: give train_data and test_data, or revisited")
+    s = _check_inputs(settings)
     t_start = time.time()
     t0 = time.perf_counter()
     if s.threads:
@@ -502,198 +403,23 @@ def evaluate_checkpoint(checkpoint: Union[str, os.PathLike], settings: EvalSetti
     out = Path(out_dir) if out_dir else default_out_dir(teacher.checkpoint)
     out.mkdir(parents=True, exist_ok=True)
     cache_dir = Path(s.cache_dir) if s.cache_dir else out / "features"
-    cache = FeatureCache(cache_dir)
     size = s.image_size or teacher.image_size
     timings: dict[str, Any] = {"load_s": time.perf_counter() - t0}
-    result: dict[str, Any] = {
-        "checkpoint": str(teacher.checkpoint), "kind": teacher.kind,
-        "global_step": teacher.global_step, "checkpoint_sha256": teacher.sha256,
-        "image_size": size, "train": None, "test": None, "num_classes": None,
-        "knn_top1": None, "knn_k": None, "knn": None, "linear_top1": None, "linear": None,
-        "few_shot": None, "low_shot": None, "retrieval": None, "revisited": None,
-        "finetune": None}
+    result = _empty_result(teacher, size)
     if s.train_data:
-        tr = open_source(s.train_data, s.format, s.image_column, s.label_column,
-                         require_labels=True, what="train data")
-        te = open_source(s.test_data, s.format, s.image_column, s.label_column,
-                         require_labels=True, what="test data")
-        log.info("evaluating %s (step %s) at %d px: train %s, test %s -> %s", teacher.checkpoint,
-                 teacher.global_step, size, tr.uri, te.uri, out)
-        feats, info = get_features(teacher, {"train": (tr, s.limit_train),
-                                             "test": (te, s.limit_test)}, size, s, cache)
-        ftr, fte = feats["train"], feats["test"]
-        timings["features_train"] = info["train"]
-        timings["features_test"] = info["test"]
-        num_classes = int(max(ftr.labels.max(), fte.labels.max())) + 1
-
-        t = time.perf_counter()
-        knn = knn_accuracy(ftr.cls, ftr.labels, fte.cls, fte.labels, ks=s.ks,
-                           temperature=s.temperature, num_classes=num_classes)
-        timings["knn_s"] = time.perf_counter() - t
-        k_main = 20 if 20 in s.ks else s.ks[0]
-        result.update(train={"source": tr.uri, "rows": len(ftr), "skipped": ftr.skipped},
-                      test={"source": te.uri, "rows": len(fte), "skipped": fte.skipped},
-                      num_classes=num_classes, knn_top1=knn[f"knn_top1_k{k_main}"], knn_k=k_main,
-                      knn=knn)
-        if s.linear:
-            t = time.perf_counter()
-            linear = linear_probe(ftr.concat(s.linear_blocks), ftr.labels,
-                                  fte.concat(s.linear_blocks), fte.labels, num_classes,
-                                  s.linear_lrs, s.linear_epochs, s.linear_batch_size, seed=s.seed)
-            linear["linear_feature_dim"] = int(ftr.concat(s.linear_blocks).shape[1])
-            timings["linear_s"] = time.perf_counter() - t
-            result.update(linear=linear, linear_top1=linear["linear_top1"])
-        if s.few_shot:
-            t = time.perf_counter()
-            result["few_shot"] = few_shot(ftr.cls, ftr.labels, fte.cls, fte.labels, s.few_shot,
-                                          s.few_shot_draws, s.seed, num_classes)
-            timings["few_shot_s"] = time.perf_counter() - t
-        if s.low_shot:
-            t = time.perf_counter()
-            result["low_shot"] = low_shot(ftr.cls, ftr.labels, fte.cls, fte.labels,
-                                          s.low_shot_shots, s.low_shot_fractions,
-                                          s.low_shot_draws, s.seed, s.low_shot_c, num_classes)
-            timings["low_shot_s"] = time.perf_counter() - t
-        if s.finetune:
-            t = time.perf_counter()
-            tv, tl = views_and_labels(iter_eval_batches(tr, size, s.limit_train, s.batch_size))
-            qv, ql = views_and_labels(iter_eval_batches(te, size, s.limit_test, s.batch_size))
-            result["finetune"] = fine_tune(
-                teacher.backbone, tv, tl, qv, ql, teacher.mean, teacher.std, num_classes,
-                s.finetune_epochs, s.finetune_batch_size, s.finetune_lr, s.finetune_layer_decay,
-                s.finetune_weight_decay, s.finetune_warmup_epochs, s.seed, _device(s.device))
-            timings["finetune_s"] = time.perf_counter() - t
-        if s.retrieval:
-            t = time.perf_counter()
-            result["retrieval"] = class_retrieval(fte.cls, fte.labels, ftr.cls, ftr.labels,
-                                                  s.retrieval_ks)
-            timings["retrieval_s"] = time.perf_counter() - t
+        _labeled_evaluations(teacher, s, size, FeatureCache(cache_dir), out, result, timings)
     if s.revisited:
-        t = time.perf_counter()
-        result["revisited"] = {}
-        for path in s.revisited:
-            r = revisited_eval(teacher, path, s, cache_dir)
-            result["revisited"][r["dataset"]] = r
-        timings["revisited_s"] = time.perf_counter() - t
+        runs = _timed(timings, "revisited_s", lambda: [revisited_eval(teacher, p, s, cache_dir)
+                                                       for p in s.revisited])
+        result["revisited"] = {r["dataset"]: r for r in runs}
     timings["total_s"] = time.perf_counter() - t0
     result.update(timings=timings, started_at=t_start, ended_at=time.time(), settings=s.to_dict())
-    _write_json(out / RESULT_FILE, result)
+    tmp = out / f".{RESULT_FILE}.tmp"
+    tmp.write_text(json.dumps(result, indent=1, default=str))
+    os.replace(tmp, out / RESULT_FILE)
     (out / SUMMARY_FILE).write_text(summary_markdown(result))
     log.info("%s | %.1fs -> %s", headline(result), timings["total_s"], out)
     return result
-
-
-def headline(r: dict) -> str:
-    """One line: the main number of each evaluation that ran."""
-    parts = []
-    if r.get("knn") is not None:
-        parts.append(f"k-NN top-1 (k={r['knn_k']}): {r['knn_top1']:.2f}%")
-        parts.append("linear top-1: " + ("-" if r["linear_top1"] is None
-                                         else f"{r['linear_top1']:.2f}%"))
-    if r.get("low_shot"):
-        parts.append("low-shot " + ", ".join(f"{k}: {_fmt(v['mean'])}"
-                                             for k, v in r["low_shot"].items()))
-    if r.get("finetune"):
-        parts.append(f"fine-tune top-1: {r['finetune']['finetune_top1']:.2f}%")
-    if r.get("retrieval"):
-        parts.append(f"retrieval mAP: {r['retrieval']['map']:.2f}")
-    for name, v in (r.get("revisited") or {}).items():
-        parts.append(f"{name} mAP M/H: {_fmt(v['medium']['map'])}/{_fmt(v['hard']['map'])}")
-    return " | ".join(parts)
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=str))
-    os.replace(tmp, path)
-
-
-def _fmt(v: Optional[float]) -> str:
-    return "-" if v is None else f"{v:.2f}"
-
-
-def summary_markdown(r: dict) -> str:
-    st = r["settings"]
-    step = "" if r["global_step"] is None else f" (step {r['global_step']})"
-    lines = [f"# Evaluation of `{r['checkpoint']}`{step}", ""]
-    t = r["timings"]
-    if r["knn"] is not None:
-        lines += [f"Teacher backbone [CLS] features at {r['image_size']} px (resize + centre crop); "
-                  f"train {r['train']['rows']} images ({r['train']['skipped']} undecodable skipped) "
-                  f"from `{r['train']['source']}`, test {r['test']['rows']} images "
-                  f"({r['test']['skipped']} skipped) from `{r['test']['source']}`, "
-                  f"{r['num_classes']} classes.", "",
-                  "## k-NN (cosine, votes weighted by exp(sim / 0.07))", "", "| k | top-1 | top-5 |",
-                  "|---|---|---|"]
-        for k in st["ks"]:
-            lines.append(f"| {k} | {_fmt(r['knn'].get(f'knn_top1_k{k}'))} | "
-                         f"{_fmt(r['knn'].get(f'knn_top5_k{k}'))} |")
-    if r["linear"]:
-        li = r["linear"]
-        lines += ["", f"## Linear probe ({li['linear_epochs']} epochs, SGD + cosine, features of "
-                      f"the last {st['linear_blocks']} block(s), dim "
-                      f"{li['linear_feature_dim']})", "",
-                  f"Best top-1 **{_fmt(li['linear_top1'])}** (top-5 {_fmt(li['linear_top5'])}) "
-                  f"at lr {li['linear_best_lr']}; per lr: "
-                  + ", ".join(f"{k}: {v:.2f}" for k, v in li["linear_per_lr"].items())]
-    if r["few_shot"]:
-        lines += ["", f"## Few-shot (logistic regression, {st['few_shot_draws']} draws, "
-                      f"seed {st['seed']})", "", "| shots / class | top-1 mean | std |",
-                  "|---|---|---|"]
-        for n, v in r["few_shot"].items():
-            lines.append(f"| {n} | {_fmt(v['mean'])} | {_fmt(v['std'])} |"
-                         + (f" skipped: {v['skipped']}" if v.get("skipped") else ""))
-    if r["low_shot"]:
-        lines += ["", f"## Low-shot (logistic regression on frozen features, C = "
-                      f"{st['low_shot_c']}, {st['low_shot_draws']} seeded splits, seed {st['seed']})",
-                  "", "| labels | labeled rows | top-1 mean | std |", "|---|---|---|---|"]
-        for n, v in r["low_shot"].items():
-            lines.append(f"| {n} | {v['train_rows'] if v['train_rows'] is not None else '-'} | "
-                         f"{_fmt(v['mean'])} | {_fmt(v['std'])} |"
-                         + (f" skipped: {v['skipped']}" if v.get("skipped") else ""))
-    if r.get("finetune"):
-        ft = r["finetune"]
-        lines += ["", f"## Fine-tuning ({ft['finetune_epochs']} epochs, AdamW, lr "
-                      f"{ft['finetune_lr']} x batch / 256, layer decay {ft['finetune_layer_decay']}, "
-                      f"warmup {ft['finetune_warmup_epochs']} epoch(s) + cosine, {ft['finetune_train_rows']} "
-                      f"train images)", "",
-                  f"Top-1 **{ft['finetune_top1']:.2f}**; per epoch: "
-                  + ", ".join(f"{a:.2f}" for a in ft["finetune_top1_per_epoch"])]
-    if r["retrieval"]:
-        rt = r["retrieval"]
-        lines += ["", f"## Class-level retrieval (test queries against the train images, cosine)",
-                  "", f"mAP **{rt['map']:.2f}** over {rt['queries']} queries; "
-                  + ", ".join(f"P@{k} {v:.2f}" for k, v in rt["precision_at"].items())]
-    for name, v in (r["revisited"] or {}).items():
-        lines += ["", f"## Revisited {name} ({v['database']} images, {v['num_queries']} queries, "
-                      f"longer side <= {v['imsize']} px, scales "
-                      f"{', '.join(f'{x:.3f}' for x in v['scales'])})", "",
-                  "| setting | mAP | " + " | ".join(f"mP@{k}" for k in st["retrieval_ks"]) + " |",
-                  "|---|---|" + "---|" * len(st["retrieval_ks"])]
-        for setting in ("easy", "medium", "hard"):
-            m = v[setting]
-            mp = m["mp_at"] or {}
-            lines.append(f"| {setting} | {_fmt(m['map'])} | "
-                         + " | ".join(_fmt(mp.get(str(k))) for k in st["retrieval_ks"]) + " |")
-
-    def feat_time(name: str) -> str:
-        i = t[f"features_{name}"]
-        if i["cached"]:
-            return f"{name} from the cache"
-        return f"{name} {i['rows']} images {i['seconds']:.1f}s ({i['images_per_s']:.0f} img/s, {i['mode']})"
-
-    lines += ["", "## Time", ""]
-    if "features_train" in t:
-        pipe = t["features_train"].get("pipeline_s") or t["features_test"].get("pipeline_s")
-        lines.append(f"- features: {feat_time('train')}; {feat_time('test')}"
-                     + (f" (one Ray Data pipeline, {pipe:.1f}s)" if pipe else ""))
-    stages = [("k-NN", "knn_s"), ("linear", "linear_s"), ("few-shot", "few_shot_s"),
-              ("low-shot", "low_shot_s"), ("fine-tune", "finetune_s"), ("retrieval", "retrieval_s"),
-              ("revisited (features + metrics)", "revisited_s")]
-    lines.append("- " + "; ".join(f"{n} {t[k]:.1f}s" for n, k in stages if k in t)
-                 + f"; total {t['total_s']:.1f}s")
-    lines.append("")
-    return "\n".join(lines)
 
 
 # ---- embed: features of a source as sharded Parquet ----------------------------------------
@@ -723,50 +449,17 @@ def embed_source(checkpoint: Union[str, os.PathLike], data: str, out_dir: Union[
              size, out_dir)
     t0 = time.perf_counter()
     if s.local:
-        embed = TeacherFeatures(teacher.backbone, teacher.mean, teacher.std, width,
-                                _device(s.device), s.batch_size)
-        embed_in_process(embed, src, writer, size, blocks, limit, batch_rows=s.batch_size)
-        mode = "in_process"
+        embed_in_process(_extractor(teacher, s, width), src, writer, size, blocks, limit,
+                         batch_rows=s.batch_size)
     else:
-        _embed_ray_data(teacher, src, limit, size, width, blocks, s, writer)
-        mode = "ray_data"
+        from massl_ray.evaluate.inference import embed_ray_data
+
+        embed_ray_data(teacher, src, limit, size, width, blocks, s, writer)
     info = {"checkpoint": str(teacher.checkpoint), "kind": teacher.kind,
             "checkpoint_sha256": teacher.sha256, "global_step": teacher.global_step,
             "source": src.uri, "limit": limit, "image_size": size, "blocks": blocks,
             "feature": "final [CLS]" if blocks == 1 else f"[CLS] of the last {blocks} blocks",
-            "mode": mode, "labeled": src.labeled}
+            "mode": "in_process" if s.local else "ray_data", "labeled": src.labeled}
     manifest = writer.close(info)
     manifest["wall_s"] = time.perf_counter() - t0
     return manifest
-
-
-def _embed_ray_data(teacher: Teacher, src: Source, limit: Optional[int], size: int, width: int,
-                    blocks: int, s: EvalSettings, writer: ShardWriter) -> None:
-    """read -> decode + eval view (CPU tasks) -> backbone (actor pool) -> the driver writes the
-    shards as batches arrive, in row order."""
-    import ray
-
-    from massl_ray.data.pipeline import read_source
-
-    ctx = ray.data.DataContext.get_current()
-    saved = (ctx.execution_options.preserve_order, ctx.enable_progress_bars)
-    ctx.execution_options.preserve_order = True
-    ctx.enable_progress_bars = False
-    try:
-        weights_ref = ray.put(teacher.weights)
-        ds = _views_to_features(
-            read_source(src, limit),
-            EvalViewsFn(size, src.image_column, src.label_column, src.classes, with_ids=True,
-                        require_labels=False),
-            s, teacher, weights_ref, width)
-        start = 0
-        for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            n = len(b["ok"])
-            writer.add(np.arange(start, start + n), list(b["id"]),
-                       b["label"] if src.labeled else None, select_blocks(b["features"], blocks),
-                       b["ok"], n)
-            start += n
-    finally:
-        ctx.execution_options.preserve_order, ctx.enable_progress_bars = saved
-    if writer.seen != (src.num_rows if limit is None else min(limit, src.num_rows)):
-        raise RuntimeError(f"batch inference returned {writer.seen} rows for {writer.total} inputs")

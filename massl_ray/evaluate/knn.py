@@ -53,24 +53,6 @@ def _vote(top_sim: torch.Tensor, top_labels: torch.Tensor, num_classes: int,
 
 
 @torch.no_grad()
-def knn_predict_scores(train_feats: torch.Tensor, train_labels: torch.Tensor,
-                       test_feats: torch.Tensor, k: int, num_classes: int,
-                       temperature: float = 0.07, chunk: int = 1024,
-                       bank_chunk: int = 16384) -> torch.Tensor:
-    """Class scores [N_test, C]: sum over the k nearest bank items of exp(sim / T) per class."""
-    if train_feats.shape[0] == 0:
-        raise ValueError("k-NN needs at least one bank (train) feature")
-    bank = F.normalize(train_feats.float(), dim=1)
-    labels = train_labels.long().to(bank.device)
-    out = []
-    for i in range(0, test_feats.shape[0], chunk):
-        q = F.normalize(test_feats[i:i + chunk].float().to(bank.device), dim=1)
-        top_sim, top_idx = knn_topk(bank, q, k, bank_chunk)
-        out.append(_vote(top_sim, labels[top_idx], num_classes, temperature))
-    return torch.cat(out) if out else torch.zeros(0, num_classes)
-
-
-@torch.no_grad()
 def knn_accuracy(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,
                  test_labels: torch.Tensor, ks: Sequence[int] = (20,), temperature: float = 0.07,
                  num_classes: int | None = None, chunk: int = 1024,

@@ -1,5 +1,5 @@
-"""In-process feature extraction, the end-of-run k-NN check and the online k-NN monitor.
-Ray-free."""
+"""The end-of-run k-NN check and the online k-NN monitor, on the evaluations' own teacher
+feature extractor (:class:`features.TeacherFeatures`). Ray-free."""
 
 from __future__ import annotations
 
@@ -10,50 +10,48 @@ from typing import Optional
 import numpy as np
 import torch
 
-from massl_ray.method.checkpoint import load_checkpoint
 from massl_ray.config import Config
-from massl_ray.evaluate.features import decode_views, extract_in_process
-from massl_ray.evaluate.knn import knn_accuracy
-from massl_ray.method.learner import Learner
 from massl_ray.data.sources import Source, iter_rows, open_source
+from massl_ray.evaluate.features import (TeacherFeatures, build_teacher_backbone, decode_views,
+                                         extract_in_process, teacher_backbone_state)
+from massl_ray.evaluate.knn import knn_accuracy
+from massl_ray.method.checkpoint import load_checkpoint
+from massl_ray.method.learner import AMP_DTYPES, Learner
+from massl_ray.method.model import build_student_teacher
 
 log = logging.getLogger("massl_ray")
 
 
-@torch.no_grad()
-def extract_features(learner: Learner, src: Source, size: int, limit: Optional[int] = None,
-                     batch_rows: int = 256) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Teacher [CLS] features and labels of a labeled source; returns (feats, labels, skipped)."""
-    fs = extract_in_process(learner.features, src, size, limit, batch_rows)
-    return fs.cls, fs.labels, fs.skipped
-
-
-def knn_of(learner: Learner, cfg: Config, train_src: Source, test_src: Source, k: int) -> dict:
-    size = cfg.crops.global_size
-    ftr, ltr, _ = extract_features(learner, train_src, size)
-    fte, lte, _ = extract_features(learner, test_src, size)
-    return knn_accuracy(ftr, ltr, fte, lte, ks=(k,))
+def eval_sources(cfg: Config) -> tuple[Source, Source]:
+    """The run's labeled held-out sources (``data.eval_train``, ``data.eval_test``)."""
+    d = cfg.data
+    return tuple(open_source(uri, "auto", d.image_column, d.label_column, require_labels=True,
+                             what=what)
+                 for uri, what in ((d.eval_train, "data.eval_train"),
+                                   (d.eval_test, "data.eval_test")))
 
 
 def knn_vs_random_init(cfg: Config, checkpoint_dir: str) -> dict:
-    """k-NN top-1 of the trained teacher next to the same backbone at random initialisation."""
+    """k-NN top-1 of the trained teacher next to the same backbone at random initialisation
+    (the run's own initial weights: seeded as :class:`Learner` builds them)."""
     t0 = time.perf_counter()
-    d = cfg.data
-    tr = open_source(d.eval_train, "auto", d.image_column, d.label_column, require_labels=True,
-                     what="data.eval_train")
-    te = open_source(d.eval_test, "auto", d.image_column, d.label_column, require_labels=True,
-                     what="data.eval_test")
-    k = cfg.run.knn_k
+    tr, te = eval_sources(cfg)
+    k, size = cfg.run.knn_k, cfg.crops.global_size
     device = "cuda" if cfg.run.use_gpu and torch.cuda.is_available() else "cpu"
-    random_init = Learner(cfg, device)  # same seed -> the run's own initial weights
-    trained = Learner(cfg, device)
-    trained.load_state_dict(load_checkpoint(checkpoint_dir))
-    res_rand = knn_of(random_init, cfg, tr, te, k)
-    res_trained = knn_of(trained, cfg, tr, te, k)
-    key = f"knn_top1_k{k}"
-    out = {"k": k, "trained_top1": res_trained[key], "random_init_top1": res_rand[key],
-           "train_rows": tr.num_rows, "test_rows": te.num_rows, "step": trained.global_step,
-           "seconds": round(time.perf_counter() - t0, 2)}
+    torch.manual_seed(cfg.run.seed)
+    initial = build_student_teacher(cfg)[1].backbone
+    state = load_checkpoint(checkpoint_dir)
+    trained = build_teacher_backbone(cfg, teacher_backbone_state(state))
+
+    def top1(backbone: torch.nn.Module) -> float:
+        embed = TeacherFeatures(backbone, cfg.crops.mean, cfg.crops.std, 1, device,
+                                amp_dtype=AMP_DTYPES[cfg.optim.precision])
+        ftr, fte = extract_in_process(embed, tr, size), extract_in_process(embed, te, size)
+        return knn_accuracy(ftr.cls, ftr.labels, fte.cls, fte.labels, ks=(k,))[f"knn_top1_k{k}"]
+
+    out = {"k": k, "trained_top1": top1(trained), "random_init_top1": top1(initial),
+           "train_rows": tr.num_rows, "test_rows": te.num_rows,
+           "step": int(state["global_step"]), "seconds": round(time.perf_counter() - t0, 2)}
     log.info("k-NN top-1 (k=%d, %d bank / %d query images): trained %.2f%% | random init %.2f%%",
              k, tr.num_rows, te.num_rows, out["trained_top1"], out["random_init_top1"])
     return out
@@ -112,26 +110,21 @@ class OnlineKnn:
     @classmethod
     def from_config(cls, cfg: Config) -> Optional["OnlineKnn"]:
         """None unless ``run.online_knn_every_steps`` > 0 (needs data.eval_train / eval_test)."""
-        r, d = cfg.run, cfg.data
+        r = cfg.run
         every = r.online_knn_every_steps
         if every <= 0:
             return None
-        tr = open_source(d.eval_train, "auto", d.image_column, d.label_column, require_labels=True,
-                         what="data.eval_train")
-        te = open_source(d.eval_test, "auto", d.image_column, d.label_column, require_labels=True,
-                         what="data.eval_test")
+        tr, te = eval_sources(cfg)
         return cls.from_sources(tr, te, cfg.crops.global_size, every,
                                 r.online_knn_train_rows, r.online_knn_test_rows, r.knn_k, r.seed)
-
-    def due(self, step: int) -> bool:
-        return self._last_step is None or step - self._last_step >= self.every
 
     @torch.no_grad()
     def measure(self, learner: Learner) -> dict:
         t0 = time.perf_counter()
-        bank = learner.features(self.bank_views)
-        queries = learner.features(self.query_views)
-        res = knn_accuracy(bank, self.bank_labels, queries, self.query_labels, ks=(self.k,),
+        embed = TeacherFeatures(learner.teacher.backbone, learner.mean, learner.std, 1,
+                                learner.device, amp_dtype=learner.amp_dtype)
+        res = knn_accuracy(embed(self.bank_views)[:, -1], self.bank_labels,
+                           embed(self.query_views)[:, -1], self.query_labels, ks=(self.k,),
                            temperature=self.temperature, num_classes=self.num_classes)
         self._last_step = learner.global_step
         self.last = {"online_knn_top1": res[f"knn_top1_k{self.k}"],
@@ -140,15 +133,6 @@ class OnlineKnn:
         return self.last
 
     def __call__(self, learner: Learner) -> dict:
-        if self.due(learner.global_step):
+        if self._last_step is None or learner.global_step - self._last_step >= self.every:
             self.measure(learner)
         return dict(self.last)
-
-
-def online_knn(learner: Learner, cfg: Config, cache: dict) -> dict:
-    """The monitor as one function: ``cache`` (a dict the caller keeps) holds the decoded
-    held-out views between calls. Returns {} when ``run.online_knn_every_steps`` is off."""
-    if "monitor" not in cache:
-        cache["monitor"] = OnlineKnn.from_config(cfg)
-    mon = cache["monitor"]
-    return mon(learner) if mon is not None else {}

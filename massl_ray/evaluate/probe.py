@@ -22,6 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from massl_ray.method.schedules import cosine
+
 DEFAULT_LRS = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
 
 
@@ -69,7 +71,7 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
             loss = F.cross_entropy(logits.reshape(-1, num_classes),
                                    yb.repeat_interleave(h), reduction="sum") / yb.shape[0]
             gw, gb = torch.autograd.grad(loss, (w, b))
-            lr = (base * 0.5 * (1.0 + math.cos(math.pi * t / total))).repeat_interleave(num_classes)
+            lr = cosine(base, 0.0, t, total).repeat_interleave(num_classes)
             with torch.no_grad():
                 if weight_decay:
                     gw = gw + weight_decay * w

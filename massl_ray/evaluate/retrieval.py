@@ -44,6 +44,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from massl_ray.evaluate.features import actor_backbone, cls_tokens
+
 DEFAULT_RETRIEVAL_KS = (1, 5, 10)
 DINO_SCALES = (1.0, 1.0 / math.sqrt(2.0), 0.5)
 SETTINGS = ("easy", "medium", "hard")
@@ -186,6 +188,11 @@ class RevisitedDataset:
     def image_path(self, name: str) -> Path:
         return self.root / "jpg" / (name + self.ext)
 
+    def items(self) -> list[tuple[Path, Optional[list]]]:
+        """``(image path, query box or None)``: the database images, then the queries."""
+        return ([(self.image_path(n), None) for n in self.imlist]
+                + [(self.image_path(n), g.get("bbx")) for n, g in zip(self.qimlist, self.gnd)])
+
     def fingerprint(self) -> str:
         h = hashlib.sha256(self.gnd_file.read_bytes())
         for n in self.imlist + self.qimlist:
@@ -319,13 +326,6 @@ def load_revisited(path: Union[str, os.PathLike]) -> RevisitedDataset:
 
 # ---- multi-scale features ------------------------------------------------------------------
 
-def final_cls(backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The final-norm [CLS] token of normalised images ``x`` (``backbone(x)`` for ours)."""
-    inter = backbone.forward_intermediates(x, indices=1, return_prefix_tokens=True, norm=True,
-                                           output_fmt="NLC", intermediates_only=True)
-    return inter[-1][1][:, 0]
-
-
 def _patch(backbone: nn.Module) -> tuple[int, int]:
     p = getattr(getattr(backbone, "patch_embed", None), "patch_size", 1)
     return (p, p) if isinstance(p, int) else (int(p[0]), int(p[1]))
@@ -360,7 +360,7 @@ class MultiScaleFeatures:
             if h == 0 or w == 0:
                 raise ValueError(f"image {tuple(image_u8.shape[-2:])} at scale {s:.3f} is "
                                  f"smaller than a patch {self.patch}")
-            f = final_cls(self.backbone, xs[..., :h, :w])[0].float()
+            f = cls_tokens(self.backbone, xs[..., :h, :w])[0, -1].float()
             v = f if v is None else v + f
         v = v / len(self.scales)
         return F.normalize(v, dim=0).cpu()
@@ -396,21 +396,35 @@ def revisited_features(embed: Callable[[torch.Tensor], torch.Tensor], ds: Revisi
                        imsize: Optional[int], progress: Optional[Callable[[int, int], None]] = None
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """(database ``[N, D]``, queries ``[Q, D]``): one image at a time (sizes differ)."""
-    total = len(ds.imlist) + len(ds.qimlist)
-    done = 0
-    db = []
-    for name in ds.imlist:
-        db.append(embed(prepare_image(ds.image_path(name).read_bytes(), imsize)))
-        done += 1
+    items = ds.items()
+    out = []
+    for path, bbx in items:
+        out.append(embed(prepare_image(path.read_bytes(), imsize, bbx)))
         if progress:
-            progress(done, total)
-    qs = []
-    for name, g in zip(ds.qimlist, ds.gnd):
-        qs.append(embed(prepare_image(ds.image_path(name).read_bytes(), imsize, g.get("bbx"))))
-        done += 1
-        if progress:
-            progress(done, total)
-    return torch.stack(db), torch.stack(qs)
+            progress(len(out), len(items))
+    n = len(ds.imlist)
+    return torch.stack(out[:n]), torch.stack(out[n:])
+
+
+class RevisitedFn:
+    """``map_batches`` stage of the revisited descriptors (an actor pool; arguments as
+    :func:`features.actor_backbone`): rows ``{index, path, bbx, has_bbx}`` -> ``{index,
+    feature}``: read, decode, crop, shrink, multi-scale descriptor, one image at a time."""
+
+    def __init__(self, weights, model: dict, mean: Sequence[float], std: Sequence[float],
+                 device: str = "cpu", threads: Optional[int] = None,
+                 scales: Sequence[float] = DINO_SCALES, imsize: Optional[int] = None):
+        self.embed = MultiScaleFeatures(actor_backbone(weights, model, device, threads), mean,
+                                        std, scales, device)
+        self.imsize = imsize
+
+    def __call__(self, batch: dict) -> dict:
+        out = []
+        for path, bbx, has in zip(batch["path"], batch["bbx"], batch["has_bbx"]):
+            with open(str(path), "rb") as f:
+                out.append(self.embed(prepare_image(f.read(), self.imsize,
+                                                    list(bbx) if has else None)).numpy())
+        return {"index": np.asarray(batch["index"]), "feature": np.stack(out)}
 
 
 def rank_database(db: torch.Tensor, queries: torch.Tensor) -> np.ndarray:
@@ -419,15 +433,11 @@ def rank_database(db: torch.Tensor, queries: torch.Tensor) -> np.ndarray:
     return torch.sort(sim, dim=1, descending=True, stable=True).indices.numpy()
 
 
-def evaluate_revisited(embed: Callable[[torch.Tensor], torch.Tensor], ds: RevisitedDataset,
-                       imsize: Optional[int], ks: Sequence[int] = DEFAULT_RETRIEVAL_KS,
-                       features: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> dict:
-    """Features (or the given ones), rankings, and :func:`revisited_metrics` for every setting."""
-    db, qs = features if features is not None else revisited_features(embed, ds, imsize)
-    res = revisited_metrics(rank_database(db, qs), ds.gnd, ks)
-    res["dataset"] = ds.name
-    res["database"] = len(ds.imlist)
-    res["num_queries"] = len(ds.qimlist)
+def evaluate_revisited(ds: RevisitedDataset, features: tuple[torch.Tensor, torch.Tensor],
+                       ks: Sequence[int] = DEFAULT_RETRIEVAL_KS) -> dict:
+    """Rankings of the (database, queries) features and :func:`revisited_metrics`."""
+    res = revisited_metrics(rank_database(*features), ds.gnd, ks)
+    res.update(dataset=ds.name, database=len(ds.imlist), num_queries=len(ds.qimlist))
     return res
 
 

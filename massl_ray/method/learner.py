@@ -82,7 +82,7 @@ class StepResult:
         }
 
 
-_AMP = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 # Keys whose change makes a checkpoint a different run (resume refuses them). run.* keys other
 # than the seed, and every data.* key may change between attempts. The number of workers is
@@ -128,7 +128,7 @@ class Learner:
         self.teacher_fwd = self.teacher
         # Optional torch.compile of the two forwards (the step's only compute-heavy code; the
         # loss already has an analytic gradient). The modules themselves stay uncompiled, so
-        # state dicts, features() and checkpoints are unchanged. ``run.compile`` (bool): a run.*
+        # state dicts and checkpoints are unchanged. ``run.compile`` (bool): a run.*
         # key, so it may differ between a run and its resume.
         if cfg.run.compile:
             self.student_fwd = torch.compile(self.student_fwd, dynamic=False)
@@ -138,7 +138,7 @@ class Learner:
         fused = cfg.optim.fused_adamw and self.device.type == "cuda"
         self.optimizer = torch.optim.AdamW(param_groups(self.student), lr=0.0,
                                            betas=cfg.optim.betas, fused=fused or None)
-        self.amp_dtype = _AMP[cfg.optim.precision]
+        self.amp_dtype = AMP_DTYPES[cfg.optim.precision]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.optim.precision == "fp16")
         self.mean = torch.tensor(cfg.crops.mean, device=self.device)
         self.std = torch.tensor(cfg.crops.std, device=self.device)
@@ -233,19 +233,6 @@ class Learner:
         bad = ~torch.isfinite(losses)
         if bool(bad.any()):
             raise NonFiniteLoss(step, float(losses[bad][0]))
-
-    # ---- features -----------------------------------------------------------------------
-    @torch.no_grad()
-    def features(self, images_u8: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-        """Teacher backbone [CLS] features of uint8 images [N, 3, H, W] (eval mode, no head)."""
-        bb = self.teacher.backbone
-        bb.eval()
-        out = []
-        for i in range(0, images_u8.shape[0], batch_size):
-            x = normalize(images_u8[i:i + batch_size].to(self.device), self.mean, self.std)
-            with self._autocast():
-                out.append(bb(x).float())
-        return torch.cat(out) if out else torch.empty(0, bb.embed_dim)
 
     # ---- state --------------------------------------------------------------------------
     def state_dict(self) -> dict:
