@@ -526,3 +526,21 @@ def test_decode_task_memory_counts_the_largest_unit_one_full_decode_and_the_crop
     held = MultiCrop(cfg).held_pixels()
     assert M.decode_task_memory(cfg, t) == 128 * 3 * held + 12 * TRAIN_MAX_PIXELS + 256 * crop
     assert 1.2e6 < held < 1.4e6  # ~3.9 MB a row, vs 36 MB for a 12 Mpx photo decoded in full
+
+
+def test_training_views_use_the_reduced_decode_and_the_training_cap():
+    """make_views (the decode tasks' and the local feed's decode) goes through MultiCrop.decode:
+    a large JPEG's crops are those of its reduced decode, not of its full one, and an image over
+    TRAIN_MAX_PIXELS is skipped with the cap named."""
+    from test_images import _png_header_only
+
+    from massl_ray.data.images import TRAIN_MAX_PIXELS, decode_image
+    from massl_ray.data.views import make_views
+    mc = MultiCrop(_cfg())
+    big = _jpeg(480, 640, 2)
+    out, bad = make_views([big, _png_header_only(8192, 8193)], ["big", "huge"], mc, _gen(3))
+    assert [b[0] for b in bad] == ["huge"] and f"max_pixels={TRAIN_MAX_PIXELS}" in bad[0][1]
+    g, loc = mc([mc.decode(big)[0]], _gen(3))
+    assert torch.equal(torch.from_numpy(out["global_crops"]), g)
+    assert torch.equal(torch.from_numpy(out["local_crops"]), loc)
+    assert not torch.equal(mc([decode_image(big)], _gen(3))[0], g)
