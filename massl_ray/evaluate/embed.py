@@ -25,7 +25,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Union
+from typing import Callable, Optional, Union
 
 import numpy as np
 import torch
@@ -137,26 +137,19 @@ class ShardWriter:
         return manifest
 
 
-def iter_view_batches(src: Source, size: int, limit: Optional[int], batch_rows: int
-                      ) -> Iterator[tuple[torch.Tensor, np.ndarray, Optional[np.ndarray], list[str], np.ndarray]]:
-    """In-process: ``(views of the good rows, ok mask, labels | None, ids, row indices)``."""
+def embed_in_process(embed: TeacherFeatures, src: Source, writer: ShardWriter, size: int,
+                     blocks: int, limit: Optional[int] = None, batch_rows: int = 256) -> None:
     start = 0
     for rows in iter_rows(src, limit=limit, batch_rows=batch_rows):
         views, ok, _ = decode_views(rows["image"], size)
-        n = len(rows["image"])
-        yield views, ok, rows["label"], list(rows["id"]), np.arange(start, start + n)
-        start += n
-
-
-def embed_in_process(embed: TeacherFeatures, src: Source, writer: ShardWriter, size: int,
-                     blocks: int, limit: Optional[int] = None, batch_rows: int = 256) -> None:
-    for views, ok, labels, ids, rows in iter_view_batches(src, size, limit, batch_rows):
         emb = np.zeros((len(ok), 0), dtype=np.float32)
         if views.shape[0]:
             good = select_blocks(embed(views).numpy(), blocks)
             emb = np.zeros((len(ok), good.shape[1]), dtype=np.float32)
             emb[ok] = good
-        writer.add(rows, ids, labels, emb, ok, len(ok))
+        writer.add(np.arange(start, start + len(ok)), list(rows["id"]), rows["label"], emb, ok,
+                   len(ok))
+        start += len(ok)
 
 
 def print_progress(line: str) -> None:

@@ -401,15 +401,31 @@ class FeatureSet:
         return int(self.labels.shape[0])
 
 
-def iter_eval_batches(src: Source, size: int, limit: Optional[int] = None, batch_rows: int = 256
+def iter_eval_batches(src: Source, size: int, limit: Optional[int] = None, batch_rows: int = 256,
+                      order: Optional[np.ndarray] = None
                       ) -> Iterator[tuple[torch.Tensor, np.ndarray, int]]:
-    """In-process: ``(uint8 views, labels, skipped)`` per batch of a labeled source."""
-    for rows in iter_rows(src, limit=limit, batch_rows=batch_rows):
+    """In-process: ``(uint8 views, labels, skipped)`` per batch of a labeled source (``order``:
+    these rows, in this order; see :func:`massl_ray.data.sources.iter_rows`)."""
+    for rows in iter_rows(src, limit=limit, order=order, batch_rows=batch_rows):
         labels = rows["label"]
         if labels is None:
             raise ValueError(f"{src.uri!r} has no labels (a label column or class sub-folders)")
         views, ok, errors = decode_views(rows["image"], size)
         yield views, np.asarray(labels)[ok], len(errors)
+
+
+def labeled_views(src: Source, size: int, limit: Optional[int] = None, batch_rows: int = 256,
+                  order: Optional[np.ndarray] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """All uint8 eval views and labels of a labeled source's decodable rows, in memory (for
+    fine-tuning and the online monitor)."""
+    views, labels = [], []
+    for v, lab, _ in iter_eval_batches(src, size, limit, batch_rows, order):
+        if v.shape[0]:
+            views.append(v)
+            labels.append(torch.as_tensor(lab, dtype=torch.int64))
+    if not views:
+        raise ValueError(f"no decodable labeled images in {src.uri!r}")
+    return torch.cat(views), torch.cat(labels)
 
 
 def extract_in_process(embed: Callable[[torch.Tensor], torch.Tensor], src: Source, size: int,

@@ -18,7 +18,6 @@ import copy
 import math
 from typing import Optional, Sequence
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -146,15 +145,3 @@ def fine_tune(backbone: nn.Module, train_views: torch.Tensor, train_labels: torc
             "finetune_epochs": epochs, "finetune_lr": lr, "finetune_batch_size": batch_size,
             "finetune_layer_decay": layer_decay, "finetune_weight_decay": weight_decay,
             "finetune_warmup_epochs": warmup_epochs, "finetune_train_rows": n}
-
-
-def views_and_labels(batches) -> tuple[torch.Tensor, torch.Tensor]:
-    """Concatenate ``features.iter_eval_batches`` output into (uint8 views, labels)."""
-    vs, ls = [], []
-    for views, labels, _ in batches:
-        if views.shape[0]:
-            vs.append(views)
-            ls.append(torch.as_tensor(np.asarray(labels), dtype=torch.int64))
-    if not vs:
-        raise ValueError("fine-tune: no decodable labeled images")
-    return torch.cat(vs), torch.cat(ls)

@@ -27,9 +27,9 @@ from massl_ray.config import ConfigError, _coerce
 from massl_ray.data.sources import Source, open_source
 from massl_ray.evaluate.embed import ShardWriter, embed_in_process, print_progress
 from massl_ray.evaluate.features import (FeatureCache, FeatureSet, Teacher, TeacherFeatures,
-                                         cache_key, extract_in_process, iter_eval_batches,
+                                         cache_key, extract_in_process, labeled_views,
                                          load_teacher)
-from massl_ray.evaluate.finetune import fine_tune, views_and_labels
+from massl_ray.evaluate.finetune import fine_tune
 from massl_ray.evaluate.knn import DEFAULT_KS, knn_accuracy
 from massl_ray.evaluate.lowshot import DEFAULT_FRACTIONS, DEFAULT_SHOTS, low_shot
 from massl_ray.evaluate.probe import DEFAULT_LRS, few_shot, linear_probe
@@ -380,8 +380,8 @@ def _labeled_evaluations(teacher: Teacher, s: EvalSettings, size: int, cache: Fe
 
 def _finetune(teacher: Teacher, tr: Source, te: Source, size: int, s: EvalSettings,
               classes: int) -> dict:
-    tv, tl = views_and_labels(iter_eval_batches(tr, size, s.limit_train, s.batch_size))
-    qv, ql = views_and_labels(iter_eval_batches(te, size, s.limit_test, s.batch_size))
+    tv, tl = labeled_views(tr, size, s.limit_train, s.batch_size)
+    qv, ql = labeled_views(te, size, s.limit_test, s.batch_size)
     return fine_tune(teacher.backbone, tv, tl, qv, ql, teacher.mean, teacher.std, classes,
                      s.finetune_epochs, s.finetune_batch_size, s.finetune_lr,
                      s.finetune_layer_decay, s.finetune_weight_decay, s.finetune_warmup_epochs,

@@ -11,9 +11,9 @@ import numpy as np
 import torch
 
 from massl_ray.config import Config
-from massl_ray.data.sources import Source, iter_rows, open_source
-from massl_ray.evaluate.features import (TeacherFeatures, build_teacher_backbone, decode_views,
-                                         extract_in_process, teacher_backbone_state)
+from massl_ray.data.sources import Source, open_source
+from massl_ray.evaluate.features import (TeacherFeatures, build_teacher_backbone,
+                                         extract_in_process, labeled_views, teacher_backbone_state)
 from massl_ray.evaluate.knn import knn_accuracy
 from massl_ray.method.checkpoint import load_checkpoint
 from massl_ray.method.learner import AMP_DTYPES, Learner
@@ -63,16 +63,8 @@ def held_out_views(src: Source, rows: int, size: int, seed: int = 0
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 eval views and labels of ``rows`` rows of a labeled source, a seeded random subset
     (sources sorted by class get every class). Undecodable rows are dropped."""
-    n = min(rows, src.num_rows)
-    idx = np.sort(np.random.default_rng(seed).permutation(src.num_rows)[:n])
-    views, labels = [], []
-    for batch in iter_rows(src, order=idx, batch_rows=256):
-        if batch["label"] is None:
-            raise ValueError(f"{src.uri!r} has no labels")
-        v, ok, _ = decode_views(batch["image"], size)
-        views.append(v)
-        labels.append(torch.as_tensor(np.asarray(batch["label"])[ok], dtype=torch.int64))
-    return torch.cat(views), torch.cat(labels)
+    idx = np.random.default_rng(seed).permutation(src.num_rows)[:min(rows, src.num_rows)]
+    return labeled_views(src, size, order=np.sort(idx))
 
 
 class OnlineKnn:
