@@ -33,8 +33,8 @@ import torch.nn as nn
 
 from massl_ray.config import ConfigError
 from massl_ray.evaluate.features import (GLOBAL_POOLS, TIMM_KWARGS, TIMM_NAME,  # noqa: F401
-                                         check_timm_spec, is_exported, load_teacher)
-from massl_ray.method.checkpoint import CheckpointError
+                                         check_timm_spec, exported_spec, is_exported,
+                                         load_teacher)
 from massl_ray.method.model import backbone_kwargs
 
 EXPORT_FORMAT = "massl_ray/teacher-backbone/1"
@@ -85,22 +85,9 @@ def export_teacher(checkpoint: Union[str, os.PathLike], out: Union[str, os.PathL
 def load_exported(path: Union[str, os.PathLike]) -> nn.Module:
     """Build the timm model named in the sidecar (or the header) and load the weights."""
     import timm
-    from safetensors import safe_open
     from safetensors.torch import load_file
 
-    p = Path(path)
-    side = sidecar_path(p)
-    if side.is_file():
-        meta, where = json.loads(side.read_text()), side
-        if not isinstance(meta, dict):
-            raise CheckpointError(f"sidecar {side} is not a JSON object")
-        name, kwargs = meta.get("timm_name"), meta.get("timm_kwargs")
-    else:
-        with safe_open(str(p), "pt") as f:
-            h = f.metadata() or {}
-        where = f"{p} (header)"
-        name, kwargs = h.get("timm_name"), json.loads(h.get("timm_kwargs", "{}"))
-    name, kwargs = check_timm_spec(name, kwargs, where)  # before timm sees them
+    name, kwargs, _ = exported_spec(Path(path))  # checked before timm sees them
     model = timm.create_model(name, **kwargs)
-    model.load_state_dict(load_file(str(p)))
+    model.load_state_dict(load_file(str(path)))
     return model.eval()

@@ -29,8 +29,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from massl_ray.method.checkpoint import (META_FILE, CheckpointError, latest_valid_checkpoint,
-                                        load_checkpoint, read_meta)
+from massl_ray.method.checkpoint import (META_FILE, CheckpointError, is_uri,
+                                        latest_valid_checkpoint, load_checkpoint, read_meta)
 from massl_ray.config import Config, config_from_dict
 from massl_ray.data.images import try_decode
 from massl_ray.method.learner import config_of_state, normalize
@@ -176,6 +176,35 @@ def load_teacher(checkpoint: Union[str, os.PathLike]) -> Teacher:
                    tuple(cfg.crops.std), cfg.crops.global_size, {"config": cfg.to_dict()})
 
 
+def exported_spec(p: Path) -> tuple[str, dict, dict]:
+    """``(timm name, kwargs, meta)`` of an exported backbone: from its sidecar ``<name>.json``,
+    or without one from the safetensors header (``timm_name``, ``timm_kwargs``); the name and
+    kwargs through :func:`check_timm_spec` (an untrusted file: only the ViT arguments the
+    project's own export writes reach timm)."""
+    from safetensors import SafetensorError, safe_open
+
+    side = p.with_suffix(".json")
+    if side.is_file():
+        try:
+            meta = json.loads(side.read_text())
+        except ValueError as e:
+            raise CheckpointError(f"sidecar {side} is not JSON: {e}") from None
+        if not isinstance(meta, dict) or "timm_name" not in meta:
+            raise CheckpointError(f"sidecar {side} has no timm_name")
+        return (*check_timm_spec(meta["timm_name"], meta.get("timm_kwargs"), side), meta)
+    try:
+        with safe_open(str(p), "pt") as f:
+            header = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{p} is not a readable safetensors file: {e}") from None
+    if "timm_name" not in header:
+        raise CheckpointError(f"{p}: no sidecar {side.name} and no timm_name in the header: "
+                              f"write {side.name} with timm_name (and timm_kwargs, mean, std)")
+    meta = {"timm_name": header["timm_name"],
+            "timm_kwargs": json.loads(header.get("timm_kwargs", "{}"))}
+    return (*check_timm_spec(meta["timm_name"], meta["timm_kwargs"], f"{p} (header)"), meta)
+
+
 def load_exported_teacher(path: Union[str, os.PathLike]) -> Teacher:
     """A backbone as safetensors + its sidecar ``<name>.json`` (``export`` writes both).
 
@@ -188,35 +217,17 @@ def load_exported_teacher(path: Union[str, os.PathLike]) -> Teacher:
     position embedding). Every other key must match the model exactly.
     """
     import timm
-    from safetensors import SafetensorError, safe_open
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     p = Path(path)
     if not p.is_file():
         raise CheckpointError(f"exported backbone {p} does not exist")
-    side = p.with_suffix(".json")
+    name, kwargs, meta = exported_spec(p)
     try:
-        with safe_open(str(p), "pt") as f:
-            header = f.metadata() or {}
         weights = load_file(str(p))
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{p} is not a readable safetensors file: {e}") from None
-    if side.is_file():
-        try:
-            meta = json.loads(side.read_text())
-        except ValueError as e:
-            raise CheckpointError(f"sidecar {side} is not JSON: {e}") from None
-    elif "timm_name" in header:
-        meta = {"timm_name": header["timm_name"],
-                "timm_kwargs": json.loads(header.get("timm_kwargs", "{}"))}
-    else:
-        raise CheckpointError(f"{p}: no sidecar {side.name} and no timm_name in the header: "
-                              f"write {side.name} with timm_name (and timm_kwargs, mean, std)")
-    if not isinstance(meta, dict) or "timm_name" not in meta:
-        raise CheckpointError(f"sidecar {side} has no timm_name")
-    # an untrusted file: only the ViT arguments the project's own export writes reach timm
-    _, kwargs = check_timm_spec(meta["timm_name"], meta.get("timm_kwargs"),
-                                side if side.is_file() else f"{p} (header)")
     kwargs = dict(kwargs)
     kwargs.update(pretrained=False, num_classes=0)
     kwargs.setdefault("dynamic_img_size", True)
@@ -224,15 +235,15 @@ def load_exported_teacher(path: Union[str, os.PathLike]) -> Teacher:
     for k in dropped:
         del weights[k]
     try:
-        model = timm.create_model(meta["timm_name"], **kwargs)
+        model = timm.create_model(name, **kwargs)
     except (RuntimeError, ValueError, TypeError) as e:
-        raise CheckpointError(f"{p}: timm cannot build {meta['timm_name']!r} with {kwargs}: {e}") from None
+        raise CheckpointError(f"{p}: timm cannot build {name!r} with {kwargs}: {e}") from None
     if not hasattr(model, "blocks") or not hasattr(model, "forward_intermediates"):
-        raise CheckpointError(f"{p}: {meta['timm_name']!r} is not a timm ViT (no blocks)")
+        raise CheckpointError(f"{p}: {name!r} is not a timm ViT (no blocks)")
     try:
         model.load_state_dict(weights, strict=True)
     except RuntimeError as e:
-        raise CheckpointError(f"{p}: the weights do not fit {meta['timm_name']!r}: {e}") from None
+        raise CheckpointError(f"{p}: the weights do not fit {name!r}: {e}") from None
     model.eval()
     model.requires_grad_(False)
     mean = tuple(float(v) for v in meta.get("mean", IMAGENET_MEAN))
@@ -242,7 +253,7 @@ def load_exported_teacher(path: Union[str, os.PathLike]) -> Teacher:
     with open(p, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
-    spec = {"timm_name": meta["timm_name"], "timm_kwargs": kwargs}
+    spec = {"timm_name": name, "timm_kwargs": kwargs}
     h.update(json.dumps({**spec, "mean": mean, "std": std}, sort_keys=True).encode())
     step = meta.get("global_step")
     return Teacher(model, None, weights, p.absolute(), None if step is None else int(step),
@@ -448,7 +459,7 @@ def extract_in_process(embed: Callable[[torch.Tensor], torch.Tensor], src: Sourc
 def source_fingerprint(src: Source, limit: Optional[int]) -> dict:
     """What identifies a source's rows: URI, kind, row count, columns, and the files' sizes
     (Parquet) or the list of image paths (folders)."""
-    fp: dict[str, Any] = {"uri": src.uri if "://" in src.uri else os.path.abspath(src.uri),
+    fp: dict[str, Any] = {"uri": src.uri if is_uri(src.uri) else os.path.abspath(src.uri),
                           "kind": src.kind, "num_rows": src.num_rows, "limit": limit,
                           "image_column": src.image_column, "label_column": src.label_column,
                           "classes": src.classes}
