@@ -940,6 +940,13 @@ def _run_sweep(config_path: Union[str, os.PathLike], overrides: Optional[list[st
         slot_log = ray.get(slots.history.remote())
     finally:
         ray.kill(slots)
+    return _results(grid, base, spec, settings, n_trials, conc, slot_log, t0, tune_path)
+
+
+def _results(grid, base: dict, spec: SweepSpec, settings: EvalSettings, n_trials: int, conc,
+             slot_log: list, t0: float, tune_path: Union[Path, str]) -> dict:
+    """The table, heatmap and summary.json from the ResultGrid; the best trial logged."""
+    sweep_dir = spec.dir
     rows = collect_rows(grid, base, spec)
     csv_path, md_path = write_table(rows, sweep_dir)
     png = write_heatmap(rows, _at(sweep_dir, "knn_heatmap.png"),
