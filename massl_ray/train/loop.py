@@ -194,7 +194,9 @@ def run_loop(cfg: Config, ctx: LoopContext, monitor: Optional[Monitor] = None) -
 
     ``monitor`` (rank 0's, e.g. the online k-NN of :mod:`massl_ray.evaluate.online`): called
     with the learner at every logged step, its dict merged into that step's metrics. The
-    caller builds it, so this loop depends on no evaluation code."""
+    caller builds it, so this loop depends on no evaluation code. Every epoch yields exactly
+    its steps: a unit with undecodable rows is refilled (massl_ray.data.groups), one with none
+    ends the run (DataError)."""
     learner = Learner(cfg, ctx.device, wrap_student=ctx.wrap_model)
     state = ctx.latest_state()
     if state is not None:
@@ -202,117 +204,127 @@ def run_loop(cfg: Config, ctx: LoopContext, monitor: Optional[Monitor] = None) -
         log.info("rank %d: resumed at global step %d (memory bank pointer %d)", ctx.rank,
                  learner.global_step, int(learner.memory.ptr))
     del state
-    total = learner.schedules.total_steps
-    stop = min(total, cfg.run.max_steps or total)
+    steps = _Steps(cfg, ctx, learner, monitor)
     spe = learner.schedules.steps_per_epoch
-    sink = MetricsSink(ctx.run_dir if ctx.rank == 0 else None)
-    images_per_step = cfg.global_batch_size
-    last: dict = {"step": learner.global_step}
-    window_t0, window_wait, window_steps = time.perf_counter(), 0.0, 0
-    run_t0, start_step = time.perf_counter(), learner.global_step
-    fail_at = cfg.run.fault_injection_step
-    rows_log = None
-    if cfg.run.record_rows and ctx.run_dir is not None:  # audit: the rows of every batch
-        (ctx.run_dir / "workers").mkdir(parents=True, exist_ok=True)
-        rows_log = open(ctx.run_dir / "workers" / f"rows_rank{ctx.rank}.jsonl", "a", buffering=1)
-    control = ControlPoints.from_config(cfg, learner.global_step)
-    ckpt_log = (ctx.run_dir / "checkpoints.jsonl") if ctx.rank == 0 and ctx.run_dir else None
     try:
-        # Data passes started early: the steps per epoch are counted from the rows, so an epoch
-        # with undecodable rows runs out of batches before its last steps; those steps then
-        # take the first batches of the next pass (a new shuffle) instead of failing.
-        extra_passes, fresh_pass = 0, False
-        while learner.global_step < stop:
+        while learner.global_step < steps.stop:
             epoch, pos = divmod(learner.global_step, spe)
-            ran = 0
-            it = ctx.batches(epoch + extra_passes, 0 if fresh_pass else pos)
             t_wait = time.perf_counter()
-            for batch in it:
-                window_wait += time.perf_counter() - t_wait
-                step = learner.global_step
-                if fail_at is not None and step == fail_at and ctx.run_dir is not None:
-                    marker = ctx.run_dir / f".fault_injected_{fail_at}"
-                    if not marker.exists():
-                        marker.parent.mkdir(parents=True, exist_ok=True)
-                        marker.touch()
-                        if cfg.run.fault_injection_mode == "kill":
-                            log.warning("injected failure: SIGKILL of this worker at global "
-                                        "step %d", step)
-                            os.kill(os.getpid(), signal.SIGKILL)
-                        raise InjectedFailure(f"injected failure at global step {step}")
-                reason = control.decide(step, ctx) if control.due(step) else None
-                if step + 1 == stop:
-                    reason = "final"
-                elif (step + 1) % cfg.run.checkpoint_every_steps == 0:
-                    reason = "interval"
-                ckpt_now = reason is not None
-                log_now = (step + 1) % cfg.run.log_every_steps == 0 or step + 1 == stop
-                # The finite check is collective (all ranks agree, see Learner._check_finite):
-                # on CPU every step, elsewhere at every logged or checkpointed step - the same
-                # steps on every rank, so no non-finite state is ever reported or saved.
-                if rows_log is not None and "row" in batch:
-                    rows_log.write(json.dumps({"step": step, "rank": ctx.rank,
-                                               "world": ctx.world_size,
-                                               "rows": batch["row"].tolist()}) + "\n")
-                res = learner.step(batch["global_crops"], batch.get("local_crops"),
-                                   check_finite=True if (log_now or ckpt_now) else None)
-                ran += 1
-                window_steps += 1
-                if log_now or ckpt_now:
-                    m = res.metrics()  # host sync only here
-                    if not math.isfinite(m["loss"]):
-                        raise NonFiniteLoss(step, m["loss"])
-                    elapsed = time.perf_counter() - window_t0
-                    m.update(
-                        epoch=epoch,
-                        images_per_s=images_per_step * window_steps / max(elapsed, 1e-9),
-                        data_wait_share=window_wait / max(elapsed, 1e-9),
-                        wall_s=time.perf_counter() - run_t0,
-                        start_step=start_step,
-                        control_points=control.polls,
-                        control_s=control.seconds,
-                    )
-                    if monitor is not None:
-                        m.update(monitor(learner))
-                    done = learner.global_step - start_step
-                    eta = (stop - learner.global_step) * (time.perf_counter() - run_t0) / max(done, 1)
-                    if ctx.rank == 0:
-                        log.info(
-                            "step %d/%d | epoch %d | loss %.4f | %.1f img/s | data-wait %.0f%% | "
-                            "teacher entropy %.2f/%.2f | argmax slots %d | ETA %s",
-                            m["step"], stop, epoch, m["loss"], m["images_per_s"],
-                            100 * m["data_wait_share"], m["teacher_entropy"],
-                            m["teacher_entropy_max"], m["distinct_argmax_slots"], format_eta(eta))
-                        sink.write(m)
-                    if ckpt_now:
-                        sink.flush()
-                        t_ckpt = time.perf_counter()
-                        ctx.report(m, learner.state_dict())
-                        _record_checkpoint(ckpt_log, learner.global_step, reason,
-                                           time.perf_counter() - t_ckpt)
-                        control.checkpointed()
-                    else:
-                        ctx.report(m, None)
-                    last = m
-                    window_t0, window_wait, window_steps = time.perf_counter(), 0.0, 0
-                if learner.global_step >= stop or ran >= spe - pos:
+            for batch in ctx.batches(epoch, pos):
+                steps.window_wait += time.perf_counter() - t_wait
+                steps.run(batch, epoch)
+                if learner.global_step >= steps.stop or learner.global_step % spe == 0:
                     break
                 t_wait = time.perf_counter()
-            if ran == 0 and pos > 0 and not fresh_pass:
-                log.warning("epoch %d ran out of decodable images after %d of its %d steps: "
-                            "continuing with a new pass over the data", epoch, pos, spe)
-                extra_passes, fresh_pass = extra_passes + 1, True
-                continue
-            fresh_pass = False
-            if ran == 0:
-                raise RuntimeError(
-                    f"the training data produced no full batch of {cfg.optim.batch_size_per_worker} "
-                    f"images for epoch {epoch}: too few (decodable) rows for the batch size")
+            else:
+                raise RuntimeError(f"the data feed ended epoch {epoch} at global step "
+                                   f"{learner.global_step}, before its {spe} steps")
     finally:
-        sink.close()
-        if rows_log is not None:
-            rows_log.close()
-    return last
+        steps.close()
+    return steps.last
+
+
+class _Steps:
+    """One worker's steps of :func:`run_loop`: the fault-injection hook, the checkpoint
+    decision, the learner step, and the logged metrics (progress line, JSONL, TensorBoard)."""
+
+    def __init__(self, cfg: Config, ctx: LoopContext, learner: Learner,
+                 monitor: Optional[Monitor]):
+        self.cfg, self.ctx, self.learner, self.monitor = cfg, ctx, learner, monitor
+        total = learner.schedules.total_steps
+        self.stop = min(total, cfg.run.max_steps or total)
+        self.sink = MetricsSink(ctx.run_dir if ctx.rank == 0 else None)
+        self.last: dict = {"step": learner.global_step}
+        self.window_t0, self.window_wait, self.window_steps = time.perf_counter(), 0.0, 0
+        self.run_t0, self.start_step = time.perf_counter(), learner.global_step
+        self.rows_log = None
+        if cfg.run.record_rows and ctx.run_dir is not None:  # audit: the rows of every batch
+            (ctx.run_dir / "workers").mkdir(parents=True, exist_ok=True)
+            self.rows_log = open(ctx.run_dir / "workers" / f"rows_rank{ctx.rank}.jsonl", "a",
+                                 buffering=1)
+        self.control = ControlPoints.from_config(cfg, learner.global_step)
+        self.ckpt_log = (ctx.run_dir / "checkpoints.jsonl") if ctx.rank == 0 and ctx.run_dir else None
+
+    def _inject_fault(self, step: int) -> None:
+        """run.fault_injection_step: fail once at that step (the marker file makes it once)."""
+        r = self.cfg.run
+        if r.fault_injection_step != step or self.ctx.run_dir is None:
+            return
+        marker = self.ctx.run_dir / f".fault_injected_{step}"
+        if marker.exists():
+            return
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+        if r.fault_injection_mode == "kill":
+            log.warning("injected failure: SIGKILL of this worker at global step %d", step)
+            os.kill(os.getpid(), signal.SIGKILL)
+        raise InjectedFailure(f"injected failure at global step {step}")
+
+    def _checkpoint_reason(self, step: int) -> Optional[str]:
+        """Why this step checkpoints (final | interval | preemption | time), or None."""
+        reason = self.control.decide(step, self.ctx) if self.control.due(step) else None
+        if step + 1 == self.stop:
+            return "final"
+        if (step + 1) % self.cfg.run.checkpoint_every_steps == 0:
+            return "interval"
+        return reason
+
+    def run(self, batch: dict, epoch: int) -> None:
+        step = self.learner.global_step
+        self._inject_fault(step)
+        reason = self._checkpoint_reason(step)
+        log_now = (step + 1) % self.cfg.run.log_every_steps == 0 or step + 1 == self.stop
+        if self.rows_log is not None and "row" in batch:
+            self.rows_log.write(json.dumps({"step": step, "rank": self.ctx.rank,
+                                            "world": self.ctx.world_size,
+                                            "rows": batch["row"].tolist()}) + "\n")
+        # The finite check is collective (all ranks agree, see Learner._check_finite): on CPU
+        # every step, elsewhere at every logged or checkpointed step - the same steps on every
+        # rank, so no non-finite state is ever reported or saved.
+        res = self.learner.step(batch["global_crops"], batch.get("local_crops"),
+                                check_finite=True if (log_now or reason) else None)
+        self.window_steps += 1
+        if log_now or reason:
+            m = res.metrics()  # host sync only here
+            if not math.isfinite(m["loss"]):
+                raise NonFiniteLoss(step, m["loss"])
+            self._record(m, epoch, reason)
+
+    def _record(self, m: dict, epoch: int, reason: Optional[str]) -> None:
+        """A logged (or checkpointed) step: its metrics, the progress line, the checkpoint."""
+        now = time.perf_counter()
+        elapsed = now - self.window_t0
+        m.update(epoch=epoch,
+                 images_per_s=self.cfg.global_batch_size * self.window_steps / max(elapsed, 1e-9),
+                 data_wait_share=self.window_wait / max(elapsed, 1e-9),
+                 wall_s=now - self.run_t0, start_step=self.start_step,
+                 control_points=self.control.polls, control_s=self.control.seconds)
+        if self.monitor is not None:
+            m.update(self.monitor(self.learner))
+        g = self.learner.global_step
+        if self.ctx.rank == 0:
+            eta = (self.stop - g) * (now - self.run_t0) / max(g - self.start_step, 1)
+            log.info("step %d/%d | epoch %d | loss %.4f | %.1f img/s | data-wait %.0f%% | "
+                     "teacher entropy %.2f/%.2f | argmax slots %d | ETA %s",
+                     m["step"], self.stop, epoch, m["loss"], m["images_per_s"],
+                     100 * m["data_wait_share"], m["teacher_entropy"], m["teacher_entropy_max"],
+                     m["distinct_argmax_slots"], format_eta(eta))
+            self.sink.write(m)
+        if reason:
+            self.sink.flush()
+            t_ckpt = time.perf_counter()
+            self.ctx.report(m, self.learner.state_dict())
+            _record_checkpoint(self.ckpt_log, g, reason, time.perf_counter() - t_ckpt)
+            self.control.checkpointed()
+        else:
+            self.ctx.report(m, None)
+        self.last = m
+        self.window_t0, self.window_wait, self.window_steps = time.perf_counter(), 0.0, 0
+
+    def close(self) -> None:
+        self.sink.close()
+        if self.rows_log is not None:
+            self.rows_log.close()
 
 
 def _record_checkpoint(path: Optional[Path], step: int, reason: str, stall_s: float) -> None:

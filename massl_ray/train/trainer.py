@@ -546,28 +546,34 @@ class _LocalToObjectStore(LocalLoopContext):
         self.sync.sync()
 
 
+def _start_ray(cfg: Config) -> None:
+    """Start or join Ray for this run. Every refusal that needs no cluster happens before Ray
+    starts: the config, data and storage (prepare), the resume choice (train), and the CPU
+    split of a local Ray (its size is known). Then the cluster's size now and the most its
+    autoscaler can grow it to: refuse only what can never fit; otherwise say that the run
+    waits for nodes."""
+    from massl_ray.data.pipeline import check_resources
+
+    planned = planned_cluster_cpus()
+    if planned is not None:
+        check_resources(cfg, planned)
+    init_ray()
+    now, most = cluster_capacity()
+    waits = check_resources(cfg, now.get("CPU", 0.0), (most or {}).get("CPU"),
+                            now.get("GPU", 0.0), (most or {}).get("GPU"))
+    if waits:
+        log.warning(waits)
+
+
 def _train_ray(cfg: Config, src: Source, run_dir: Path, root: Union[Path, str],
                resume: Union[Path, str, None], callbacks: Optional[list] = None) -> dict:
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from massl_ray.data.feed import start_feed
-    from massl_ray.data.pipeline import check_resources, get_report_actor
+    from massl_ray.data.pipeline import get_report_actor
 
-    # Every refusal that needs no cluster happens before Ray starts: the config, data and
-    # storage (prepare), the resume choice (train), and the CPU split of a local Ray (its size
-    # is known).
-    planned = planned_cluster_cpus()
-    if planned is not None:
-        check_resources(cfg, planned)
-    init_ray()
-    # The cluster's size now and the most its autoscaler can grow it to: refuse only what can
-    # never fit; otherwise say that the run waits for nodes.
-    now, most = cluster_capacity()
-    waits = check_resources(cfg, now.get("CPU", 0.0), (most or {}).get("CPU"),
-                            now.get("GPU", 0.0), (most or {}).get("GPU"))
-    if waits:
-        log.warning(waits)
+    _start_ray(cfg)
     reporter = get_report_actor(cfg.run.name)
     # The run's feed coordinator (massl_ray.data.feed) serves every rank its pieces. It is
     # pinned to this node, outside the caller's placement group (a Tune trial's would capture
