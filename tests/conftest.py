@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Callable
 
@@ -147,6 +148,18 @@ def pytest_runtest_logreport(report):
 
 
 # ---- an S3 server on loopback (moto), for the object-storage tests ---------------------------
+
+def bucket_jsonl(uri: str) -> list[dict]:
+    """The JSON lines of an object-store file (e.g. a run's ``logs/metrics.jsonl`` in the
+    bucket), [] if it does not exist."""
+    from pyarrow import fs as pafs
+
+    fs, key = pafs.FileSystem.from_uri(uri)
+    if fs.get_file_info(key).type != pafs.FileType.File:
+        return []
+    with fs.open_input_stream(key) as f:
+        return [json.loads(x) for x in f.read().decode().splitlines() if x.strip()]
+
 
 class S3Server:
     """A running S3-compatible server: its ``endpoint``, the ``env`` (endpoint, dummy keys,

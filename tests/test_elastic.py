@@ -16,7 +16,7 @@ import torch
 from massl_ray.config import ConfigError, apply_overrides, Config
 from massl_ray.data.pipeline import check_resources
 from massl_ray.method.learner import Learner
-from conftest import make_tiny_config
+from conftest import bucket_jsonl, make_tiny_config
 
 QUICK = Path(__file__).resolve().parents[1] / "jobs" / "data" / "cifar10-quick" / "train.parquet"
 
@@ -127,16 +127,6 @@ def _registered_checkpoints(run_dir: Path) -> list[dict]:
 
 def _jsonl(path: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-
-
-def _bucket_jsonl(uri: str) -> list[dict]:
-    from pyarrow import fs as pafs
-
-    fs, key = pafs.FileSystem.from_uri(uri)
-    if fs.get_file_info(key).type != pafs.FileType.File:
-        return []
-    with fs.open_input_stream(key) as f:
-        return [json.loads(x) for x in f.read().decode().splitlines() if x.strip()]
 
 
 def _alive(pid: int) -> bool:
@@ -259,7 +249,7 @@ def test_a_node_lost_mid_run_shrinks_the_group_and_the_run_feeds_the_same_images
                 info = run_dir / "workers" / "rank_0.json"
                 if reg and info.exists() and any(
                         m["step"] >= reg[-1]["step"]
-                        for m in _bucket_jsonl(f"{root}/logs/metrics.jsonl")):
+                        for m in bucket_jsonl(f"{root}/logs/metrics.jsonl")):
                     rank0 = json.loads(info.read_text())
                     for n in nodes:
                         if n.node_id == rank0["node_id"]:
@@ -320,7 +310,7 @@ def test_a_node_lost_mid_run_shrinks_the_group_and_the_run_feeds_the_same_images
         # to the checkpoint at least), then every logged step of the second, in order
         lost = _jsonl(aside / "metrics.jsonl")
         assert lost and all(m["start_step"] == 0 for m in lost), lost  # moved before attempt 2
-        logged = _bucket_jsonl(f"{root}/logs/metrics.jsonl")
+        logged = bucket_jsonl(f"{root}/logs/metrics.jsonl")
         first = [m for m in logged if m["start_step"] == 0]
         assert logged[:len(first)] == lost[:len(first)], (logged, lost)
         assert [m["step"] for m in first][-1] >= removed["ckpt_step"], (first, removed)

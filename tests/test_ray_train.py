@@ -24,6 +24,7 @@ import torch
 
 ray = pytest.importorskip("ray")
 
+from conftest import bucket_jsonl  # noqa: E402
 from massl_ray.method.checkpoint import load_checkpoint  # noqa: E402
 from massl_ray.config import load_config  # noqa: E402
 from massl_ray.train.trainer import train  # noqa: E402
@@ -402,7 +403,7 @@ def test_killed_driver_rerun_resumes_and_ends_bitwise_equal_to_an_uninterrupted_
     resume = int(read_meta(newest)["global_step"])
     assert resume < 12, "the first run must not have finished"
     assert resume % spe != 0, f"the resume step {resume} must be mid-epoch ({spe} steps/epoch)"
-    kept = _bucket_jsonl(f"{root}/logs/metrics.jsonl")  # what the first run's rank 0 copied
+    kept = bucket_jsonl(f"{root}/logs/metrics.jsonl")  # what the first run's rank 0 copied
     assert all(x["start_step"] == 0 for x in kept), kept
     env["HOME"] = str(tmp_path / "home2")
     second = subprocess.run(cmd, cwd=str(ROOT), env=env, capture_output=True, text=True,
@@ -416,20 +417,10 @@ def test_killed_driver_rerun_resumes_and_ends_bitwise_equal_to_an_uninterrupted_
     final = latest_valid_checkpoint(root)  # the end state as the bucket holds it
     assert final.startswith(f"{root}/checkpoint_") and read_meta(final)["global_step"] == 12
     _assert_states_equal(load_checkpoint(two_worker_reference), load_checkpoint(final))
-    logged = _bucket_jsonl(f"{root}/logs/metrics.jsonl")
+    logged = bucket_jsonl(f"{root}/logs/metrics.jsonl")
     assert logged[:len(kept)] == kept, (kept, logged)  # the first run's lines stay, in front
     assert [(x["start_step"], x["step"]) for x in logged[len(kept):]] == [
         (resume, s) for s in (3, 4, 6, 8, 9, 12) if s > resume], logged  # logs: 4s; ckpts: 3s
-
-
-def _bucket_jsonl(uri: str) -> list[dict]:
-    from pyarrow import fs as pafs
-
-    fs, key = pafs.FileSystem.from_uri(uri)
-    if fs.get_file_info(key).type != pafs.FileType.File:
-        return []
-    with fs.open_input_stream(key) as f:
-        return [json.loads(x) for x in f.read().decode().splitlines() if x.strip()]
 
 
 def _jpeg(rng: np.random.Generator) -> bytes:
