@@ -261,3 +261,37 @@ def test_an_incomplete_decode_report_is_not_reported_as_all_images_decoded(tmp_p
     finally:
         log.removeHandler(caplog.handler)
     assert json.loads((tmp_path / "decode_errors.json").read_text())["complete"] is False
+
+
+@pytest.mark.parametrize("kind", ["parquet", "folder"])
+def test_an_object_stores_passing_error_is_raised_and_a_missing_key_is_skipped(kind):
+    """A network or throttling error of an object store is not the data's fault: the read
+    raises (the run restarts from its checkpoint) instead of skipping the rows for good; a
+    missing key or a denied read is the data's, skipped and named."""
+    from massl_ray.data.groups import Group, GroupRead, read_group
+
+    class Store:  # pyarrow's S3 filesystem failing with the message it gives
+        def __init__(self, message):
+            self.message = message
+
+        def open_input_file(self, path):
+            raise OSError(self.message)
+
+        open_input_stream = open_input_file
+
+    def read(message):
+        files = ("bucket/train.parquet",) if kind == "parquet" else ("bucket/a/1.jpg",)
+        return read_group(GroupRead(kind, Store(message), files, Group(0, 0, 0, 1),
+                                    label_column="label" if kind == "parquet" else None))
+
+    for passing in ("When reading information for key 'train.parquet' in bucket 'bucket': AWS "
+                    "Error NETWORK_CONNECTION during GetObject operation: curlCode: 7, "
+                    "Couldn't connect to server",
+                    "AWS Error SLOW_DOWN during GetObject operation: Please reduce your rate"):
+        with pytest.raises(OSError, match="AWS Error"):
+            read(passing)
+    for missing in ("AWS Error NO_SUCH_KEY during GetObject operation",
+                    "AWS Error ACCESS_DENIED during GetObject operation: Access Denied"):
+        out = read(missing)
+        assert out["image"] == [b""] and list(out["unreadable"].values())[0].startswith(
+            "unreadable: OSError: AWS Error"), out

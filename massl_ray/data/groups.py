@@ -28,6 +28,7 @@ is a :class:`~massl_ray.data.sources.DataError` that names it: the run ends at o
 
 from __future__ import annotations
 
+import re
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
@@ -119,9 +120,16 @@ def group_read(src: Source, g: Group) -> GroupRead:
 
 
 _READ_ERRORS = (OSError, pa.ArrowException)
+# An object store's passing trouble (pyarrow's S3 errors name the AWS error code): not the
+# data's fault, so raised (the task fails, Ray Train restarts from the checkpoint) rather
+# than skipped like a missing file or a corrupt page.
+_TRANSIENT = re.compile(r"AWS Error (NETWORK_CONNECTION|SLOW_DOWN|THROTTLING|SERVICE_UNAVAILABLE"
+                        r"|INTERNAL_FAILURE|REQUEST_TIMEOUT)|curlCode")
 
 
 def _unreadable(e: BaseException) -> str:
+    if _TRANSIENT.search(str(e)):
+        raise e
     lines = str(e).strip().splitlines()
     return f"unreadable: {type(e).__name__}: {lines[0] if lines else ''}"
 
