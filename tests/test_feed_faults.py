@@ -291,3 +291,24 @@ def test_a_unit_with_no_readable_row_ends_the_run_at_once_on_ray_and_a_corrupt_r
     rows0 = [json.loads(x) for x in (run_dir / "workers" / "rows_rank0.jsonl").read_text()
              .splitlines()]
     assert rows0[0]["step"] == 0 and rows0[0]["rows"] == [0, 1, 0, 1]  # refilled
+
+
+@pytest.mark.timeout(300)
+def test_a_rank_asking_first_for_a_step_whose_piece_is_in_a_later_task_gets_it(
+        tmp_path, ray_instance):
+    """With one rank's batch per decode task, step 0's pieces come from two tasks; with one
+    task of prefetch, rank 1 asking first used to find only rank 0's piece submitted (a
+    KeyError in the coordinator that failed a loaded CI run's first attempt)."""
+    import ray
+
+    from massl_ray.data.feed import RankFeed, start_feed
+
+    src = _data(tmp_path)
+    cfg = _cfg(src, 2, decode_rows=6, fetch_timeout_s=300)
+    coord = start_feed(cfg, src, prefetch_tasks=1)
+    try:
+        one = next(RankFeed(coord, 1, 2, lookahead=1).iter_steps(0, 1))  # rank 1 asks first
+        zero = next(RankFeed(coord, 0, 2, lookahead=1).iter_steps(0, 1))
+        assert one["global_crops"].shape[0] == zero["global_crops"].shape[0] == 6
+    finally:
+        ray.kill(coord)

@@ -311,6 +311,10 @@ class FeedCoordinator:
         while self._frontier() <= g:
             if not self._submit_next():
                 break
+        # a step's pieces can come from several tasks (one per rank when data.decode_rows is a
+        # rank's batch): the frontier can pass g before this rank's piece is submitted
+        while rank not in self.steps.get(g, ()) and self._submit_next():
+            pass
         while len(self.inflight) < self.prefetch and self._submit_next():
             pass
         for s in range(max(self.base, self.upto.get(rank, self.base)), g):
